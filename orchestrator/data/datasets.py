@@ -1,0 +1,144 @@
+"""Datasets, augmentation presets and seeded loaders over the splits of `data.sources`.
+
+Images become uint8 CHW tensors, pass the augmentations named in `data.augment` (training only),
+then are resized to `image_size`, scaled to [0, 1] and normalised. In-memory sources are resized
+once up front. An image that cannot be decoded raises `ImageReadError` with its path.
+Loaders shard by rank: training with a seeded `DistributedSampler` (set_epoch every epoch,
+drop_last so each optimizer step sees the plan's global batch), evaluation by `rank::world`
+strides with no padding, so every image counts once.
+"""
+
+from __future__ import annotations
+
+import io
+import random
+
+import numpy as np
+import torch
+from torch.utils.data import DataLoader, Dataset, DistributedSampler
+from torchvision.transforms import v2
+
+from orchestrator.data.sources import Split
+from orchestrator.spec import DataSpec
+
+
+class ImageReadError(Exception):
+    """An image file or blob that cannot be decoded."""
+
+
+class RandomRotate90(torch.nn.Module):
+    """Rotate by 0, 90, 180 or 270 degrees, chosen uniformly."""
+
+    def forward(self, image: torch.Tensor) -> torch.Tensor:
+        return torch.rot90(image, int(torch.randint(0, 4, ())), dims=(-2, -1))
+
+    def __repr__(self) -> str:
+        return "RandomRotate90()"
+
+
+def augmentation(name: str, image_size: int) -> torch.nn.Module:
+    """One named augmentation on uint8 images (gaussian_noise works on floats: see build_transform)."""
+    if name == "hflip":
+        return v2.RandomHorizontalFlip()
+    if name == "vflip":
+        return v2.RandomVerticalFlip()
+    if name == "rotate90":
+        return RandomRotate90()
+    if name == "color_jitter":
+        return v2.ColorJitter(brightness=0.4, contrast=0.4, saturation=0.4)
+    if name == "random_resized_crop":
+        return v2.RandomResizedCrop(image_size, scale=(0.35, 1.0), antialias=True)
+    if name == "random_crop":
+        return v2.RandomCrop(image_size, padding=max(1, image_size // 8))
+    if name == "blur":
+        return v2.RandomApply([v2.GaussianBlur(kernel_size=3, sigma=(0.1, 1.5))], p=0.5)
+    raise ValueError(f"data.augment: unknown {name!r}")
+
+
+def build_transform(data: DataSpec, train: bool, pre_sized: bool) -> v2.Compose:
+    """uint8 CHW tensor -> normalised float tensor of image_size x image_size."""
+    size = data.image_size
+    steps: list[torch.nn.Module] = []
+    augment = data.augment if train else []
+    if "random_resized_crop" not in augment and not pre_sized:
+        steps += [v2.Resize(size, antialias=True), v2.CenterCrop(size)]
+    steps += [augmentation(name, size) for name in augment if name != "gaussian_noise"]
+    steps.append(v2.ToDtype(torch.float32, scale=True))
+    if "gaussian_noise" in augment:
+        steps.append(v2.GaussianNoise(mean=0.0, sigma=0.05))
+    steps.append(v2.Normalize(mean=list(data.mean), std=list(data.std)))
+    return v2.Compose(steps)
+
+
+def resize_array(images: np.ndarray, image_size: int) -> np.ndarray:
+    """(N, H, W, 3) uint8 -> (N, S, S, 3) uint8, bilinear with antialias, done once."""
+    if images.shape[1:3] == (image_size, image_size):
+        return images
+    tensor = torch.from_numpy(images).permute(0, 3, 1, 2).float()
+    resized = torch.nn.functional.interpolate(tensor, size=(image_size, image_size), mode="bilinear", antialias=True, align_corners=False)
+    return resized.round().clamp(0, 255).to(torch.uint8).permute(0, 2, 3, 1).contiguous().numpy()
+
+
+def decode_image(blob_or_path, where: str) -> torch.Tensor:
+    """Encoded bytes or a file path -> uint8 CHW RGB tensor, or ImageReadError naming `where`."""
+    from PIL import Image, UnidentifiedImageError
+
+    try:
+        source = io.BytesIO(blob_or_path) if isinstance(blob_or_path, (bytes, bytearray)) else blob_or_path
+        with Image.open(source) as img:
+            array = np.asarray(img.convert("RGB"))
+    except (UnidentifiedImageError, OSError, ValueError, SyntaxError) as exc:
+        raise ImageReadError(f"cannot read image {where}: {exc}") from None
+    return torch.from_numpy(array.copy()).permute(2, 0, 1)
+
+
+class ImageDataset(Dataset):
+    """(normalised image, label) pairs of one split."""
+
+    def __init__(self, split: Split, transform: v2.Compose, image_size: int, name: str):
+        self.kind = split.kind
+        self.items = resize_array(split.items, image_size) if split.kind == "array" else split.items
+        self.labels = torch.as_tensor(split.labels, dtype=torch.long)
+        self.transform = transform
+        self.name = name
+
+    def __len__(self) -> int:
+        return len(self.labels)
+
+    def __getitem__(self, index: int) -> tuple[torch.Tensor, torch.Tensor]:
+        item = self.items[index]
+        if self.kind == "array":
+            image = torch.from_numpy(item).permute(2, 0, 1)
+        elif self.kind == "bytes":
+            image = decode_image(item, f"{self.name} row {index}")
+        else:
+            image = decode_image(item, item)
+        return self.transform(image), self.labels[index]
+
+
+def make_dataset(split: Split, data: DataSpec, train: bool, name: str) -> ImageDataset:
+    transform = build_transform(data, train, pre_sized=split.kind == "array")
+    return ImageDataset(split, transform, data.image_size, name)
+
+
+def seed_worker(worker_id: int) -> None:
+    """Seed numpy and random in each loader worker from torch's per-worker seed."""
+    seed = torch.initial_seed() % 2**32
+    np.random.seed(seed)
+    random.seed(seed)
+
+
+def train_loader(dataset: Dataset, data: DataSpec, per_worker_batch_size: int, rank: int, world_size: int, seed: int) -> DataLoader:
+    """Shuffled (seeded, reshuffled by set_epoch), sharded, last partial batch dropped."""
+    sampler = DistributedSampler(dataset, num_replicas=world_size, rank=rank, shuffle=True, seed=seed, drop_last=True)
+    generator = torch.Generator().manual_seed(seed + rank)
+    return DataLoader(dataset, batch_size=per_worker_batch_size, sampler=sampler, drop_last=True,
+                      num_workers=data.loader_workers, worker_init_fn=seed_worker, generator=generator,
+                      persistent_workers=data.loader_workers > 0)
+
+
+def eval_loader(dataset: Dataset, data: DataSpec, batch_size: int, rank: int, world_size: int) -> DataLoader:
+    """In order, strided by rank, nothing padded or dropped: the shards sum to the split."""
+    indices = list(range(rank, len(dataset), world_size))
+    return DataLoader(dataset, batch_size=batch_size, sampler=indices, num_workers=data.loader_workers,
+                      worker_init_fn=seed_worker)

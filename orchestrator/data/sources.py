@@ -1,0 +1,228 @@
+"""Reading each data source into labelled splits, and the seeded ways of cutting them.
+
+A source yields `Split`s whose items are decoded lazily by `data.datasets`: uint8 arrays
+(builtin digits, synthetic), encoded image bytes (Parquet) or file paths (image folders).
+`load_splits(data_spec, seed)` applies the common steps every source shares: keep `data.classes`,
+cut a stratified `val_fraction` when the source has no val split, keep `max_per_class` training
+images per class. Missing folders and empty sources raise `DataError` naming the path.
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass, field
+from importlib import resources
+from pathlib import Path
+from typing import Literal
+
+import numpy as np
+
+from orchestrator.spec import DataSpec
+
+IMAGE_SUFFIXES = (".png", ".jpg", ".jpeg", ".bmp", ".gif", ".webp", ".tif", ".tiff", ".ppm", ".pgm")
+ItemKind = Literal["array", "bytes", "path"]
+
+
+class DataError(Exception):
+    """Data that cannot be used; the message names the source, path or key."""
+
+
+@dataclass
+class Split:
+    kind: ItemKind
+    items: list | np.ndarray
+    """uint8 (N, H, W, 3) array, list of encoded bytes, or list of file paths"""
+    labels: np.ndarray
+    """int64 (N,), 0..num_classes-1"""
+
+    def __len__(self) -> int:
+        return len(self.labels)
+
+    def subset(self, indices: np.ndarray) -> "Split":
+        indices = np.asarray(indices, dtype=np.int64)
+        items = self.items[indices] if isinstance(self.items, np.ndarray) else [self.items[i] for i in indices]
+        return Split(self.kind, items, self.labels[indices])
+
+
+@dataclass
+class Splits:
+    class_names: list[str]
+    train: Split
+    val: Split
+    test: Split | None
+    notes: list[str] = field(default_factory=list)
+    """what was derived or is missing, said once on screen ('no test split: ...')"""
+
+    @property
+    def num_classes(self) -> int:
+        return len(self.class_names)
+
+
+def stratified_split(labels: np.ndarray, fraction: float, seed: int) -> tuple[np.ndarray, np.ndarray]:
+    """(keep, held_out) indices: `fraction` of each class held out (at least 1 when it has 2+)."""
+    rng = np.random.default_rng(seed)
+    keep, held = [], []
+    for label in np.unique(labels):
+        idx = rng.permutation(np.flatnonzero(labels == label))
+        count = round(fraction * len(idx))
+        if fraction > 0 and count == 0 and len(idx) >= 2:
+            count = 1
+        held.append(idx[:count])
+        keep.append(idx[count:])
+    return np.sort(np.concatenate(keep)), np.sort(np.concatenate(held))
+
+
+def cap_per_class(labels: np.ndarray, max_per_class: int, seed: int) -> np.ndarray:
+    """Sorted indices keeping at most max_per_class of each label (seeded choice)."""
+    rng = np.random.default_rng(seed)
+    chosen = [rng.permutation(np.flatnonzero(labels == label))[:max_per_class] for label in np.unique(labels)]
+    return np.sort(np.concatenate(chosen))
+
+
+def _digits() -> tuple[list[str], dict[str, Split]]:
+    import pyarrow.parquet as pq
+
+    path = resources.files("orchestrator.data") / "digits.parquet"
+    table = pq.read_table(str(path))
+    pixels = np.frombuffer(b"".join(table.column("pixels").to_pylist()), dtype=np.uint8).reshape(-1, 8, 8)
+    rgb = np.repeat(pixels[..., None], 3, axis=-1)
+    labels = table.column("label").to_numpy().astype(np.int64)
+    split = np.array(table.column("split").to_pylist())
+    splits = {name: Split("array", rgb[split == name], labels[split == name]) for name in ("train", "test")}
+    return [str(i) for i in range(10)], splits
+
+
+def _synthetic(data: DataSpec, seed: int) -> tuple[list[str], dict[str, Split]]:
+    """Per-class random patterns plus noise: learnable, reproducible, any size."""
+    syn, size = data.synthetic, data.image_size
+    rng = np.random.default_rng(seed)
+    patterns = rng.integers(0, 256, (syn.num_classes, size, size, 3), dtype=np.uint8)
+    splits = {}
+    for name, count in (("train", syn.train_samples), ("val", syn.val_samples), ("test", syn.test_samples)):
+        if count == 0:
+            continue
+        labels = np.arange(count, dtype=np.int64) % syn.num_classes
+        noise = rng.integers(0, 256, (count, size, size, 3), dtype=np.uint8)
+        images = (patterns[labels].astype(np.uint16) + noise) // 2
+        splits[name] = Split("array", images.astype(np.uint8), labels)
+    return [str(i) for i in range(syn.num_classes)], splits
+
+
+def _class_folder_split(folder: Path, class_names: list[str] | None) -> tuple[list[str], Split]:
+    names = class_names or sorted(p.name for p in folder.iterdir() if p.is_dir() and not p.name.startswith("."))
+    if not names:
+        raise DataError(f"data.source: {folder} holds no class folders (expected {folder}/<class>/<image>)")
+    paths, labels = [], []
+    for label, name in enumerate(names):
+        class_dir = folder / name
+        if not class_dir.is_dir():
+            continue
+        files = sorted(p for p in class_dir.rglob("*") if p.suffix.lower() in IMAGE_SUFFIXES and p.is_file())
+        paths += [str(p) for p in files]
+        labels += [label] * len(files)
+    if not paths:
+        raise DataError(f"data.source: no images ({', '.join(IMAGE_SUFFIXES[:4])}, ...) under {folder}")
+    return names, Split("path", paths, np.array(labels, dtype=np.int64))
+
+
+def _imagefolder(root: Path) -> tuple[list[str], dict[str, Split], list[str]]:
+    if not root.is_dir():
+        raise DataError(f"data.source: image folder {root} does not exist")
+    notes = []
+    train_dir = root / "train"
+    if not train_dir.is_dir():
+        train_dir = root
+        notes.append(f"{root} has no train/ folder: its class folders are the training data")
+    class_names, train = _class_folder_split(train_dir, None)
+    splits = {"train": train}
+    for name in ("val", "test"):
+        folder = root / name
+        if folder.is_dir() and train_dir != root:
+            extra = sorted(p.name for p in folder.iterdir() if p.is_dir() and p.name not in class_names)
+            if extra:
+                raise DataError(f"data.source: {folder} has classes that train/ lacks: {', '.join(extra)}")
+            splits[name] = _class_folder_split(folder, class_names)[1]
+    return class_names, splits, notes
+
+
+def _parquet(uri: str) -> tuple[list[str], dict[str, Split]]:
+    """Parquet with an `image` column (encoded bytes, or a struct with `bytes`), `label`, optional `split`."""
+    import pyarrow.parquet as pq
+
+    try:
+        table = pq.read_table(uri)
+    except (FileNotFoundError, OSError) as exc:
+        raise DataError(f"data.source: cannot read Parquet {uri}: {exc}") from None
+    for column in ("image", "label"):
+        if column not in table.column_names:
+            raise DataError(f"data.source: Parquet {uri} has no {column!r} column (columns: {', '.join(table.column_names)})")
+    images = table.column("image").to_pylist()
+    images = [img["bytes"] if isinstance(img, dict) else img for img in images]
+    raw_labels = table.column("label").to_pylist()
+    names = sorted(set(raw_labels))
+    index = {name: i for i, name in enumerate(names)}
+    labels = np.array([index[label] for label in raw_labels], dtype=np.int64)
+    split = np.array(table.column("split").to_pylist() if "split" in table.column_names else ["train"] * len(labels))
+    splits = {}
+    for name in ("train", "val", "test"):
+        where = np.flatnonzero(split == name)
+        if len(where):
+            splits[name] = Split("bytes", [images[i] for i in where], labels[where])
+    if "train" not in splits:
+        raise DataError(f"data.source: Parquet {uri} has no rows with split 'train'")
+    return [str(n) for n in names], splits
+
+
+def _keep_classes(class_names: list[str], splits: dict[str, Split], keep: list[int | str]) -> tuple[list[str], dict[str, Split]]:
+    """Keep the listed classes (indices or names), relabelled 0..K-1 in the listed order."""
+    indices = []
+    for cls in keep:
+        if isinstance(cls, int) and 0 <= cls < len(class_names):
+            indices.append(cls)
+        elif str(cls) in class_names and not isinstance(cls, int):
+            indices.append(class_names.index(str(cls)))
+        else:
+            raise DataError(f"data.classes: {cls!r} is not a class of this source; classes: {', '.join(class_names)}")
+    remap = np.full(len(class_names), -1, dtype=np.int64)
+    remap[indices] = np.arange(len(indices))
+    out = {}
+    for name, split in splits.items():
+        kept = np.flatnonzero(remap[split.labels] >= 0)
+        sub = split.subset(kept)
+        sub.labels = remap[sub.labels]
+        out[name] = sub
+    return [class_names[i] for i in indices], out
+
+
+def load_splits(data: DataSpec, seed: int) -> Splits:
+    """Train/val/test of the configured source, after class selection, val split and few-shot cap."""
+    notes: list[str] = []
+    kind = data.source_kind
+    if kind == "digits":
+        class_names, splits = _digits()
+    elif kind == "synthetic":
+        class_names, splits = _synthetic(data, seed)
+    elif kind == "imagefolder":
+        class_names, splits, notes = _imagefolder(Path(data.source_path).expanduser())
+    elif kind == "parquet":
+        class_names, splits = _parquet(data.source_path)
+    else:
+        raise DataError(f"data.source: unknown source {data.source!r}; valid: builtin:digits, imagefolder:PATH, parquet:PATH_OR_URI, synthetic")
+    if data.classes is not None:
+        class_names, splits = _keep_classes(class_names, splits, data.classes)
+    train = splits["train"]
+    if "val" in splits:
+        val = splits["val"]
+    else:
+        keep, held = stratified_split(train.labels, data.val_fraction, seed)
+        train, val = train.subset(keep), train.subset(held)
+        notes.append(f"no val split: held out {len(val)} of {len(keep) + len(held)} training images (val_fraction {data.val_fraction}, stratified, seed {seed})")
+    if data.max_per_class is not None:
+        before = len(train)
+        train = train.subset(cap_per_class(train.labels, data.max_per_class, seed))
+        notes.append(f"few-shot: kept {len(train)} of {before} training images (max_per_class {data.max_per_class})")
+    test = splits.get("test")
+    if test is None:
+        notes.append(f"no test split in {data.source}: the summary reports validation accuracy only")
+    if len(train) == 0:
+        raise DataError(f"data: no training images left in {data.source} after class selection")
+    return Splits(class_names, train, val, test, notes)

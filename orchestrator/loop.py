@@ -1,0 +1,193 @@
+"""One training epoch and one evaluation pass. Imports no Ray.
+
+`train_one_epoch` runs exactly `plan.steps_per_epoch` optimizer steps, each over
+`grad_accum_steps` micro-batches (DDP's `no_sync` on all but the last), sets the LR from the pure
+schedule before every step, and supports AMP (bf16 on CPU and GPU, fp16 with a GradScaler on GPU),
+channels_last and gradient clipping. A NaN or infinite loss raises `DivergenceError` naming the
+epoch and step before the optimizer applies it. `evaluate` sums loss and top-1/top-5 hits over the
+rank's shard and all-reduces them when torch.distributed is up.
+"""
+
+from __future__ import annotations
+
+import contextlib
+import math
+import time
+from collections.abc import Callable, Iterator
+from dataclasses import dataclass
+
+import torch
+import torch.distributed as dist
+import torch.nn.functional as F
+from torch import nn
+
+from orchestrator.models import model_output_logits
+from orchestrator.optim import SwatsTracker, apply_lr
+
+AUX_LOSS_WEIGHT = 0.4  # inception/googlenet auxiliary heads, as torchvision's reference recipe
+
+
+class DivergenceError(RuntimeError):
+    """The loss became NaN or infinite."""
+
+    def __init__(self, epoch: int, step: int, loss: float):
+        self.epoch, self.step, self.loss = epoch, step, loss
+        super().__init__(f"loss diverged ({loss}) at epoch {epoch}, step {step} (optimizer step, 0-based); "
+                         "lower optim.base_lr, add warmup, or set optim.grad_clip_norm")
+
+
+@dataclass
+class EpochStats:
+    train_loss: float
+    """mean loss over this rank's micro-batches (all ranks averaged when distributed)"""
+    images: int
+    """images trained on, all ranks together"""
+    seconds: float
+    last_lrs: list[float]
+    steps: int
+
+
+@dataclass
+class EvalStats:
+    loss: float
+    acc1: float
+    acc5: float
+    images: int
+
+
+def autocast(device: torch.device, amp: str):
+    if amp == "none":
+        return contextlib.nullcontext()
+    return torch.autocast(device_type=device.type, dtype=torch.bfloat16 if amp == "bf16" else torch.float16)
+
+
+def classification_loss(output, labels: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+    """(loss with aux heads weighted in, main logits)."""
+    logits, aux = model_output_logits(output)
+    loss = F.cross_entropy(logits, labels)
+    for aux_logits in aux:
+        loss = loss + AUX_LOSS_WEIGHT * F.cross_entropy(aux_logits, labels)
+    return loss, logits
+
+
+def _micro_batches(loader, accum: int, steps: int) -> Iterator[list]:
+    """Groups of `accum` micro-batches, `steps` groups at most (a trailing partial group is dropped)."""
+    group = []
+    done = 0
+    for batch in loader:
+        group.append(batch)
+        if len(group) == accum:
+            yield group
+            group = []
+            done += 1
+            if done == steps:
+                return
+
+
+def _to_device(images: torch.Tensor, labels: torch.Tensor, device: torch.device, channels_last: bool):
+    images = images.to(device, non_blocking=True)
+    if channels_last:
+        images = images.contiguous(memory_format=torch.channels_last)
+    return images, labels.to(device, non_blocking=True)
+
+
+def _all_reduce_sum(values: list[float], device: torch.device) -> list[float]:
+    if not (dist.is_available() and dist.is_initialized()):
+        return values
+    tensor = torch.tensor(values, dtype=torch.float64, device=device)
+    dist.all_reduce(tensor)
+    return tensor.tolist()
+
+
+def train_one_epoch(
+    model: nn.Module,
+    loader,
+    optimizer: torch.optim.Optimizer,
+    *,
+    epoch: int,
+    first_step: int,
+    steps: int,
+    grad_accum_steps: int,
+    lr_multiplier: Callable[[int], float],
+    device: torch.device,
+    amp: str = "none",
+    channels_last: bool = False,
+    grad_clip_norm: float | None = None,
+    scaler: torch.amp.GradScaler | None = None,
+    swats: SwatsTracker | None = None,
+    on_step: Callable[[int, float, list[float]], None] | None = None,
+) -> EpochStats:
+    """Train `steps` optimizer steps numbered from `first_step` (global, 0-based).
+
+    `lr_multiplier(step)` is the schedule; `on_step(step, loss, lrs)` is called after each step.
+    """
+    model.train()
+    start = time.perf_counter()
+    loss_sum, micro_count, images, lrs = 0.0, 0, 0, []
+    step = first_step
+    for group in _micro_batches(loader, grad_accum_steps, steps):
+        lrs = apply_lr(optimizer, lr_multiplier(step))
+        step_loss = 0.0
+        for i, (batch_images, labels) in enumerate(group):
+            batch_images, labels = _to_device(batch_images, labels, device, channels_last)
+            last = i == len(group) - 1
+            sync = contextlib.nullcontext() if last or not hasattr(model, "no_sync") else model.no_sync()
+            with sync:
+                with autocast(device, amp):
+                    loss, _ = classification_loss(model(batch_images), labels)
+                value = float(loss.detach())
+                if not math.isfinite(value):
+                    raise DivergenceError(epoch, step, value)
+                scaled = loss / grad_accum_steps
+                (scaler.scale(scaled) if scaler else scaled).backward()
+            step_loss += value
+            images += len(labels)
+        _optimizer_step(model, optimizer, grad_clip_norm, scaler, swats)
+        optimizer.zero_grad(set_to_none=True)
+        loss_sum += step_loss
+        micro_count += len(group)
+        if on_step:
+            on_step(step, step_loss / len(group), lrs)
+        step += 1
+    if step - first_step != steps:
+        raise RuntimeError(f"epoch {epoch}: the loader gave {step - first_step} optimizer steps, the plan expects {steps}")
+    total_loss, total_micro, total_images = _all_reduce_sum([loss_sum, micro_count, images], device)
+    return EpochStats(total_loss / max(total_micro, 1), int(total_images), time.perf_counter() - start, lrs, steps)
+
+
+def _optimizer_step(model, optimizer, grad_clip_norm, scaler, swats) -> None:
+    if scaler:
+        scaler.unscale_(optimizer)
+    if grad_clip_norm is not None:
+        torch.nn.utils.clip_grad_norm_([p for g in optimizer.param_groups for p in g["params"]], grad_clip_norm)
+    if swats:
+        swats.before_step(optimizer)
+    if scaler:
+        scaler.step(optimizer)
+        scaler.update()
+    else:
+        optimizer.step()
+    if swats:
+        swats.after_step(optimizer)
+
+
+@torch.no_grad()
+def evaluate(model: nn.Module, loader, device: torch.device, amp: str = "none", channels_last: bool = False) -> EvalStats:
+    """Mean loss, top-1 and top-5 accuracy (fractions) over the whole split, all ranks together."""
+    model.eval()
+    loss_sum = hits1 = hits5 = count = 0.0
+    for images, labels in loader:
+        images, labels = _to_device(images, labels, device, channels_last)
+        with autocast(device, amp):
+            logits, _ = model_output_logits(model(images))
+        logits = logits.float()
+        loss_sum += float(F.cross_entropy(logits, labels, reduction="sum"))
+        top = logits.topk(min(5, logits.shape[1]), dim=1).indices
+        correct = top.eq(labels[:, None])
+        hits1 += float(correct[:, :1].sum())
+        hits5 += float(correct.any(dim=1).sum())
+        count += len(labels)
+    loss_sum, hits1, hits5, count = _all_reduce_sum([loss_sum, hits1, hits5, count], device)
+    if count == 0:
+        return EvalStats(float("nan"), float("nan"), float("nan"), 0)
+    return EvalStats(loss_sum / count, hits1 / count, hits5 / count, int(count))

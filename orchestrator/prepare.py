@@ -1,0 +1,58 @@
+"""From a validated spec to what the plan needs: training-set size, class count, group sizes.
+
+`resolve_plan(spec, world_size)` counts the training images of the data when it can read it; when
+it cannot (an ImageNet job whose data lives on the cluster), `data.num_train_samples` and an
+explicit `model.num_classes` stand in. Parameters are counted on the meta device, so no weights are
+read or allocated.
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass
+
+import torch
+
+from orchestrator.data import DataError, Splits, load_splits
+from orchestrator.models import build_architecture, freeze_targets, head_module_names, set_trainable
+from orchestrator.optim import param_group_sizes
+from orchestrator.plan import Plan, make_plan
+from orchestrator.spec import JobSpec
+
+
+@dataclass
+class Resolved:
+    plan: Plan
+    num_classes: int
+    splits: Splits | None
+    """None when the plan was made from data.num_train_samples without reading the data"""
+
+
+def resolve_num_classes(spec: JobSpec, splits: Splits | None) -> int:
+    if spec.model.num_classes != "auto":
+        return int(spec.model.num_classes)
+    assert splits is not None, "num_classes auto needs the data"
+    return splits.num_classes
+
+
+def count_groups_on_meta(spec: JobSpec, num_classes: int):
+    """Group sizes of the spec's model with its freezing, built on the meta device (no memory, no weights)."""
+    with torch.device("meta"):
+        model = build_architecture(spec.model.arch, num_classes, spec.data.image_size)
+    if spec.model.freeze:
+        set_trainable(model, freeze_targets(model, spec.model.freeze, head_module_names(spec.model.arch, spec.data.image_size)), False)
+    return param_group_sizes(model, spec)
+
+
+def resolve_plan(spec: JobSpec, world_size: int, splits: Splits | None = None) -> Resolved:
+    """The plan for this spec at this world size, from the data or, when it is out of reach, the spec."""
+    stand_ins = spec.data.num_train_samples is not None and spec.model.num_classes != "auto"
+    if splits is None:
+        try:
+            splits = load_splits(spec.data, spec.seed)
+        except DataError:
+            if not stand_ins:
+                raise
+    num_train = len(splits.train) if splits is not None else spec.data.num_train_samples
+    num_classes = resolve_num_classes(spec, splits)
+    plan = make_plan(spec, num_train, world_size, count_groups_on_meta(spec, num_classes))
+    return Resolved(plan, num_classes, splits)

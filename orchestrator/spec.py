@@ -1,0 +1,452 @@
+"""The typed job spec: what a job file may say, its defaults, and every check on it.
+
+`load_spec(path, overrides)` reads a YAML job file, applies `--set a.b=value` overrides (values
+typed as YAML), and returns a validated `JobSpec`, or raises `SpecError` whose `.problems` holds one
+line per problem, each naming the key ("optim.base_lr: must be > 0"). Unknown keys are errors
+with a "did you mean". Nothing here imports torch or ray.
+"""
+
+from __future__ import annotations
+
+import difflib
+import re
+from pathlib import Path
+from typing import Any, Literal
+
+import yaml
+from pydantic import BaseModel, ConfigDict, Field, ValidationError, field_validator
+
+AUGMENTATIONS = (
+    "hflip",
+    "vflip",
+    "rotate90",
+    "color_jitter",
+    "random_resized_crop",
+    "random_crop",
+    "blur",
+    "gaussian_noise",
+)
+OPTIMIZERS = ("sgd", "adam", "adamw", "rmsprop", "adagrad", "adadelta")
+SCHEDULES = ("constant", "step", "multistep", "exponential", "cosine", "plateau")
+HEAD_INITS = ("default", "kaiming_normal", "kaiming_uniform", "xavier_normal", "xavier_uniform")
+DATA_SOURCE_KINDS = ("builtin:digits", "imagefolder:PATH", "parquet:PATH_OR_URI", "synthetic")
+SEARCH_KINDS = ("loguniform", "uniform", "choice", "grid", "randint")
+
+
+class SpecError(Exception):
+    """A job file that cannot run. `problems` holds one human line per problem."""
+
+    def __init__(self, problems: list[str]):
+        self.problems = problems
+        super().__init__("\n".join(problems))
+
+
+class _Section(BaseModel):
+    model_config = ConfigDict(extra="forbid", validate_assignment=False)
+
+
+class SyntheticSpec(_Section):
+    """Random images for benchmarks and tests (`data.source: synthetic`)."""
+
+    num_classes: int = Field(10, ge=2)
+    train_samples: int = Field(512, ge=1)
+    val_samples: int = Field(128, ge=0)
+    test_samples: int = Field(128, ge=0)
+
+
+class DataSpec(_Section):
+    source: str = "builtin:digits"
+    """builtin:digits | imagefolder:PATH | parquet:PATH_OR_URI | synthetic"""
+    image_size: int = Field(32, ge=8)
+    """side of the square images the model sees, pixels"""
+    val_fraction: float = Field(0.2, ge=0.0, lt=1.0)
+    """share of train held out for validation when the source has no val split (stratified, seeded)"""
+    augment: list[str] = Field(default_factory=list)
+    loader_workers: int = Field(0, ge=0)
+    """DataLoader worker processes per training worker"""
+    classes: list[int | str] | None = None
+    """keep only these labels (indices or class names); None keeps all"""
+    max_per_class: int | None = Field(None, ge=1)
+    """few-shot: at most this many training images per class (seeded choice)"""
+    num_train_samples: int | None = Field(None, ge=1)
+    """training-set size for planning when the data is not on this machine"""
+    mean: tuple[float, float, float] = (0.485, 0.456, 0.406)
+    std: tuple[float, float, float] = (0.229, 0.224, 0.225)
+    synthetic: SyntheticSpec = Field(default_factory=SyntheticSpec)
+
+    @field_validator("augment")
+    @classmethod
+    def _known_augmentations(cls, names: list[str]) -> list[str]:
+        unknown = [n for n in names if n not in AUGMENTATIONS]
+        if unknown:
+            raise ValueError(f"unknown augmentation {', '.join(map(repr, unknown))}{_did_you_mean(unknown[0], AUGMENTATIONS)}; valid: {', '.join(AUGMENTATIONS)}")
+        return names
+
+    @field_validator("source")
+    @classmethod
+    def _known_source(cls, source: str) -> str:
+        if source in ("builtin:digits", "synthetic"):
+            return source
+        kind, _, rest = source.partition(":")
+        if kind in ("imagefolder", "parquet") and rest:
+            return source
+        raise ValueError(f"unknown data source {source!r}; valid: {', '.join(DATA_SOURCE_KINDS)}")
+
+    @property
+    def source_kind(self) -> str:
+        """digits | imagefolder | parquet | synthetic"""
+        return "digits" if self.source == "builtin:digits" else self.source.partition(":")[0]
+
+    @property
+    def source_path(self) -> str:
+        return self.source.partition(":")[2]
+
+
+class ModelSpec(_Section):
+    arch: str = "resnet18"
+    """any torchvision classification model name"""
+    weights: str | None = None
+    """null | DEFAULT | torchvision weight name | .pth/.pt/.safetensors file | run folder"""
+    num_classes: int | Literal["auto"] = "auto"
+    head_init: Literal[HEAD_INITS] = "kaiming_normal"  # type: ignore[valid-type]
+    freeze: list[str] = Field(default_factory=list)
+    """module-name prefixes to freeze, or [backbone] for everything but the head"""
+    unfreeze_at_epoch: int | None = Field(None, ge=1)
+    """epoch (0-based) at which frozen modules start training"""
+
+    @field_validator("num_classes")
+    @classmethod
+    def _at_least_two(cls, value: int | str) -> int | str:
+        if isinstance(value, int) and value < 2:
+            raise ValueError("must be >= 2 or 'auto'")
+        return value
+
+
+class ParamGroupSpec(_Section):
+    match: str
+    """glob over parameter names, e.g. 'fc.*' or 'layer4.*'"""
+    lr_mult: float = Field(1.0, gt=0)
+    weight_decay: float | None = Field(None, ge=0)
+    """None: the optimizer's weight_decay"""
+
+
+class OptimSpec(_Section):
+    name: Literal[OPTIMIZERS] = "sgd"  # type: ignore[valid-type]
+    base_lr: float = Field(0.1, gt=0)
+    """the LR at base_batch_size images per optimizer step"""
+    base_batch_size: int = Field(256, ge=1)
+    lr_scaling: Literal["linear", "sqrt", "none"] = "linear"
+    momentum: float = Field(0.9, ge=0, lt=1)
+    nesterov: bool = False
+    betas: tuple[float, float] = (0.9, 0.999)
+    eps: float = Field(1e-8, gt=0)
+    weight_decay: float = Field(1e-4, ge=0)
+    norm_bias_weight_decay: float | None = Field(0.0, ge=0)
+    """weight decay of norm layers and biases; None = same as weight_decay"""
+    param_groups: list[ParamGroupSpec] = Field(default_factory=list)
+    """first match wins; unmatched parameters get lr_mult 1"""
+    switch_to_sgd_at_epoch: int | None = Field(None, ge=1)
+    """SWATS: switch adam/adamw to SGD at this epoch, LR estimated from the Adam steps"""
+    grad_clip_norm: float | None = Field(None, gt=0)
+    """clip the global gradient norm to this value; None = no clipping"""
+
+
+class ScheduleSpec(_Section):
+    name: Literal[SCHEDULES] = "cosine"  # type: ignore[valid-type]
+    epochs: int = Field(10, ge=1)
+    warmup_epochs: float = Field(0.0, ge=0)
+    """linear ramp from warmup_start_factor x scaled_lr to scaled_lr, per step"""
+    warmup_start_factor: float = Field(0.1, gt=0, le=1)
+    step_size: int = Field(30, ge=1)
+    """step: epochs between decays"""
+    milestones: list[int] = Field(default_factory=lambda: [30, 60, 80])
+    """multistep: epochs at which the LR is multiplied by gamma"""
+    gamma: float = Field(0.1, gt=0, le=1)
+    """decay factor of step, multistep, exponential (per epoch) and plateau"""
+    patience: int = Field(2, ge=0)
+    """plateau: epochs without improvement before a decay"""
+    plateau_metric: Literal["val_loss", "val_acc1"] = "val_loss"
+    plateau_threshold: float = Field(1e-4, ge=0)
+    """plateau: relative improvement that counts"""
+    min_lr: float = Field(0.0, ge=0)
+    """floor of the decayed LR at lr_mult 1 (cosine's end point), absolute"""
+
+
+class ScalingSpec(_Section):
+    num_workers: int = Field(2, ge=1)
+    use_gpu: bool = False
+    cpus_per_worker: float = Field(1.0, gt=0)
+    per_worker_batch_size: int = Field(32, ge=1)
+    """images per worker per micro-step; global batch = this x num_workers x grad_accum_steps"""
+    grad_accum_steps: int = Field(1, ge=1)
+    amp: Literal["none", "bf16", "fp16"] = "none"
+    channels_last: bool = False
+    placement_strategy: Literal["PACK", "SPREAD", "STRICT_PACK", "STRICT_SPREAD"] = "PACK"
+    sync_bn: bool = False
+
+
+class RunSpec(_Section):
+    storage: str = "./runs"
+    """local path or URI shared by all nodes; the run folder is <storage>/<name>/"""
+    keep_checkpoints: int = Field(2, ge=1)
+    max_failures: int = Field(2, ge=0)
+    log_every_steps: int = Field(10, ge=1)
+    deterministic: bool = False
+    """torch.use_deterministic_algorithms: bitwise-repeatable on CPU, slower"""
+
+
+class AshaSpec(_Section):
+    grace_period: int = Field(1, ge=1)
+    """epochs every trial runs before it can be stopped"""
+    reduction_factor: float = Field(3, gt=1)
+
+
+class SweepSpec(_Section):
+    metric: str = "val_acc1"
+    mode: Literal["max", "min"] = "max"
+    num_samples: int = Field(8, ge=1)
+    max_concurrent_trials: int | None = Field(None, ge=1)
+    asha: AshaSpec = Field(default_factory=AshaSpec)
+    space: dict[str, dict[str, Any]] = Field(default_factory=dict)
+
+
+class JobSpec(_Section):
+    name: str = "run"
+    seed: int = 0
+    data: DataSpec = Field(default_factory=DataSpec)
+    model: ModelSpec = Field(default_factory=ModelSpec)
+    optim: OptimSpec = Field(default_factory=OptimSpec)
+    schedule: ScheduleSpec = Field(default_factory=ScheduleSpec)
+    scaling: ScalingSpec = Field(default_factory=ScalingSpec)
+    run: RunSpec = Field(default_factory=RunSpec)
+    sweep: SweepSpec = Field(default_factory=SweepSpec)
+
+    @field_validator("name")
+    @classmethod
+    def _folder_safe(cls, name: str) -> str:
+        if not re.fullmatch(r"[A-Za-z0-9][A-Za-z0-9._-]*", name):
+            raise ValueError("must be a folder name: letters, digits, '.', '_', '-'")
+        return name
+
+    def to_dict(self) -> dict[str, Any]:
+        """Plain, YAML-safe dict of every key (defaults included)."""
+        return self.model_dump(mode="json")
+
+
+def _did_you_mean(word: str, choices) -> str:
+    close = difflib.get_close_matches(str(word), [str(c) for c in choices], n=1, cutoff=0.6)
+    return f" (did you mean {close[0]!r}?)" if close else ""
+
+
+def _model_at(loc: tuple) -> type[BaseModel] | None:
+    """The pydantic section class that owns the key at `loc` (for listing valid keys)."""
+    model: Any = JobSpec
+    for part in loc[:-1]:
+        if isinstance(part, int):
+            continue
+        field = model.model_fields.get(part) if isinstance(model, type) and issubclass(model, BaseModel) else None
+        if field is None:
+            return None
+        annotation = field.annotation
+        for candidate in getattr(annotation, "__args__", (annotation,)):
+            if isinstance(candidate, type) and issubclass(candidate, BaseModel):
+                model = candidate
+                break
+            args = getattr(candidate, "__args__", ())
+            inner = next((a for a in args if isinstance(a, type) and issubclass(a, BaseModel)), None)
+            if inner is not None:
+                model = inner
+                break
+        else:
+            return None
+    return model if isinstance(model, type) else None
+
+
+def _format_error(err: dict) -> str:
+    loc = tuple(err["loc"])
+    key = ".".join(str(p) for p in loc)
+    kind = err["type"]
+    if kind == "extra_forbidden":
+        owner = _model_at(loc)
+        valid = list(owner.model_fields) if owner else []
+        hint = _did_you_mean(loc[-1], valid)
+        listing = f"; valid keys here: {', '.join(valid)}" if valid else ""
+        return f"{key}: unknown key{hint}{listing}"
+    if kind == "literal_error":
+        expected = err.get("ctx", {}).get("expected", "")
+        valid = re.findall(r"'([^']*)'", expected)
+        hint = _did_you_mean(err.get("input"), valid)
+        return f"{key}: unknown value {err.get('input')!r}{hint}; valid: {', '.join(valid)}"
+    bounds = {"greater_than": "> {gt}", "greater_than_equal": ">= {ge}", "less_than": "< {lt}", "less_than_equal": "<= {le}"}
+    if kind in bounds:
+        return f"{key}: must be {bounds[kind].format(**err['ctx'])} (got {err.get('input')!r})"
+    if kind == "missing":
+        return f"{key}: required key is missing"
+    message = err["msg"]
+    if message.startswith("Value error, "):
+        message = message[len("Value error, "):]
+    return f"{key}: {message} (got {err.get('input')!r})" if kind != "value_error" else f"{key}: {message}"
+
+
+def check_consistency(spec: JobSpec) -> list[str]:
+    """Checks across keys that field types cannot express; one line per problem."""
+    problems: list[str] = []
+    sched, optim = spec.schedule, spec.optim
+    if sched.warmup_epochs >= sched.epochs:
+        problems.append(f"schedule.warmup_epochs: {sched.warmup_epochs} must be shorter than schedule.epochs ({sched.epochs})")
+    if sched.name == "multistep":
+        ms = sched.milestones
+        if not ms:
+            problems.append("schedule.milestones: multistep needs at least one milestone (epochs)")
+        elif any(b <= a for a, b in zip(ms, ms[1:])):
+            problems.append(f"schedule.milestones: must be strictly increasing (got {ms})")
+        elif ms[0] < 1:
+            problems.append(f"schedule.milestones: epochs must be >= 1 (got {ms})")
+    if optim.nesterov and (optim.name != "sgd" or optim.momentum <= 0):
+        problems.append("optim.nesterov: needs optim.name sgd with momentum > 0")
+    if optim.switch_to_sgd_at_epoch is not None:
+        if optim.name not in ("adam", "adamw"):
+            problems.append(f"optim.switch_to_sgd_at_epoch: switches from adam/adamw to SGD, but optim.name is {optim.name!r}")
+        if optim.switch_to_sgd_at_epoch >= sched.epochs:
+            problems.append(f"optim.switch_to_sgd_at_epoch: {optim.switch_to_sgd_at_epoch} must be before schedule.epochs ({sched.epochs})")
+    for i, group in enumerate(optim.param_groups):
+        if not group.match.strip():
+            problems.append(f"optim.param_groups.{i}.match: must not be empty")
+    model = spec.model
+    if model.unfreeze_at_epoch is not None:
+        if not model.freeze:
+            problems.append("model.unfreeze_at_epoch: set, but model.freeze is empty")
+        if model.unfreeze_at_epoch >= sched.epochs:
+            problems.append(f"model.unfreeze_at_epoch: {model.unfreeze_at_epoch} must be before schedule.epochs ({sched.epochs})")
+    if "backbone" in model.freeze and len(model.freeze) > 1:
+        problems.append("model.freeze: [backbone] already freezes everything but the head; list it alone")
+    if spec.data.source == "synthetic" and spec.data.classes is not None:
+        bad = [c for c in spec.data.classes if not isinstance(c, int) or not 0 <= c < spec.data.synthetic.num_classes]
+        if bad:
+            problems.append(f"data.classes: synthetic labels are 0..{spec.data.synthetic.num_classes - 1} (got {bad})")
+    if spec.data.classes is not None and len(set(spec.data.classes)) < 2:
+        problems.append("data.classes: keep at least two distinct classes")
+    if "random_resized_crop" in spec.data.augment and "random_crop" in spec.data.augment:
+        problems.append("data.augment: choose one of random_resized_crop and random_crop")
+    if spec.scaling.amp == "fp16" and not spec.scaling.use_gpu:
+        problems.append("scaling.amp: fp16 needs use_gpu (on CPU use bf16)")
+    if spec.sweep.metric not in ("val_acc1", "val_acc5", "val_loss", "train_loss"):
+        problems.append(f"sweep.metric: unknown metric {spec.sweep.metric!r}; valid: val_acc1, val_acc5, val_loss, train_loss")
+    problems += _check_space(spec.sweep.space)
+    return problems
+
+
+def _check_space(space: dict[str, dict[str, Any]]) -> list[str]:
+    problems = []
+    defaults = JobSpec().to_dict()
+    for key, domain in space.items():
+        where = f"sweep.space.{key}"
+        if _lookup(defaults, key.split(".")) is _MISSING:
+            problems.append(f"{where}: not a job-file key{_did_you_mean(key, _leaf_keys(defaults))}")
+        if not isinstance(domain, dict) or len(domain) != 1:
+            problems.append(f"{where}: give exactly one of {', '.join(SEARCH_KINDS)}")
+            continue
+        (kind, args), = domain.items()
+        if kind not in SEARCH_KINDS:
+            problems.append(f"{where}: unknown search kind {kind!r}{_did_you_mean(kind, SEARCH_KINDS)}; valid: {', '.join(SEARCH_KINDS)}")
+        elif kind in ("loguniform", "uniform", "randint"):
+            if not (isinstance(args, list) and len(args) == 2 and all(isinstance(a, (int, float)) for a in args) and args[0] < args[1]):
+                problems.append(f"{where}.{kind}: needs [low, high] with low < high (got {args!r})")
+            elif kind == "loguniform" and args[0] <= 0:
+                problems.append(f"{where}.loguniform: bounds must be > 0 (got {args!r})")
+        elif not (isinstance(args, list) and args):
+            problems.append(f"{where}.{kind}: needs a non-empty list of values (got {args!r})")
+    return problems
+
+
+_MISSING = object()
+
+
+def _lookup(tree: Any, path: list[str]) -> Any:
+    for part in path:
+        if not isinstance(tree, dict) or part not in tree:
+            return _MISSING
+        tree = tree[part]
+    return tree
+
+
+def _leaf_keys(tree: dict, prefix: str = "") -> list[str]:
+    keys = []
+    for k, v in tree.items():
+        dotted = f"{prefix}{k}"
+        keys.append(dotted)
+        if isinstance(v, dict):
+            keys += _leaf_keys(v, dotted + ".")
+    return keys
+
+
+def parse_override(text: str) -> tuple[list[str], Any]:
+    """`a.b=value` -> (['a', 'b'], value typed as YAML). Raises SpecError on a malformed one."""
+    key, sep, raw = text.partition("=")
+    if not sep or not key.strip() or any(not p for p in key.strip().split(".")):
+        raise SpecError([f"--set {text}: expected KEY=VALUE with a dotted key, e.g. optim.base_lr=0.01"])
+    try:
+        value = yaml.safe_load(raw) if raw.strip() else None
+    except yaml.YAMLError as exc:
+        raise SpecError([f"--set {key}: value is not valid YAML ({exc.__class__.__name__})"]) from None
+    return key.strip().split("."), value
+
+
+def apply_overrides(raw: dict[str, Any], overrides: list[str]) -> dict[str, Any]:
+    """Returns a copy of `raw` with each `a.b=value` set (creating sections as needed)."""
+    import copy
+
+    result = copy.deepcopy(raw)
+    for text in overrides:
+        path, value = parse_override(text)
+        node = result
+        for part in path[:-1]:
+            child = node.get(part)
+            if not isinstance(child, dict):
+                child = {}
+                node[part] = child
+            node = child
+        node[path[-1]] = value
+    return result
+
+
+def read_job_file(path: str | Path) -> dict[str, Any]:
+    """The job file's mapping, or SpecError naming the file and what is wrong with it."""
+    path = Path(path)
+    if not path.is_file():
+        raise SpecError([f"{path}: no such job file"])
+    try:
+        raw = yaml.safe_load(path.read_text())
+    except yaml.YAMLError as exc:
+        mark = getattr(exc, "problem_mark", None)
+        where = f" at line {mark.line + 1}, column {mark.column + 1}" if mark else ""
+        problem = getattr(exc, "problem", None) or str(exc).splitlines()[0]
+        raise SpecError([f"{path}: YAML syntax error{where}: {problem}"]) from None
+    except UnicodeDecodeError:
+        raise SpecError([f"{path}: not a text file"]) from None
+    if raw is None:
+        raise SpecError([f"{path}: the job file is empty"])
+    if not isinstance(raw, dict):
+        raise SpecError([f"{path}: the job file must be a mapping of sections (name, data, model, ...), got a {type(raw).__name__}"])
+    return raw
+
+
+def validate_spec(raw: dict[str, Any]) -> JobSpec:
+    """A validated JobSpec from a plain dict, or SpecError listing every problem."""
+    try:
+        spec = JobSpec.model_validate(raw)
+    except ValidationError as exc:
+        raise SpecError([_format_error(e) for e in exc.errors()]) from None
+    problems = check_consistency(spec)
+    if problems:
+        raise SpecError(problems)
+    return spec
+
+
+def load_spec(path: str | Path, overrides: list[str] | None = None) -> JobSpec:
+    """Job file + `--set` overrides -> validated JobSpec (or SpecError)."""
+    return validate_spec(apply_overrides(read_job_file(path), overrides or []))
+
+
+def spec_to_yaml(spec: JobSpec) -> str:
+    return yaml.safe_dump(spec.to_dict(), sort_keys=False)
