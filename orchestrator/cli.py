@@ -22,11 +22,11 @@ err_console = Console(stderr=True, highlight=False)
 
 def _user_error_types() -> tuple[type[BaseException], ...]:
     from orchestrator.data import DataError, ImageReadError
-    from orchestrator.models import FreezeError, WeightsError
+    from orchestrator.models import ModelError, WeightsError
     from orchestrator.plan import PlanError
     from orchestrator.spec import SpecError
 
-    return SpecError, PlanError, DataError, ImageReadError, WeightsError, FreezeError
+    return SpecError, PlanError, DataError, ImageReadError, WeightsError, ModelError
 
 
 def _report_user_error(exc: BaseException) -> int:

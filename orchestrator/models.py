@@ -11,6 +11,7 @@ from __future__ import annotations
 
 import functools
 import re
+from collections import OrderedDict
 from dataclasses import dataclass, field
 from pathlib import Path
 
@@ -27,8 +28,12 @@ class WeightsError(Exception):
     """Weights that cannot be found or read; the message says what and where."""
 
 
-class FreezeError(ValueError):
-    """A freeze prefix that matches no module."""
+class ModelError(ValueError):
+    """A model the spec asks for that cannot be built as asked; the message names the key."""
+
+
+class FreezeError(ModelError):
+    """A freeze that selects no module, or every parameter."""
 
 
 @dataclass
@@ -79,7 +84,7 @@ def build_architecture(arch: str, num_classes: int, image_size: int = 224) -> nn
 
         close = difflib.get_close_matches(arch, known, n=3)
         hint = f" (did you mean {', '.join(close)}?)" if close else ""
-        raise ValueError(f"model.arch: unknown torchvision classification model {arch!r}{hint}")
+        raise ModelError(f"model.arch: unknown torchvision classification model {arch!r}{hint}")
     return torchvision.models.get_model(arch, weights=None, num_classes=num_classes, **_arch_kwargs(arch, image_size))
 
 
@@ -91,6 +96,18 @@ def head_module_names(arch: str, image_size: int = 224) -> tuple[str, ...]:
         b = build_architecture(arch, 6, image_size)
     shapes_b = {k: v.shape for k, v in b.state_dict().items()}
     return tuple(sorted({k.rsplit(".", 1)[0] for k, v in a.state_dict().items() if shapes_b.get(k) != v.shape}))
+
+
+def check_input_size(arch: str, num_classes: int, image_size: int) -> None:
+    """Raise ValueError when the model cannot take image_size x image_size inputs (shape-only, on meta)."""
+    with torch.device("meta"):
+        model = build_architecture(arch, num_classes, image_size).train()
+        try:
+            model(torch.empty(2, 3, image_size, image_size))
+        except RuntimeError as exc:
+            reason = str(exc).strip().splitlines()[0]
+            raise ModelError(f"data.image_size: {arch} cannot take {image_size}x{image_size} images ({reason}); "
+                             "use a larger image_size") from None
 
 
 def _strip_prefix(state_dict: dict) -> dict:
@@ -195,8 +212,11 @@ def load_matching(model: nn.Module, state_dict: dict[str, torch.Tensor], source:
         else:
             keep[name] = tensor
             report.loaded.append(name)
-    report.missing = [name for name in target if name not in keep and not _is_buffer_counter(name)]
-    model.load_state_dict(keep, strict=False)
+    report.missing = [name for name in target if name not in state_dict and not _is_buffer_counter(name)]
+    kept = OrderedDict(keep)
+    # module versions (mnasnet checks its own): the source's when it carries them, else the model's
+    kept._metadata = getattr(state_dict, "_metadata", None) or getattr(target, "_metadata", None)  # type: ignore[attr-defined]
+    model.load_state_dict(kept, strict=False)
     return report
 
 

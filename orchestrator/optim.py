@@ -12,6 +12,7 @@ from __future__ import annotations
 import torch
 from torch import nn
 
+from orchestrator.models import FreezeError
 from orchestrator.plan import GroupDef, GroupSize, assign_group, group_defs
 from orchestrator.spec import JobSpec, OptimSpec
 
@@ -61,7 +62,7 @@ def build_optimizer(model: nn.Module, spec: JobSpec, scaled_lr: float) -> torch.
             torch_groups.append({"params": params, "name": d.name, "lr_mult": d.lr_mult, "base_lr": peak,
                                  "lr": peak, "weight_decay": d.weight_decay})
     if not torch_groups:
-        raise ValueError("model.freeze: every parameter is frozen; nothing would train")
+        raise FreezeError("model.freeze: every parameter is frozen; nothing would train")
     return make_torch_optimizer(spec.optim.name, torch_groups, spec.optim)
 
 

@@ -13,7 +13,7 @@ from dataclasses import dataclass
 import torch
 
 from orchestrator.data import DataError, Splits, load_splits
-from orchestrator.models import build_architecture, freeze_targets, head_module_names, set_trainable
+from orchestrator.models import build_architecture, check_input_size, freeze_targets, head_module_names, set_trainable
 from orchestrator.optim import param_group_sizes
 from orchestrator.plan import Plan, make_plan
 from orchestrator.spec import JobSpec
@@ -54,5 +54,6 @@ def resolve_plan(spec: JobSpec, world_size: int, splits: Splits | None = None) -
                 raise
     num_train = len(splits.train) if splits is not None else spec.data.num_train_samples
     num_classes = resolve_num_classes(spec, splits)
+    check_input_size(spec.model.arch, num_classes, spec.data.image_size)
     plan = make_plan(spec, num_train, world_size, count_groups_on_meta(spec, num_classes))
     return Resolved(plan, num_classes, splits)

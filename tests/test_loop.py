@@ -1,0 +1,89 @@
+"""The Ray-free loop: accumulation, AMP, clipping, divergence, evaluation."""
+
+import copy
+
+import pytest
+import torch
+from torch import nn
+
+from orchestrator.loop import DivergenceError, evaluate, train_one_epoch
+from orchestrator.optim import build_optimizer
+from orchestrator.spec import JobSpec
+
+
+def small_net() -> nn.Module:
+    torch.manual_seed(0)
+    return nn.Sequential(nn.Conv2d(3, 4, 3), nn.ReLU(), nn.AdaptiveAvgPool2d(2), nn.Flatten(), nn.Linear(16, 3))
+
+
+def batches(count: int, size: int, seed: int = 0):
+    g = torch.Generator().manual_seed(seed)
+    return [(torch.randn(size, 3, 8, 8, generator=g), torch.randint(0, 3, (size,), generator=g)) for _ in range(count)]
+
+
+def sgd_for(model, lr=0.1):
+    spec = JobSpec.model_validate({"optim": {"name": "sgd", "momentum": 0.9, "weight_decay": 0.0, "norm_bias_weight_decay": None}})
+    return build_optimizer(model, spec, scaled_lr=lr)
+
+
+def run(model, data, accum, steps, **kwargs):
+    optimizer = sgd_for(model)
+    return train_one_epoch(model, data, optimizer, epoch=0, first_step=0, steps=steps, grad_accum_steps=accum,
+                           lr_multiplier=lambda step: 1.0, device=torch.device("cpu"), **kwargs)
+
+
+def test_accumulation_equals_one_big_batch():
+    big = batches(3, 16)
+    small = [(x[i:i + 8], y[i:i + 8]) for x, y in big for i in (0, 8)]
+    a, b = small_net(), small_net()
+    run(a, big, accum=1, steps=3)
+    run(b, small, accum=2, steps=3)
+    for pa, pb in zip(a.parameters(), b.parameters()):
+        torch.testing.assert_close(pa, pb, rtol=1e-5, atol=1e-6)
+
+
+def test_runs_exactly_the_planned_steps_and_reports_lrs():
+    model = small_net()
+    optimizer = sgd_for(model)
+    seen = []
+    stats = train_one_epoch(model, batches(5, 4), optimizer, epoch=2, first_step=10, steps=2, grad_accum_steps=2,
+                            lr_multiplier=lambda step: 1.0 / step, device=torch.device("cpu"),
+                            on_step=lambda step, loss, lrs: seen.append((step, lrs[0])))
+    assert [s for s, _ in seen] == [10, 11]
+    assert seen[1][1] == pytest.approx(0.1 / 11)
+    assert stats.images == 16 and stats.steps == 2
+    with pytest.raises(RuntimeError, match="the loader gave 2 optimizer steps, the plan expects 3"):
+        run(small_net(), batches(4, 4), accum=2, steps=3)
+
+
+def test_nan_loss_names_epoch_and_step():
+    model = small_net()
+    data = batches(3, 4)
+    data[2] = (torch.full((4, 3, 8, 8), float("nan")), data[2][1])
+    before = copy.deepcopy(model.state_dict())
+    optimizer = sgd_for(model)
+    with pytest.raises(DivergenceError, match=r"at epoch 4, step 7 \(optimizer step"):
+        train_one_epoch(model, data, optimizer, epoch=4, first_step=5, steps=3, grad_accum_steps=1,
+                        lr_multiplier=lambda s: 1.0, device=torch.device("cpu"))
+    assert all(torch.isfinite(p).all() for p in model.parameters())   # the NaN step was never applied
+    assert not all(torch.equal(before[k], v) for k, v in model.state_dict().items())
+
+
+def test_bf16_autocast_channels_last_and_clipping_on_cpu():
+    model = small_net().to(memory_format=torch.channels_last)
+    stats = run(model, batches(2, 4), accum=1, steps=2, amp="bf16", channels_last=True, grad_clip_norm=0.5)
+    assert stats.train_loss > 0
+
+
+def test_training_lowers_the_loss_and_evaluate_counts_every_image():
+    model = small_net()
+    data = batches(4, 16, seed=1)
+    first = evaluate(model, data, torch.device("cpu"))
+    optimizer = sgd_for(model, lr=0.05)
+    for epoch in range(15):
+        train_one_epoch(model, data, optimizer, epoch=epoch, first_step=epoch * 4, steps=4, grad_accum_steps=1,
+                        lr_multiplier=lambda s: 1.0, device=torch.device("cpu"))
+    after = evaluate(model, data, torch.device("cpu"))
+    assert after.images == 64
+    assert after.loss < first.loss and after.acc1 > first.acc1
+    assert after.acc5 == 1.0   # 3 classes: the top-5 always holds the label
