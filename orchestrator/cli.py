@@ -9,6 +9,7 @@ from __future__ import annotations
 import argparse
 import json
 import sys
+from concurrent.futures import ThreadPoolExecutor
 
 from rich.console import Console
 from rich.markup import escape
@@ -21,12 +22,13 @@ err_console = Console(stderr=True, highlight=False)
 
 
 def _user_error_types() -> tuple[type[BaseException], ...]:
+    from orchestrator.checkpoint import CheckpointError
     from orchestrator.data import DataError, ImageReadError
     from orchestrator.models import ModelError, WeightsError
     from orchestrator.plan import PlanError
     from orchestrator.spec import SpecError
 
-    return SpecError, PlanError, DataError, ImageReadError, WeightsError, ModelError
+    return SpecError, PlanError, DataError, ImageReadError, WeightsError, ModelError, CheckpointError
 
 
 def _report_user_error(exc: BaseException) -> int:
@@ -95,6 +97,48 @@ def cmd_plan(args) -> int:
     return 0
 
 
+def cmd_train(args) -> int:
+    from orchestrator.launch import prepare_run, say_resume, start_ray_for, train_local, train_on_ray
+    from orchestrator.prepare import resolve_plan
+    from orchestrator.progress import summary_table
+    from orchestrator.spec import load_spec, with_absolute_paths
+
+    spec = with_absolute_paths(load_spec(args.job, args.set))
+    if args.local:
+        resolved = resolve_plan(spec, 1)
+    else:
+        # Planning (torch and torchvision imports, reading the data) overlaps Ray's start-up,
+        # which must run on the main thread; the plan is still printed before any worker starts.
+        with ThreadPoolExecutor(max_workers=1) as pool:
+            planning = pool.submit(resolve_plan, spec, spec.scaling.num_workers)
+            start_ray_for(spec, args.address, args.verbose)
+            resolved = planning.result()
+    plan = resolved.plan
+    console.print(plan_table(plan, resolved.num_classes))
+    start = prepare_run(spec, plan)
+    say_resume(console, start, plan.epochs)
+    if args.local:
+        summary, first_step_s = train_local(spec, plan, console)
+    else:
+        summary, first_step_s = train_on_ray(spec, plan, console)
+    console.print(summary_table(summary))
+    if first_step_s is not None:
+        console.print(f"first training step {first_step_s:.1f} s after the command started")
+    if summary["status"] != "completed":
+        err_console.print(f"[red]error:[/red] {escape(summary.get('message') or summary['status'])}")
+        err_console.print(f"the last good checkpoint is kept in {summary['run_folder']}; fix the job and re-run the same command to resume")
+        return 1
+    return 0
+
+
+def cmd_bench(args) -> int:
+    from orchestrator import bench
+
+    if args.what == "overhead":
+        bench.overhead(console, epochs=args.epochs, repeats=args.repeats)
+    return 0
+
+
 def build_parser() -> argparse.ArgumentParser:
     parser = argparse.ArgumentParser(prog="orchestrator", description="Fine-tune torchvision image classifiers with Ray.")
     sub = parser.add_subparsers(dest="command", required=True)
@@ -112,15 +156,40 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--json", action="store_true", help="print the plan as JSON")
     p.add_argument("--local", action="store_true", help="plan for one in-process worker (as train --local)")
     p.set_defaults(func=cmd_plan)
+    p = job_command("train", "train the job: Ray Train DDP workers, or --local in this process")
+    p.add_argument("--local", action="store_true", help="run the same loop in this process (world size 1, no Ray)")
+    p.add_argument("--address", help="Ray cluster to run on (e.g. auto, ray://HOST:10001); default: start a local Ray")
+    p.add_argument("--verbose", action="store_true", help="show Ray's own logs instead of writing them to the run folder")
+    p.set_defaults(func=cmd_train)
+    p = sub.add_parser("bench", help="benchmarks that print their figures as ratios to a baseline measured in the same run")
+    p.add_argument("what", choices=["overhead"], help="overhead: Ray Train and --local vs a plain PyTorch loop, per epoch and at start-up")
+    p.add_argument("--epochs", type=int, default=6, help="epochs per measured run (the first is left out of the median)")
+    p.add_argument("--repeats", type=int, default=2, help="start-up rounds, cold and warm (the best is kept)")
+    p.set_defaults(func=cmd_bench)
     return parser
 
 
 def main(argv: list[str] | None = None) -> int:
+    from orchestrator.launch import RunInterrupted
+
     args = build_parser().parse_args(argv)
     try:
         return args.func(args)
     except _user_error_types() as exc:
         return _report_user_error(exc)
+    except RunInterrupted as exc:
+        err_console.print(str(exc), markup=False)
+        return 130
+    except KeyboardInterrupt:
+        err_console.print("interrupted")
+        return 130
+    except Exception as exc:
+        if not type(exc).__module__.startswith("ray."):
+            raise
+        # a worker's error: Ray's message carries the worker's traceback; show it whole
+        err_console.print(f"[red]error:[/red] training failed on Ray ({type(exc).__name__}):", markup=True)
+        err_console.print(str(exc), markup=False, highlight=False, soft_wrap=True)
+        return 1
 
 
 if __name__ == "__main__":

@@ -135,13 +135,11 @@ def train_one_epoch(
             with sync:
                 with autocast(device, amp):
                     loss, _ = classification_loss(model(batch_images), labels)
-                value = float(loss.detach())
-                if not math.isfinite(value):
-                    raise DivergenceError(epoch, step, value)
                 scaled = loss / grad_accum_steps
                 (scaler.scale(scaled) if scaler else scaled).backward()
-            step_loss += value
+            step_loss += float(loss.detach())
             images += len(labels)
+        _stop_if_diverged(step_loss, epoch, step, device)
         _optimizer_step(model, optimizer, grad_clip_norm, scaler, swats)
         optimizer.zero_grad(set_to_none=True)
         loss_sum += step_loss
@@ -153,6 +151,16 @@ def train_one_epoch(
         raise RuntimeError(f"epoch {epoch}: the loader gave {step - first_step} optimizer steps, the plan expects {steps}")
     total_loss, total_micro, total_images = _all_reduce_sum([loss_sum, micro_count, images], device)
     return EpochStats(total_loss / max(total_micro, 1), int(total_images), time.perf_counter() - start, lrs, steps)
+
+
+def _stop_if_diverged(step_loss: float, epoch: int, step: int, device: torch.device) -> None:
+    """Raise DivergenceError on every rank when any rank's loss is not finite (before the step applies).
+
+    Every rank has already run backward, so no rank is left waiting in a collective.
+    """
+    bad = 0.0 if math.isfinite(step_loss) else 1.0
+    if _all_reduce_sum([bad], device)[0] > 0:
+        raise DivergenceError(epoch, step, step_loss if bad else float("nan"))
 
 
 def _optimizer_step(model, optimizer, grad_clip_norm, scaler, swats) -> None:

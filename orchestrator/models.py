@@ -76,7 +76,7 @@ def _arch_kwargs(arch: str, image_size: int) -> dict:
     return kwargs
 
 
-def build_architecture(arch: str, num_classes: int, image_size: int = 224) -> nn.Module:
+def build_architecture(arch: str, num_classes: int, image_size: int = 224, dropout: float | None = None) -> nn.Module:
     """A torchvision classifier with a fresh head for num_classes (no weights loaded)."""
     known = classification_models()
     if arch not in known:
@@ -85,7 +85,15 @@ def build_architecture(arch: str, num_classes: int, image_size: int = 224) -> nn
         close = difflib.get_close_matches(arch, known, n=3)
         hint = f" (did you mean {', '.join(close)}?)" if close else ""
         raise ModelError(f"model.arch: unknown torchvision classification model {arch!r}{hint}")
-    return torchvision.models.get_model(arch, weights=None, num_classes=num_classes, **_arch_kwargs(arch, image_size))
+    kwargs = _arch_kwargs(arch, image_size)
+    if dropout is not None:
+        kwargs["dropout"] = dropout
+    try:
+        return torchvision.models.get_model(arch, weights=None, num_classes=num_classes, **kwargs)
+    except TypeError as exc:
+        if dropout is not None and "dropout" in str(exc):
+            raise ModelError(f"model.dropout: {arch} takes no dropout argument; leave model.dropout null") from None
+        raise
 
 
 @functools.lru_cache(maxsize=64)
@@ -183,7 +191,7 @@ def read_source_weights(weights: str, arch: str) -> tuple[dict[str, torch.Tensor
     """(state_dict, description) for a `model.weights` value other than null."""
     path = Path(weights).expanduser()
     if path.is_dir():
-        from orchestrator.checkpoint import best_checkpoint_file
+        from orchestrator.storage import best_checkpoint_file
 
         found = best_checkpoint_file(path)
         if found is None:
@@ -304,7 +312,7 @@ class BuiltModel:
 
 def build_model(spec: ModelSpec, num_classes: int, image_size: int) -> BuiltModel:
     """Architecture + weights that fit + head_init on new layers + freezing, per the spec."""
-    model = build_architecture(spec.arch, num_classes, image_size)
+    model = build_architecture(spec.arch, num_classes, image_size, spec.dropout)
     report = None
     if spec.weights is None:
         missing = [n for n, _ in model.named_parameters()]

@@ -113,6 +113,8 @@ class ModelSpec(_Section):
     """module-name prefixes to freeze, or [backbone] for everything but the head"""
     unfreeze_at_epoch: int | None = Field(None, ge=1)
     """epoch (0-based) at which frozen modules start training"""
+    dropout: float | None = Field(None, ge=0, lt=1)
+    """classifier dropout for architectures that take one (alexnet, vgg, squeezenet, mobilenet, efficientnet, ...); None = its default"""
 
     @field_validator("num_classes")
     @classmethod
@@ -190,7 +192,6 @@ class RunSpec(_Section):
     """local path or URI shared by all nodes; the run folder is <storage>/<name>/"""
     keep_checkpoints: int = Field(2, ge=1)
     max_failures: int = Field(2, ge=0)
-    log_every_steps: int = Field(10, ge=1)
     deterministic: bool = False
     """torch.use_deterministic_algorithms: bitwise-repeatable on CPU, slower"""
 
@@ -328,6 +329,8 @@ def check_consistency(spec: JobSpec) -> list[str]:
         problems.append("data.classes: keep at least two distinct classes")
     if "random_resized_crop" in spec.data.augment and "random_crop" in spec.data.augment:
         problems.append("data.augment: choose one of random_resized_crop and random_crop")
+    if spec.scaling.sync_bn and not spec.scaling.use_gpu:
+        problems.append("scaling.sync_bn: torch's SyncBatchNorm runs on GPUs only; set scaling.use_gpu or drop sync_bn")
     if spec.scaling.amp == "fp16" and not spec.scaling.use_gpu:
         problems.append("scaling.amp: fp16 needs use_gpu (on CPU use bf16)")
     if spec.sweep.metric not in ("val_acc1", "val_acc5", "val_loss", "train_loss"):
@@ -446,6 +449,28 @@ def validate_spec(raw: dict[str, Any]) -> JobSpec:
 def load_spec(path: str | Path, overrides: list[str] | None = None) -> JobSpec:
     """Job file + `--set` overrides -> validated JobSpec (or SpecError)."""
     return validate_spec(apply_overrides(read_job_file(path), overrides or []))
+
+
+def _absolute(path: str) -> str:
+    return path if "://" in path else str(Path(path).expanduser().resolve())
+
+
+def with_absolute_paths(spec: JobSpec) -> JobSpec:
+    """A copy whose local paths (run.storage, a local data source, model.weights files and run
+    folders) are absolute, so Ray workers, whose working directory is not the user's, find them."""
+    data = spec.data
+    source = data.source
+    if data.source_kind in ("imagefolder", "parquet"):
+        source = f"{data.source_kind}:{_absolute(data.source_path)}"
+    weights = spec.model.weights
+    if weights is not None and (Path(weights).expanduser().exists() or weights.startswith((".", "/", "~"))
+                                or Path(weights).suffix in (".pth", ".pt", ".safetensors")):
+        weights = _absolute(weights)
+    return spec.model_copy(update={
+        "data": data.model_copy(update={"source": source}),
+        "model": spec.model.model_copy(update={"weights": weights}),
+        "run": spec.run.model_copy(update={"storage": _absolute(spec.run.storage)}),
+    })
 
 
 def spec_to_yaml(spec: JobSpec) -> str:

@@ -23,3 +23,34 @@ def write_job(tmp_path):
         return path
 
     return write
+
+
+@pytest.fixture(scope="session")
+def ray_session():
+    """One local Ray for the whole session (starting one costs ~10 s here); the CLI reuses it."""
+    import ray
+
+    if not ray.is_initialized():
+        ray.init(num_cpus=2, log_to_driver=False, configure_logging=False, include_dashboard=False)
+    yield ray
+    ray.shutdown()
+
+
+def tiny_job(storage, name: str, **sections) -> dict:
+    """A job that trains in seconds: 3 digit classes, 16 px, resnet18, 2 epochs."""
+    job = {
+        "name": name,
+        "seed": 0,
+        "data": {"source": "builtin:digits", "classes": [0, 1, 2], "max_per_class": 24, "image_size": 16},
+        "model": {"arch": "resnet18"},
+        "optim": {"name": "sgd", "base_lr": 0.1, "base_batch_size": 32},
+        "schedule": {"name": "cosine", "epochs": 2, "warmup_epochs": 0.5},
+        "scaling": {"num_workers": 2, "per_worker_batch_size": 8},
+        "run": {"storage": str(storage), "keep_checkpoints": 2, "max_failures": 0},
+    }
+    for section, values in sections.items():
+        if isinstance(values, dict):
+            job.setdefault(section, {}).update(values)
+        else:
+            job[section] = values
+    return job

@@ -119,6 +119,7 @@ def test_loader_shards_are_disjoint_and_reshuffle_each_epoch():
     splits = load_splits(spec.data, 0)
     dataset = make_dataset(splits.train, spec.data, False, "train")
     loaders = [train_loader(dataset, spec.data, 8, rank, 2, seed=0) for rank in range(2)]
+    assert len(loaders[0]) == len(dataset) // 16
     orders = []
     for epoch in range(2):
         shards = []
@@ -128,3 +129,19 @@ def test_loader_shards_are_disjoint_and_reshuffle_each_epoch():
         assert not set(shards[0]) & set(shards[1])
         orders.append(shards[0])
     assert orders[0] != orders[1]
+
+
+def test_global_batches_do_not_depend_on_the_world_size():
+    from orchestrator.data.datasets import GlobalBatchSampler
+
+    def per_step(world: int, batch: int, accum: int) -> list[set]:
+        shards = [list(GlobalBatchSampler(103, batch, world, rank, accum, seed=5)) for rank in range(world)]
+        micro = [[shard[i:i + batch] for i in range(0, len(shard), batch)] for shard in shards]
+        steps = len(micro[0]) // accum
+        return [set().union(*(micro[r][s * accum + a] for r in range(world) for a in range(accum))) for s in range(steps)]
+
+    one = per_step(world=1, batch=8, accum=1)
+    assert len(one) == 103 // 8 and all(len(b) == 8 for b in one)
+    assert per_step(world=2, batch=4, accum=1) == one
+    assert per_step(world=2, batch=2, accum=2) == one
+    assert per_step(world=4, batch=1, accum=2) == one

@@ -38,6 +38,7 @@ BAD_JOBS = [
     ("optim:\n  name: sgd\n  switch_to_sgd_at_epoch: 2\n", "optim.switch_to_sgd_at_epoch"),
     ("optim:\n  param_groups:\n    - {match: 'fc.*', lr_mul: 10}\n", "optim.param_groups.0.lr_mul: unknown key (did you mean 'lr_mult'?)"),
     ("scaling:\n  amp: fp16\n", "scaling.amp: fp16 needs use_gpu"),
+    ("scaling:\n  sync_bn: true\n", "scaling.sync_bn: torch's SyncBatchNorm runs on GPUs only"),
     ("name: 'my run/1'\n", "name: must be a folder name"),
     ("sweep:\n  space:\n    optim.base_l: {loguniform: [0.001, 0.1]}\n", "sweep.space.optim.base_l: not a job-file key (did you mean 'optim.base_lr'?)"),
     ("sweep:\n  space:\n    optim.base_lr: {loguniform: [0.1, 0.001]}\n", "sweep.space.optim.base_lr.loguniform"),
@@ -97,3 +98,34 @@ def test_malformed_override():
 def test_defaults_round_trip():
     spec = JobSpec()
     assert validate_spec(spec.to_dict()) == spec
+
+
+def _leaf_keys(tree: dict, prefix: str = "") -> list[str]:
+    keys = []
+    for key, value in tree.items():
+        if isinstance(value, dict) and value and key != "space":
+            keys += _leaf_keys(value, f"{prefix}{key}.")
+        else:
+            keys.append(f"{prefix}{key}")
+    return keys
+
+
+def test_readme_documents_every_job_file_key():
+    readme = (REPO / "README.md").read_text()
+    undocumented = [key for key in _leaf_keys(JobSpec().to_dict())
+                    if f"`{key}`" not in readme and f"`{key.rsplit('.', 1)[-1]}`" not in readme]
+    assert undocumented == []
+
+
+def test_local_paths_become_absolute_for_the_workers(tmp_path, monkeypatch):
+    from orchestrator.spec import with_absolute_paths
+
+    monkeypatch.chdir(tmp_path)
+    spec = validate_spec({"data": {"source": "imagefolder:./pics"}, "model": {"weights": "./runs/quickstart"},
+                          "run": {"storage": "./runs"}})
+    resolved = with_absolute_paths(spec)
+    assert resolved.data.source == f"imagefolder:{tmp_path / 'pics'}"
+    assert resolved.model.weights == str(tmp_path / "runs" / "quickstart")
+    assert resolved.run.storage == str(tmp_path / "runs")
+    assert with_absolute_paths(validate_spec({"model": {"weights": "IMAGENET1K_V1"}, "run": {"storage": "s3://b/runs"}})).model.weights == "IMAGENET1K_V1"
+    assert with_absolute_paths(validate_spec({"run": {"storage": "s3://b/runs"}})).run.storage == "s3://b/runs"

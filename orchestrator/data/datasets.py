@@ -3,9 +3,9 @@
 Images become uint8 CHW tensors, pass the augmentations named in `data.augment` (training only),
 then are resized to `image_size`, scaled to [0, 1] and normalised. In-memory sources are resized
 once up front. An image that cannot be decoded raises `ImageReadError` with its path.
-Loaders shard by rank: training with a seeded `DistributedSampler` (set_epoch every epoch,
-drop_last so each optimizer step sees the plan's global batch), evaluation by `rank::world`
-strides with no padding, so every image counts once.
+Loaders shard by rank: training with `GlobalBatchSampler` (every optimizer step sees the plan's
+global batch, the same images at any world size; set_epoch reshuffles), evaluation by
+`rank::world` strides with no padding, so every image counts once.
 """
 
 from __future__ import annotations
@@ -15,7 +15,7 @@ import random
 
 import numpy as np
 import torch
-from torch.utils.data import DataLoader, Dataset, DistributedSampler
+from torch.utils.data import DataLoader, Dataset
 from torchvision.transforms import v2
 
 from orchestrator.data.sources import Split
@@ -128,13 +128,45 @@ def seed_worker(worker_id: int) -> None:
     random.seed(seed)
 
 
-def train_loader(dataset: Dataset, data: DataSpec, per_worker_batch_size: int, rank: int, world_size: int, seed: int) -> DataLoader:
-    """Shuffled (seeded, reshuffled by set_epoch), sharded, last partial batch dropped."""
-    sampler = DistributedSampler(dataset, num_replicas=world_size, rank=rank, shuffle=True, seed=seed, drop_last=True)
+class GlobalBatchSampler(torch.utils.data.Sampler):
+    """This rank's share of every global batch; the global batches depend on (seed, epoch) only.
+
+    Each epoch a permutation of the dataset (seeded by seed and epoch, the same on every rank) is cut
+    into global batches of per_worker_batch_size x world_size x grad_accum_steps images, the rest
+    dropped. Micro-step a of rank r takes images [(a x world + r) x B, (a x world + r + 1) x B) of
+    each global batch. So every optimizer step sees the same images whatever the world size: 2
+    workers x B compute what 1 worker x 2B does.
+    """
+
+    def __init__(self, num_samples: int, per_worker_batch_size: int, world_size: int, rank: int,
+                 grad_accum_steps: int, seed: int):
+        self.num_samples, self.batch, self.world, self.rank = num_samples, per_worker_batch_size, world_size, rank
+        self.accum, self.seed, self.epoch = grad_accum_steps, seed, 0
+        self.global_batch = per_worker_batch_size * world_size * grad_accum_steps
+        self.steps = num_samples // self.global_batch
+
+    def set_epoch(self, epoch: int) -> None:
+        self.epoch = epoch
+
+    def __len__(self) -> int:
+        return self.steps * self.accum * self.batch
+
+    def __iter__(self):
+        generator = torch.Generator().manual_seed(self.seed * 100_003 + self.epoch)
+        order = torch.randperm(self.num_samples, generator=generator).tolist()
+        for step in range(self.steps):
+            for micro in range(self.accum):
+                start = step * self.global_batch + (micro * self.world + self.rank) * self.batch
+                yield from order[start:start + self.batch]
+
+
+def train_loader(dataset: Dataset, data: DataSpec, per_worker_batch_size: int, rank: int, world_size: int, seed: int,
+                 grad_accum_steps: int = 1) -> DataLoader:
+    """This rank's micro-batches, reshuffled by `sampler.set_epoch`, only whole global batches."""
+    sampler = GlobalBatchSampler(len(dataset), per_worker_batch_size, world_size, rank, grad_accum_steps, seed)
     generator = torch.Generator().manual_seed(seed + rank)
     return DataLoader(dataset, batch_size=per_worker_batch_size, sampler=sampler, drop_last=True,
-                      num_workers=data.loader_workers, worker_init_fn=seed_worker, generator=generator,
-                      persistent_workers=data.loader_workers > 0)
+                      num_workers=data.loader_workers, worker_init_fn=seed_worker, generator=generator)
 
 
 def eval_loader(dataset: Dataset, data: DataSpec, batch_size: int, rank: int, world_size: int) -> DataLoader:

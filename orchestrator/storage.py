@@ -1,0 +1,133 @@
+"""The run folder `<run.storage>/<name>/` on any filesystem pyarrow opens (local, file://, s3://, gs://).
+
+Writes are atomic where the filesystem allows it (write a temp file, then rename; object stores
+replace whole objects anyway). Owns the layout: `spec.yaml`, `plan.json`, `metrics.parquet`,
+`summary.json`, `model.safetensors`, `checkpoint_epoch_NNNN/checkpoint.pt` (the latest
+`run.keep_checkpoints`) and `checkpoint_best/checkpoint.pt`.
+"""
+
+from __future__ import annotations
+
+import io
+import json
+import os
+import re
+import uuid
+from dataclasses import dataclass
+from pathlib import Path
+
+import pyarrow as pa
+import pyarrow.fs as pafs
+import pyarrow.parquet as pq
+
+CHECKPOINT_FILE = "checkpoint.pt"
+BEST_DIR = "checkpoint_best"
+EPOCH_DIR_PATTERN = re.compile(r"^checkpoint_epoch_(\d+)$")
+
+
+def epoch_dir_name(epoch: int) -> str:
+    return f"checkpoint_epoch_{epoch:04d}"
+
+
+def absolute_storage(storage: str) -> str:
+    """A URI stays as it is; a local path becomes absolute (Ray requires it)."""
+    if "://" in storage:
+        return storage
+    return str(Path(storage).expanduser().resolve())
+
+
+@dataclass
+class RunFolder:
+    """`<storage>/<name>/` on its filesystem; paths passed to methods are relative to it."""
+
+    storage: str
+    name: str
+
+    def __post_init__(self):
+        self.storage = absolute_storage(self.storage)
+        self.fs, base = pafs.FileSystem.from_uri(self.storage) if "://" in self.storage else (pafs.LocalFileSystem(), self.storage)
+        self.root = f"{base.rstrip('/')}/{self.name}"
+
+    @property
+    def uri(self) -> str:
+        return f"{self.storage.rstrip('/')}/{self.name}"
+
+    @property
+    def is_local(self) -> bool:
+        return isinstance(self.fs, pafs.LocalFileSystem)
+
+    def path(self, relative: str = "") -> str:
+        return f"{self.root}/{relative}" if relative else self.root
+
+    def exists(self, relative: str) -> bool:
+        return self.fs.get_file_info(self.path(relative)).type != pafs.FileType.NotFound
+
+    def write_bytes(self, relative: str, data: bytes) -> None:
+        target = self.path(relative)
+        self.fs.create_dir(target.rsplit("/", 1)[0], recursive=True)
+        temp = f"{target}.tmp-{uuid.uuid4().hex[:8]}"
+        with self.fs.open_output_stream(temp) as out:
+            out.write(data)
+        self.fs.move(temp, target)
+
+    def read_bytes(self, relative: str) -> bytes:
+        with self.fs.open_input_stream(self.path(relative)) as stream:
+            return stream.read()
+
+    def write_json(self, relative: str, value) -> None:
+        self.write_bytes(relative, (json.dumps(value, indent=2, default=str) + "\n").encode())
+
+    def read_json(self, relative: str):
+        return json.loads(self.read_bytes(relative))
+
+    def write_text(self, relative: str, text: str) -> None:
+        self.write_bytes(relative, text.encode())
+
+    def write_rows(self, relative: str, rows: list[dict]) -> None:
+        """Rows as a Parquet file (the whole file is rewritten: rows are few, one per epoch)."""
+        buffer = io.BytesIO()
+        pq.write_table(pa.Table.from_pylist(rows), buffer)
+        self.write_bytes(relative, buffer.getvalue())
+
+    def read_rows(self, relative: str) -> list[dict]:
+        return pq.read_table(pa.BufferReader(self.read_bytes(relative))).to_pylist()
+
+    def epoch_checkpoints(self) -> list[tuple[int, str]]:
+        """(epoch, relative file path) of every epoch checkpoint present, oldest first."""
+        if not self.exists(""):
+            return []
+        found = []
+        for info in self.fs.get_file_info(pafs.FileSelector(self.root, recursive=False)):
+            match = EPOCH_DIR_PATTERN.match(info.base_name)
+            if match and info.type == pafs.FileType.Directory and self.exists(f"{info.base_name}/{CHECKPOINT_FILE}"):
+                found.append((int(match.group(1)), f"{info.base_name}/{CHECKPOINT_FILE}"))
+        return sorted(found)
+
+    def latest_checkpoint(self) -> str | None:
+        found = self.epoch_checkpoints()
+        return found[-1][1] if found else None
+
+    def delete_dir(self, relative: str) -> None:
+        self.fs.delete_dir(self.path(relative))
+
+    def local_path(self, relative: str = "") -> Path:
+        assert self.is_local, "only for local run folders"
+        return Path(self.path(relative))
+
+
+def best_checkpoint_file(run_dir: Path) -> Path | None:
+    """A local run folder's best checkpoint, else its latest epoch checkpoint, else None."""
+    best = run_dir / BEST_DIR / CHECKPOINT_FILE
+    if best.is_file():
+        return best
+    folder = RunFolder(str(run_dir.parent), run_dir.name)
+    latest = folder.latest_checkpoint()
+    return Path(folder.path(latest)) if latest else None
+
+
+def write_atomic(path: Path, data: bytes) -> None:
+    """Write bytes to a local file through a temp file and os.replace."""
+    path.parent.mkdir(parents=True, exist_ok=True)
+    temp = path.with_name(f".{path.name}.tmp-{uuid.uuid4().hex[:8]}")
+    temp.write_bytes(data)
+    os.replace(temp, path)

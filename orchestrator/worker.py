@@ -1,0 +1,104 @@
+"""Ray Train glue: the function each TorchTrainer worker runs. Thin by design.
+
+It reads spec and plan from the trainer config, builds a `WorkerEnv` from Ray's context (rank,
+device, DDP through `prepare_model`, checkpoints through `ray.train.report` and
+`ray.train.get_checkpoint`) and hands over to `fit.fit`, which imports no Ray. Progress events go
+to the driver through a `ray.util.queue.Queue`. `ORCHESTRATOR_FAULT_AT_STEP` (and
+`ORCHESTRATOR_FAULT_RANK`, default the last rank) in the driver's environment kill one worker once
+after that optimizer step, to test recovery.
+"""
+
+from __future__ import annotations
+
+import os
+import tempfile
+import time
+from pathlib import Path
+
+import torch
+
+from orchestrator.fit import WorkerEnv, fit
+from orchestrator.plan import Plan
+from orchestrator.spec import JobSpec
+from orchestrator.storage import CHECKPOINT_FILE, RunFolder, epoch_dir_name, write_atomic
+
+FAULT_STEP_ENV = "ORCHESTRATOR_FAULT_AT_STEP"
+FAULT_RANK_ENV = "ORCHESTRATOR_FAULT_RANK"
+FAULT_MARKER = "fault_injected.json"
+FAULT_DELAY_S = 3.0   # longer than the controller's ~2 s poll, so the last report counts
+
+
+def fault_from_env() -> dict | None:
+    """Fault injection asked for in the driver's environment: kill one worker once after a given step."""
+    step = os.environ.get(FAULT_STEP_ENV)
+    if not step:
+        return None
+    return {"step": int(step), "rank": int(os.environ.get(FAULT_RANK_ENV, "-1"))}
+
+
+def fault_hook(fault: dict | None, rank: int, world_size: int, folder):
+    """A step hook that kills this worker's process (as a dying machine would) once, after fault['step'].
+
+    The marker file in the run folder makes it happen once, across the restarts it causes.
+    """
+    if fault is None or rank != (fault["rank"] if fault["rank"] >= 0 else world_size - 1):
+        return None
+
+    def hook(step: int) -> None:
+        if step != fault["step"] or folder.exists(FAULT_MARKER):
+            return
+        time.sleep(FAULT_DELAY_S)
+        folder.write_json(FAULT_MARKER, {"step": step, "rank": rank, "time": time.time()})
+        os._exit(1)
+
+    return hook
+
+
+def _emitter(queue):
+    """Fire-and-forget progress events: the worker never waits for the driver's queue actor."""
+    def emit(event: dict) -> None:
+        if queue is None:
+            return
+        try:
+            queue.actor.put_nowait.remote(event)   # in order per caller; a full queue drops the event
+        except Exception:
+            pass
+    return emit
+
+
+def train_fn(config: dict) -> None:
+    import ray.train
+    import ray.train.torch
+    from ray.train import Checkpoint
+
+    spec = JobSpec.model_validate(config["spec"])
+    plan = Plan.from_dict(config["plan"])
+    context = ray.train.get_context()
+    torch.set_num_threads(max(1, int(spec.scaling.cpus_per_worker)))
+
+    def wrap_model(model: torch.nn.Module) -> torch.nn.Module:
+        if spec.scaling.sync_bn and context.get_world_size() > 1:
+            model = torch.nn.SyncBatchNorm.convert_sync_batchnorm(model)
+        return ray.train.torch.prepare_model(model, move_to_device=False)
+
+    def report(row: dict, data: bytes | None, epoch: int) -> None:
+        if data is None:
+            ray.train.report(row, checkpoint=None)
+            return
+        with tempfile.TemporaryDirectory() as folder:
+            write_atomic(Path(folder) / CHECKPOINT_FILE, data)
+            ray.train.report(row, checkpoint=Checkpoint.from_directory(folder), checkpoint_dir_name=epoch_dir_name(epoch))
+
+    def restore():
+        checkpoint = ray.train.get_checkpoint()
+        if checkpoint is None:
+            return None
+        with checkpoint.as_directory() as folder:
+            return (Path(folder) / CHECKPOINT_FILE).read_bytes(), f"{checkpoint.path}/{CHECKPOINT_FILE}"
+
+    rank, world_size = context.get_world_rank(), context.get_world_size()
+    env = WorkerEnv(rank=rank, world_size=world_size, device=ray.train.torch.get_device(), wrap_model=wrap_model,
+                    report=report, restore=restore,
+                    emit=_emitter(config.get("queue")) if rank == 0 else (lambda event: None),
+                    step_hook=fault_hook(config.get("fault"), rank, world_size, RunFolder(spec.run.storage, spec.name)))
+    fit(spec, plan, env)

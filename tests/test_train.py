@@ -1,0 +1,85 @@
+"""End to end: `orchestrator train` with --local and with real Ray Train workers (DDP over gloo)."""
+
+import json
+
+import pyarrow.parquet as pq
+import pytest
+import torch
+
+from orchestrator.cli import main
+from orchestrator.models import build_model
+from orchestrator.spec import ModelSpec
+
+from conftest import tiny_job
+
+ROW_COLUMNS = {"epoch", "step", "train_loss", "val_loss", "val_acc1", "val_acc5", "images_per_s", "epoch_s", "wall_s"}
+
+
+def check_run_folder(run, epochs: int, steps_per_epoch: int) -> list[dict]:
+    for name in ("spec.yaml", "plan.json", "metrics.parquet", "summary.json", "model.safetensors", "checkpoint_best/checkpoint.pt"):
+        assert (run / name).is_file(), name
+    rows = pq.read_table(run / "metrics.parquet").to_pylist()
+    assert [r["epoch"] for r in rows] == list(range(epochs))
+    assert [r["step"] for r in rows] == [steps_per_epoch * (e + 1) for e in range(epochs)]
+    assert ROW_COLUMNS <= set(rows[0]) and any(k.startswith("lr/") for k in rows[0])
+    assert all(r["epoch_s"] > 0 and r["images_per_s"] > 0 for r in rows)
+    assert rows[-1]["wall_s"] >= rows[0]["wall_s"]
+    summary = json.loads((run / "summary.json").read_text())
+    assert summary["status"] == "completed" and summary["epochs_completed"] == epochs
+    for key in ("test_acc1", "best_val_acc1", "epochs_completed", "wall_s"):
+        assert summary[key] is not None
+    assert 0.0 <= summary["test_acc1"] <= 1.0 and summary["test_images"] == 107
+    checkpoint = torch.load(run / "checkpoint_best/checkpoint.pt", weights_only=True)
+    assert checkpoint["version"] == 1 and {"model", "optimizer", "epoch", "step", "rng", "spec", "plan"} <= set(checkpoint)
+    built = build_model(ModelSpec(arch="resnet18", weights=str(run / "model.safetensors")), 3, 16)
+    assert built.report.skipped_shape == [] and built.report.missing == []
+    return rows
+
+
+def test_local_run_writes_the_run_folder_and_resumes(tmp_path, write_job, capsys):
+    job = write_job(tiny_job(tmp_path / "runs", "local", scaling={"num_workers": 2}))
+    assert main(["train", str(job), "--local"]) == 0
+    run = tmp_path / "runs" / "local"
+    rows = check_run_folder(run, epochs=2, steps_per_epoch=9)   # 3 classes x 24 images // 8 per step
+    assert sorted(p.name for p in run.glob("checkpoint_epoch_*")) == ["checkpoint_epoch_0000", "checkpoint_epoch_0001"]
+    out = capsys.readouterr().out
+    assert "test acc@1" in out and "trainable parameters" in out
+
+    assert main(["train", str(job), "--local", "--set", "schedule.epochs=3"]) == 0
+    out = capsys.readouterr().out
+    assert "resuming" in out and "checkpoint_epoch_0001" in out and "schedule.epochs" in out
+    resumed = pq.read_table(run / "metrics.parquet").to_pylist()
+    assert [r["epoch"] for r in resumed] == [0, 1, 2]
+    assert resumed[:2] == rows                                   # earlier rows kept exactly
+    assert sorted(p.name for p in run.glob("checkpoint_epoch_*")) == ["checkpoint_epoch_0001", "checkpoint_epoch_0002"]
+
+
+@pytest.mark.ray
+def test_ray_train_two_workers_run_folder_and_resume(ray_session, tmp_path, write_job, capsys):
+    job = write_job(tiny_job(tmp_path / "runs", "ray2"))
+    assert main(["train", str(job)]) == 0
+    run = tmp_path / "runs" / "ray2"
+    plan = json.loads((run / "plan.json").read_text())
+    assert plan["world_size"] == 2 and plan["global_batch_size"] == 16 and plan["steps_per_epoch"] == 4
+    rows = check_run_folder(run, epochs=2, steps_per_epoch=4)   # 72 images // (8 x 2 workers)
+    assert rows[0]["images_per_s"] > 0
+    capsys.readouterr()
+
+    assert main(["train", str(job), "--set", "schedule.epochs=3"]) == 0
+    out = capsys.readouterr().out
+    assert "resuming" in out and "checkpoint_epoch_0001" in out
+    resumed = pq.read_table(run / "metrics.parquet").to_pylist()
+    assert [r["epoch"] for r in resumed] == [0, 1, 2] and resumed[:2] == rows
+
+
+def test_diverging_run_stops_naming_epoch_and_step(tmp_path, write_job, capsys):
+    job = write_job(tiny_job(tmp_path / "runs", "diverge", optim={"base_lr": 1.0e6, "base_batch_size": 8},
+                             schedule={"epochs": 2, "warmup_epochs": 0}))
+    assert main(["train", str(job), "--local"]) == 1
+    err = capsys.readouterr().err
+    assert "loss diverged" in err and "at epoch" in err and "step" in err
+    summary = json.loads((tmp_path / "runs" / "diverge" / "summary.json").read_text())
+    assert summary["status"] == "diverged" and "at epoch" in summary["message"]
+    rows = pq.read_table(tmp_path / "runs" / "diverge" / "metrics.parquet").to_pylist() \
+        if (tmp_path / "runs" / "diverge" / "metrics.parquet").exists() else []
+    assert all(r["train_loss"] == r["train_loss"] for r in rows)   # no NaN row was written as if it were good
