@@ -10,6 +10,7 @@ nothing (Ray's own floor), all measured in this run. Each measured command runs 
 
 from __future__ import annotations
 
+import json
 import os
 import re
 import statistics
@@ -223,6 +224,72 @@ def print_overhead(console: Console, f: dict) -> None:
     start.add_row("orchestrator train --local", f"{f['local_first_step_s']:.1f}", "")
     console.print(start)
     console.print("goals: Ray steady-state ratio <= 1.05; start-up within 3 s of the bare TorchTrainer")
+
+
+def reliability_job(storage: str, name: str) -> dict:
+    return {
+        "name": name, "seed": 0,
+        "data": {"source": "builtin:digits", "classes": [0, 1, 2, 3, 4], "image_size": 16},
+        "model": {"arch": "resnet18"},
+        "optim": {"name": "sgd", "base_lr": 0.2, "base_batch_size": 256},
+        "schedule": {"name": "cosine", "epochs": 4, "warmup_epochs": 1},
+        "scaling": {"num_workers": 2, "per_worker_batch_size": 32},
+        "run": {"storage": storage, "max_failures": 2},
+    }
+
+
+def timed_train(job_path: Path, env: dict) -> tuple[int, float]:
+    started = time.perf_counter()
+    done = subprocess.run([sys.executable, "-m", "orchestrator.cli", "train", str(job_path)], capture_output=True, text=True, env=env)
+    return done.returncode, time.perf_counter() - started
+
+
+def reliability(console: Console, runs: int = 3) -> dict:
+    """Kill one worker once in the middle of epoch 3 of 4, `runs` times; compare with a clean run."""
+    import pyarrow.parquet as pq
+
+    from orchestrator.prepare import resolve_plan
+    from orchestrator.spec import validate_spec
+
+    outcomes = []
+    with tempfile.TemporaryDirectory() as workdir:
+        storage = str(Path(workdir) / "runs")
+
+        def job_file(name: str) -> Path:
+            path = Path(workdir) / f"{name}.yaml"
+            path.write_text(yaml.safe_dump(reliability_job(storage, name)))
+            return path
+
+        plan = resolve_plan(validate_spec(reliability_job(storage, "x")), 2).plan
+        fault_step = 2 * plan.steps_per_epoch + plan.steps_per_epoch // 2
+        console.print(f"clean run (baseline): {plan.epochs} epochs x {plan.steps_per_epoch} steps, 2 workers ...")
+        code, clean_s = timed_train(job_file("clean"), dict(os.environ))
+        if code != 0:
+            raise RuntimeError("the clean baseline run failed")
+        for index in range(runs):
+            console.print(f"run {index + 1} of {runs}: one worker killed after step {fault_step} ...")
+            code, seconds = timed_train(job_file(f"faulty_{index}"), {**os.environ, "ORCHESTRATOR_FAULT_AT_STEP": str(fault_step)})
+            run = Path(storage) / f"faulty_{index}"
+            epochs = [r["epoch"] for r in pq.read_table(run / "metrics.parquet").to_pylist()] if (run / "metrics.parquet").exists() else []
+            outcomes.append({
+                "completed": code == 0 and json.loads((run / "summary.json").read_text())["status"] == "completed",
+                "killed": (run / "fault_injected.json").exists(),
+                "lost": len(set(range(plan.epochs)) - set(epochs)), "repeated": len(epochs) - len(set(epochs)),
+                "recovery_s": seconds - clean_s,
+            })
+    figures = {"runs": runs, "completed": sum(o["completed"] for o in outcomes), "killed": sum(o["killed"] for o in outcomes),
+               "epochs_lost": sum(o["lost"] for o in outcomes), "epochs_repeated": sum(o["repeated"] for o in outcomes),
+               "mean_recovery_s": statistics.mean(o["recovery_s"] for o in outcomes), "clean_s": clean_s}
+    table = Table(title="worker kill and recovery", show_header=False, title_justify="left")
+    table.add_column("key", style="bold")
+    table.add_column("value")
+    for key, value in (("completed", f"{figures['completed']}/{runs} (a worker was killed in {figures['killed']})"),
+                       ("epochs lost", str(figures["epochs_lost"])), ("epochs repeated", str(figures["epochs_repeated"])),
+                       ("mean recovery cost", f"{figures['mean_recovery_s']:.1f} s (faulty run's wall time - clean run's, {clean_s:.1f} s)")):
+        table.add_row(key, value)
+    console.print(table)
+    console.print(f"goal: {runs}/{runs} completed, 0 lost, 0 repeated")
+    return figures
 
 
 if __name__ == "__main__":

@@ -136,6 +136,8 @@ def cmd_bench(args) -> int:
 
     if args.what == "overhead":
         bench.overhead(console, epochs=args.epochs, repeats=args.repeats)
+    elif args.what == "reliability":
+        bench.reliability(console, runs=args.runs)
     return 0
 
 
@@ -162,7 +164,10 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--verbose", action="store_true", help="show Ray's own logs instead of writing them to the run folder")
     p.set_defaults(func=cmd_train)
     p = sub.add_parser("bench", help="benchmarks that print their figures as ratios to a baseline measured in the same run")
-    p.add_argument("what", choices=["overhead"], help="overhead: Ray Train and --local vs a plain PyTorch loop, per epoch and at start-up")
+    p.add_argument("what", choices=["overhead", "reliability"],
+                   help="overhead: Ray Train and --local vs a plain PyTorch loop, per epoch and at start-up; "
+                        "reliability: kill a worker mid-run R times, count completed runs, epochs lost or repeated")
+    p.add_argument("--runs", type=int, default=3, help="reliability: runs with a killed worker")
     p.add_argument("--epochs", type=int, default=6, help="epochs per measured run (the first is left out of the median)")
     p.add_argument("--repeats", type=int, default=2, help="start-up rounds, cold and warm (the best is kept)")
     p.set_defaults(func=cmd_bench)

@@ -145,7 +145,9 @@ def start_ray(address: str | None, verbose: bool, log_path: Path | None) -> None
     if ray.is_initialized():
         return
     route_ray_logs(log_path, verbose)
-    ray.init(address=address, log_to_driver=verbose, configure_logging=verbose)
+    # No address: a new local Ray, as promised, rather than Ray's default of joining whatever cluster
+    # runs on this machine; RAY_ADDRESS (set by Ray Jobs for an entrypoint) still counts.
+    ray.init(address=address or os.environ.get("RAY_ADDRESS") or "local", log_to_driver=verbose, configure_logging=verbose)
 
 
 def build_trainer(spec: JobSpec, plan: Plan, queue=None):

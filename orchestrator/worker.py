@@ -66,6 +66,32 @@ def _emitter(queue):
     return emit
 
 
+WORKERS_FILE = "workers.json"
+
+
+def record_placement(folder: RunFolder, rank: int, world_size: int, local_rank: int) -> None:
+    """Rank 0 writes where every rank runs (node id, host, local rank, device) to workers.json.
+
+    On nodes that share one IP (several Ray nodes on one machine) Ray V2 counts local_rank across
+    them; nothing here depends on it: the device comes from Ray's own assignment (get_device).
+    """
+    import socket
+
+    import ray
+    import ray.train.torch
+    import torch.distributed as dist
+
+    me = {"rank": rank, "node_id": ray.get_runtime_context().get_node_id(), "host": socket.gethostname(),
+          "local_rank": local_rank, "device": str(ray.train.torch.get_device()), "pid": os.getpid()}
+    everyone = [None] * world_size
+    if dist.is_available() and dist.is_initialized():
+        dist.all_gather_object(everyone, me)
+    else:
+        everyone = [me]
+    if rank == 0:
+        folder.write_json(WORKERS_FILE, everyone)
+
+
 def train_fn(config: dict) -> None:
     import ray.train
     import ray.train.torch
@@ -97,6 +123,7 @@ def train_fn(config: dict) -> None:
             return (Path(folder) / CHECKPOINT_FILE).read_bytes(), f"{checkpoint.path}/{CHECKPOINT_FILE}"
 
     rank, world_size = context.get_world_rank(), context.get_world_size()
+    record_placement(RunFolder(spec.run.storage, spec.name), rank, world_size, context.get_local_rank())
     env = WorkerEnv(rank=rank, world_size=world_size, device=ray.train.torch.get_device(), wrap_model=wrap_model,
                     report=report, restore=restore,
                     emit=_emitter(config.get("queue")) if rank == 0 else (lambda event: None),
