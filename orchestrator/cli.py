@@ -131,6 +131,21 @@ def cmd_train(args) -> int:
     return 0
 
 
+def cmd_sweep(args) -> int:
+    from orchestrator.launch import start_ray_for
+    from orchestrator.spec import SpecError, apply_overrides, read_job_file, validate_spec, with_absolute_paths
+    from orchestrator.sweep import run_sweep, validate_space
+
+    raw = apply_overrides(read_job_file(args.job), args.set)
+    spec = with_absolute_paths(validate_spec(raw))
+    if not spec.sweep.space:
+        raise SpecError(["sweep.space: empty; give at least one key to sweep, e.g. optim.base_lr: {loguniform: [1.0e-4, 1.0e-1]}"])
+    validate_space(raw)
+    start_ray_for(spec, args.address, args.verbose)
+    summary = run_sweep(spec, raw, console, resume=args.resume)
+    return 0 if summary else 1
+
+
 def cmd_bench(args) -> int:
     from orchestrator import bench
 
@@ -138,6 +153,8 @@ def cmd_bench(args) -> int:
         bench.overhead(console, epochs=args.epochs, repeats=args.repeats)
     elif args.what == "reliability":
         bench.reliability(console, runs=args.runs)
+    elif args.what == "sweep":
+        bench.sweep_bench(console)
     return 0
 
 
@@ -163,10 +180,16 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--address", help="Ray cluster to run on (e.g. auto, ray://HOST:10001); default: start a local Ray")
     p.add_argument("--verbose", action="store_true", help="show Ray's own logs instead of writing them to the run folder")
     p.set_defaults(func=cmd_train)
+    p = job_command("sweep", "ASHA sweep over the job's sweep.space with Ray Tune; leaderboard, results.parquet, best.yaml")
+    p.add_argument("--resume", action="store_true", help="continue an interrupted sweep of the same name")
+    p.add_argument("--address", help="Ray cluster to run on; default: start a local Ray")
+    p.add_argument("--verbose", action="store_true", help="show Ray's own logs")
+    p.set_defaults(func=cmd_sweep)
     p = sub.add_parser("bench", help="benchmarks that print their figures as ratios to a baseline measured in the same run")
-    p.add_argument("what", choices=["overhead", "reliability"],
+    p.add_argument("what", choices=["overhead", "reliability", "sweep"],
                    help="overhead: Ray Train and --local vs a plain PyTorch loop, per epoch and at start-up; "
-                        "reliability: kill a worker mid-run R times, count completed runs, epochs lost or repeated")
+                        "reliability: kill a worker mid-run R times, count completed runs, epochs lost or repeated; "
+                        "sweep: the same 16 configurations under ASHA and at full budget")
     p.add_argument("--runs", type=int, default=3, help="reliability: runs with a killed worker")
     p.add_argument("--epochs", type=int, default=6, help="epochs per measured run (the first is left out of the median)")
     p.add_argument("--repeats", type=int, default=2, help="start-up rounds, cold and warm (the best is kept)")

@@ -150,8 +150,12 @@ def start_ray(address: str | None, verbose: bool, log_path: Path | None) -> None
     ray.init(address=address or os.environ.get("RAY_ADDRESS") or "local", log_to_driver=verbose, configure_logging=verbose)
 
 
-def build_trainer(spec: JobSpec, plan: Plan, queue=None):
-    """The TorchTrainer for this spec and plan (gloo on CPU, NCCL on GPU: Ray's defaults)."""
+def build_trainer(spec: JobSpec, plan: Plan, queue=None, callbacks: list | None = None):
+    """The TorchTrainer for this spec and plan (gloo on CPU, NCCL on GPU: Ray's defaults).
+
+    `queue`: where rank 0 sends progress events; `callbacks`: Ray Train callbacks (a sweep's
+    TuneReportCallback).
+    """
     from ray.train import CheckpointConfig, FailureConfig, RunConfig, ScalingConfig
     from ray.train.torch import TorchTrainer
 
@@ -168,7 +172,8 @@ def build_trainer(spec: JobSpec, plan: Plan, queue=None):
                                      placement_strategy=scaling.placement_strategy),
         run_config=RunConfig(name=spec.name, storage_path=absolute_storage(spec.run.storage),
                              failure_config=FailureConfig(max_failures=spec.run.max_failures),
-                             checkpoint_config=CheckpointConfig(num_to_keep=spec.run.keep_checkpoints)),
+                             checkpoint_config=CheckpointConfig(num_to_keep=spec.run.keep_checkpoints),
+                             callbacks=callbacks),
     )
 
 

@@ -31,7 +31,7 @@ def ray_session():
     import ray
 
     if not ray.is_initialized():
-        ray.init(num_cpus=2, log_to_driver=False, configure_logging=False, include_dashboard=False)
+        ray.init(num_cpus=2, log_to_driver=False, configure_logging=False)   # with the dashboard, as users run it
     yield ray
     ray.shutdown()
 

@@ -1,0 +1,74 @@
+"""A tiny real ASHA sweep: trials are TorchTrainer runs; weak ones are stopped; nothing leaks."""
+
+import time
+
+import pyarrow.parquet as pq
+import pytest
+import yaml
+
+from orchestrator.cli import main
+from orchestrator.spec import SpecError, load_spec
+from orchestrator.sweep import probe_values, validate_space
+
+from conftest import tiny_job
+
+
+def sweep_job(storage, name: str) -> dict:
+    job = tiny_job(storage, name, scaling={"num_workers": 1, "per_worker_batch_size": 8},
+                   schedule={"name": "constant", "epochs": 3, "warmup_epochs": 0}, run={"storage": str(storage), "max_failures": 0})
+    # good learning rates first: when the bad ones reach the first rung, ASHA has good ones to compare with
+    job["sweep"] = {"metric": "val_acc1", "mode": "max", "num_samples": 1, "max_concurrent_trials": 2,
+                    "asha": {"grace_period": 1, "reduction_factor": 2},
+                    "space": {"optim.base_lr": {"grid": [0.05, 0.04, 1.0e-7, 1.0e-7]}}}
+    return job
+
+
+@pytest.mark.ray
+@pytest.mark.slow
+def test_asha_stops_weak_trials_and_best_yaml_trains_the_best(ray_session, tmp_path, write_job, capsys):
+    job = write_job(sweep_job(tmp_path / "runs", "tiny_sweep"))
+    assert main(["sweep", str(job)]) == 0
+    out = capsys.readouterr().out
+    folder = tmp_path / "runs" / "tiny_sweep"
+    rows = pq.read_table(folder / "results.parquet").to_pylist()
+    assert len(rows) == 4
+    assert {"trial_id", "optim.base_lr", "epochs_run", "best_val_acc1", "status"} <= set(rows[0])
+    stopped = [r for r in rows if r["status"] == "stopped early"]
+    assert stopped and all(r["epochs_run"] < 3 for r in stopped)
+    assert any(r["status"] == "completed" and r["epochs_run"] == 3 for r in rows)
+    best_row = max(rows, key=lambda r: r["best_val_acc1"])
+    best = load_spec(folder / "best.yaml")                          # a complete, valid job file
+    assert best.optim.base_lr == best_row["optim.base_lr"] and best.name == "tiny_sweep_best"
+    assert f"val_acc1 {best_row['best_val_acc1']:.4f}" in (folder / "best.yaml").read_text()
+    trial_rows = pq.read_table(folder / "trials" / best_row["trial_id"] / "metrics.parquet").to_pylist()
+    assert max(r["val_acc1"] for r in trial_rows) == best_row["best_val_acc1"]
+    assert "ASHA used" in out and "epochs of the 12" in out
+    deadline = time.time() + 30                                      # no placement group left holding CPUs
+    while ray_session.available_resources().get("CPU", 0) < ray_session.cluster_resources()["CPU"] and time.time() < deadline:
+        time.sleep(1)
+    assert ray_session.available_resources().get("CPU", 0) == ray_session.cluster_resources()["CPU"]
+
+
+def test_space_is_validated_before_anything_runs(tmp_path, write_job, capsys):
+    job = sweep_job(tmp_path, "bad")
+    job["sweep"]["space"] = {"scaling.per_worker_batch_size": {"choice": [8, 0]}, "schedule.name": {"choice": ["cosine", "linear"]}}
+    path = write_job(job)
+    assert main(["sweep", str(path)]) == 2
+    err = capsys.readouterr().err
+    assert "scaling.per_worker_batch_size=0" in err and "must be >= 1" in err
+    assert "schedule.name: unknown value 'linear'" in err
+
+
+def test_probe_values_cover_choices_and_range_ends():
+    probes = probe_values({"a": {"loguniform": [1e-4, 1e-1]}, "b": {"choice": ["x", "y"]}})
+    assert {(p["a"], p["b"]) for p in probes} == {(1e-4, "x"), (1e-4, "y"), (1e-1, "x"), (1e-1, "y")}
+
+
+def test_shipped_sweep_job_space_is_valid():
+    from conftest import REPO
+
+    raw = yaml.safe_load((REPO / "jobs" / "quickstart_sweep.yaml").read_text())
+    validate_space(raw)
+    with pytest.raises(SpecError):
+        raw["sweep"]["space"]["optim.name"] = {"choice": ["sgd", "lion"]}
+        validate_space(raw)
