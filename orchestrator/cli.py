@@ -142,7 +142,7 @@ def cmd_sweep(args) -> int:
         raise SpecError(["sweep.space: empty; give at least one key to sweep, e.g. optim.base_lr: {loguniform: [1.0e-4, 1.0e-1]}"])
     validate_space(raw)
     start_ray_for(spec, args.address, args.verbose)
-    summary = run_sweep(spec, raw, console, resume=args.resume)
+    summary = run_sweep(spec, raw, console, resume=args.resume, verbose=args.verbose)
     return 0 if summary else 1
 
 
@@ -199,13 +199,14 @@ def build_parser() -> argparse.ArgumentParser:
 
 def main(argv: list[str] | None = None) -> int:
     from orchestrator.launch import RunInterrupted
+    from orchestrator.sweep import SweepInterrupted
 
     args = build_parser().parse_args(argv)
     try:
         return args.func(args)
     except _user_error_types() as exc:
         return _report_user_error(exc)
-    except RunInterrupted as exc:
+    except (RunInterrupted, SweepInterrupted) as exc:
         err_console.print(str(exc), markup=False)
         return 130
     except KeyboardInterrupt:

@@ -33,6 +33,10 @@ TRIAL_DRIVER_MEMORY_BYTES = 256 * 2**20
 TIME_ATTR = "training_iteration"   # one report per epoch: Tune's iteration count is epochs run
 
 
+class SweepInterrupted(Exception):
+    """Ctrl-C during a sweep; the message says how to continue."""
+
+
 def to_override(key: str, value: Any) -> str:
     return f"{key}={yaml.safe_dump(value, default_flow_style=True).strip().removesuffix('...').strip()}"
 
@@ -176,9 +180,14 @@ def final_statuses(result_grid, max_epochs: int) -> dict[str, str]:
     return statuses
 
 
-def run_sweep(spec: JobSpec, raw: dict, console: Console, resume: bool = False) -> dict:
+def run_sweep(spec: JobSpec, raw: dict, console: Console, resume: bool = False, verbose: bool = False) -> dict:
     """Run (or resume) the sweep; print the leaderboard; write results.parquet and best.yaml."""
+    import os
+
     import ray.tune
+
+    if not verbose:
+        os.environ.setdefault("RAY_AIR_NEW_OUTPUT", "0")   # Tune's own reporter, silent at verbose=0
     from ray.tune.schedulers import AsyncHyperBandScheduler
 
     sweep = RunFolder(spec.run.storage, spec.name)
@@ -221,9 +230,16 @@ def run_sweep(spec: JobSpec, raw: dict, console: Console, resume: bool = False) 
             done.set()
 
     threading.Thread(target=fit, name="tuner-fit", daemon=True).start()
-    with Live(leaderboard([], spec, "leaderboard"), console=console, refresh_per_second=1, transient=True) as live:
-        while not done.wait(timeout=2.0):
-            live.update(leaderboard(trial_rows(sweep, spec), spec, f"leaderboard ({time.strftime('%H:%M:%S')})"))
+    try:
+        with Live(leaderboard([], spec, "leaderboard"), console=console, refresh_per_second=1, transient=True) as live:
+            while not done.wait(timeout=2.0):
+                live.update(leaderboard(trial_rows(sweep, spec), spec, f"leaderboard ({time.strftime('%H:%M:%S')})"))
+    except KeyboardInterrupt:
+        from orchestrator.launch import stop_ray
+
+        stop_ray(console)
+        raise SweepInterrupted(f"interrupted: trials stopped; finished trials and checkpoints are kept in {sweep.uri}; "
+                               "continue with: orchestrator sweep JOB --resume") from None
     if "error" in outcome:
         raise outcome["error"]
     rows = trial_rows(sweep, spec, final_statuses(outcome["grid"], spec.schedule.epochs))
