@@ -9,6 +9,7 @@ from __future__ import annotations
 import argparse
 import json
 import sys
+import time
 from concurrent.futures import ThreadPoolExecutor
 
 from rich.console import Console
@@ -28,7 +29,10 @@ def _user_error_types() -> tuple[type[BaseException], ...]:
     from orchestrator.plan import PlanError
     from orchestrator.spec import SpecError
 
-    return SpecError, PlanError, DataError, ImageReadError, WeightsError, ModelError, CheckpointError
+    from orchestrator.submit import SubmitError
+
+    return (SpecError, PlanError, DataError, ImageReadError, WeightsError, ModelError, CheckpointError, SubmitError,
+            SubmitUsageError)
 
 
 def _report_user_error(exc: BaseException) -> int:
@@ -146,6 +150,55 @@ def cmd_sweep(args) -> int:
     return 0 if summary else 1
 
 
+def cmd_submit(args) -> int:
+    from orchestrator import submit
+    from orchestrator.spec import load_spec
+
+    spec = load_spec(args.job, args.set)                    # a bad job file: exit 2, nothing sent
+    warning = submit.remote_storage_warning(spec)
+    if warning:
+        err_console.print(f"[yellow]warning:[/yellow] {escape(warning)}")
+    job_id = submit.submit(spec, args.address, insecure=args.insecure)
+    console.print(f"submitted {spec.name} as job {job_id} to {args.address}")
+    console.print(f"follow it with: orchestrator jobs logs {job_id} --follow --address {args.address}")
+    if not args.follow:
+        return 0
+    return 0 if submit.follow(args.address, job_id, console) == "SUCCEEDED" else 1
+
+
+def cmd_jobs(args) -> int:
+    from orchestrator import submit
+
+    jobs = submit.client(args.address)
+    if args.action == "list":
+        table = Table(title=f"jobs on {args.address}", title_justify="left")
+        for column in ("job id", "status", "entrypoint", "start"):
+            table.add_column(column)
+        for job in jobs.list_jobs():
+            started = time.strftime("%Y-%m-%d %H:%M:%S", time.localtime(job.start_time / 1000)) if job.start_time else "-"
+            table.add_row(job.submission_id or job.job_id or "-", str(job.status.value), escape(job.entrypoint), started)
+        console.print(table)
+        return 0
+    if not args.job_id:
+        raise SubmitUsageError(f"orchestrator jobs {args.action} needs a job id")
+    if args.action == "status":
+        info = jobs.get_job_info(args.job_id)
+        console.print(f"{args.job_id}: {info.status.value}" + (f" ({escape(info.message)})" if info.message else ""))
+        return 0
+    if args.action == "logs":
+        if args.follow:
+            return 0 if submit.follow(args.address, args.job_id, console) == "SUCCEEDED" else 1
+        sys.stdout.write(jobs.get_job_logs(args.job_id))
+        return 0
+    stopped = jobs.stop_job(args.job_id)
+    console.print(f"{args.job_id}: {'stop requested' if stopped else 'not running'}")
+    return 0
+
+
+class SubmitUsageError(Exception):
+    """A jobs command used wrongly."""
+
+
 def cmd_bench(args) -> int:
     from orchestrator import bench
 
@@ -185,6 +238,17 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--address", help="Ray cluster to run on; default: start a local Ray")
     p.add_argument("--verbose", action="store_true", help="show Ray's own logs")
     p.set_defaults(func=cmd_sweep)
+    p = job_command("submit", "validate the job here, then run it on a Ray cluster through the Jobs API")
+    p.add_argument("--address", required=True, help="the cluster's dashboard, e.g. http://127.0.0.1:8265")
+    p.add_argument("--follow", action="store_true", help="stream the logs; exit 0 only if the job succeeds")
+    p.add_argument("--insecure", action="store_true", help="allow plain http to a non-loopback address without a token")
+    p.set_defaults(func=cmd_submit)
+    p = sub.add_parser("jobs", help="list, inspect, follow or stop jobs on a Ray cluster")
+    p.add_argument("action", choices=["list", "status", "logs", "stop"])
+    p.add_argument("job_id", nargs="?", help="job id (status, logs, stop)")
+    p.add_argument("--address", required=True, help="the cluster's dashboard, e.g. http://127.0.0.1:8265")
+    p.add_argument("--follow", action="store_true", help="logs: stream until the job ends")
+    p.set_defaults(func=cmd_jobs)
     p = sub.add_parser("bench", help="benchmarks that print their figures as ratios to a baseline measured in the same run")
     p.add_argument("what", choices=["overhead", "reliability", "sweep"],
                    help="overhead: Ray Train and --local vs a plain PyTorch loop, per epoch and at start-up; "

@@ -1,0 +1,103 @@
+"""`orchestrator submit` and `orchestrator jobs`: training jobs on a remote Ray cluster via the Jobs API.
+
+The job file is validated here first (a bad one sends nothing). What is sent: a runtime
+environment whose working_dir holds the resolved job file and whose py_modules carries this
+package, and the entrypoint `python -m orchestrator.cli train job.yaml`. The cluster needs torch,
+torchvision and ray installed (cluster/ sets that up). Auth: a Ray token, when present
+(`RAY_AUTH_TOKEN`, `RAY_AUTH_TOKEN_PATH` or `~/.ray/auth_token`), is sent by Ray's client once
+`RAY_AUTH_MODE=token` is set, which this module does; the token is never read or printed here.
+Plain http to a non-loopback address without a token is refused unless --insecure.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import ipaddress
+import sys
+import tempfile
+import time
+from pathlib import Path
+from urllib.parse import urlparse
+
+from rich.console import Console
+
+from orchestrator.spec import JobSpec, spec_to_yaml
+
+JOB_FILE = "job.yaml"
+TERMINAL = ("SUCCEEDED", "FAILED", "STOPPED")
+
+
+class SubmitError(Exception):
+    """A submission refused before anything was sent; the message says why and what to do."""
+
+
+def is_loopback(address: str) -> bool:
+    host = urlparse(address if "://" in address else f"http://{address}").hostname or ""
+    if host == "localhost":
+        return True
+    try:
+        return ipaddress.ip_address(host).is_loopback
+    except ValueError:
+        return False
+
+
+def check_transport(address: str, insecure: bool) -> None:
+    """Refuse plain http to another machine without a token: anyone on the path could run code."""
+    from orchestrator.launch import auth_token_available
+
+    if insecure or address.startswith("https://") or is_loopback(address) or auth_token_available():
+        return
+    raise SubmitError(f"--address {address}: plain http to a non-loopback address with no Ray auth token; "
+                      "use an SSH tunnel to 127.0.0.1:8265, https, a token (RAY_AUTH_TOKEN or ~/.ray/auth_token), "
+                      "or --insecure if you accept the risk")
+
+
+def client(address: str):
+    from orchestrator.launch import prefer_token_auth
+
+    prefer_token_auth()
+    from ray.job_submission import JobSubmissionClient
+
+    return JobSubmissionClient(address)
+
+
+def package_dir() -> str:
+    return str(Path(__file__).resolve().parent)
+
+
+def submit(spec: JobSpec, address: str, insecure: bool = False) -> str:
+    """Send the job; returns the job id."""
+    check_transport(address, insecure)
+    jobs = client(address)
+    with tempfile.TemporaryDirectory(prefix="orchestrator-job-") as staging:
+        Path(staging, JOB_FILE).write_text(spec_to_yaml(spec))
+        return jobs.submit_job(
+            entrypoint=f"python -m orchestrator.cli train {JOB_FILE}",
+            runtime_env={"working_dir": staging, "py_modules": [package_dir()]},
+            metadata={"orchestrator_job": spec.name},
+        )
+
+
+def follow(address: str, job_id: str, console: Console) -> str:
+    """Stream the job's logs until it ends; returns its final status."""
+    jobs = client(address)
+
+    async def tail() -> None:
+        async for lines in jobs.tail_job_logs(job_id):
+            sys.stdout.write(lines)
+            sys.stdout.flush()
+
+    asyncio.run(tail())
+    status = str(jobs.get_job_status(job_id).value)
+    while status not in TERMINAL:   # the log stream can close a moment before the status settles
+        time.sleep(0.5)
+        status = str(jobs.get_job_status(job_id).value)
+    console.print(f"job {job_id}: {status}")
+    return status
+
+
+def remote_storage_warning(spec: JobSpec) -> str | None:
+    if "://" in spec.run.storage or Path(spec.run.storage).is_absolute():
+        return None
+    return (f"run.storage {spec.run.storage!r} is relative: on the cluster it resolves inside the job's working "
+            "directory, which Ray deletes; use shared storage (s3://..., an NFS path)")

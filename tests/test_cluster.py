@@ -1,0 +1,111 @@
+"""Issue 6: cluster configs that load, and submission to a real Ray head started here."""
+
+import json
+import os
+import socket
+import subprocess
+import sys
+import time
+
+import pytest
+import yaml
+
+from conftest import REPO, tiny_job
+
+CLUSTER = REPO / "cluster"
+
+
+def test_autoscaler_config_matches_rays_schema():
+    import jsonschema
+    import ray
+
+    schema = json.loads(open(os.path.join(os.path.dirname(ray.__file__), "autoscaler", "ray-schema.json")).read())
+    config = yaml.safe_load((CLUSTER / "aws-gpu.yaml").read_text())
+    jsonschema.validate(config, schema)
+    assert config["head_node_type"] in config["available_node_types"]
+    gpu = config["available_node_types"]["gpu_worker"]
+    assert gpu["resources"]["GPU"] == 1
+    assert any("pip install -e" in command for command in config["setup_commands"])
+    assert all("--dashboard-host=127.0.0.1" in c for c in config["head_start_ray_commands"] if "--head" in c)
+
+
+@pytest.mark.parametrize("name, kind", [("raycluster.yaml", "RayCluster"), ("rayjob.yaml", "RayJob")])
+def test_kuberay_manifests_have_what_kuberay_needs(name, kind):
+    manifest = yaml.safe_load((CLUSTER / "kuberay" / name).read_text())
+    assert manifest["apiVersion"] == "ray.io/v1" and manifest["kind"] == kind and manifest["metadata"]["name"]
+    cluster = manifest["spec"] if kind == "RayCluster" else manifest["spec"]["rayClusterSpec"]
+    assert cluster["rayVersion"]
+    for group in [cluster["headGroupSpec"], *cluster["workerGroupSpecs"]]:
+        assert "rayStartParams" in group
+        container = group["template"]["spec"]["containers"][0]
+        assert container["image"] and container["name"]
+        env = {e["name"]: e for e in container["env"]}
+        assert env["RAY_AUTH_MODE"]["value"] == "token" and "secretKeyRef" in env["RAY_AUTH_TOKEN"]["valueFrom"]
+    assert any(g["template"]["spec"]["containers"][0]["resources"]["limits"].get("nvidia.com/gpu") for g in cluster["workerGroupSpecs"])
+    if kind == "RayJob":
+        assert manifest["spec"]["entrypoint"].startswith("orchestrator train jobs/")
+        assert (REPO / manifest["spec"]["entrypoint"].split()[2]).is_file()
+
+
+def test_plain_http_to_another_machine_without_a_token_is_refused(tmp_path, write_job):
+    job = write_job(tiny_job(tmp_path, "remote"))
+    env = {**os.environ, "HOME": str(tmp_path)}                  # no ~/.ray/auth_token there
+    env.pop("RAY_AUTH_TOKEN", None)
+    env.pop("RAY_AUTH_TOKEN_PATH", None)
+    done = subprocess.run([sys.executable, "-m", "orchestrator.cli", "submit", str(job), "--address", "http://203.0.113.7:8265"],
+                          capture_output=True, text=True, env=env, timeout=60)
+    assert done.returncode == 2 and "plain http to a non-loopback address" in done.stderr
+
+
+def test_a_bad_job_file_is_not_sent(tmp_path, write_job):
+    job = write_job("optim:\n  base_lr: -1\n")
+    done = subprocess.run([sys.executable, "-m", "orchestrator.cli", "submit", str(job), "--address", "http://127.0.0.1:9"],
+                          capture_output=True, text=True, timeout=60)
+    assert done.returncode == 2 and "optim.base_lr: must be > 0" in done.stderr   # port 9 was never contacted
+
+
+def _free_port() -> int:
+    with socket.socket() as s:
+        s.bind(("127.0.0.1", 0))
+        return s.getsockname()[1]
+
+
+@pytest.fixture
+def local_cluster(tmp_path_factory):
+    """cluster/local/start.sh on free ports and its own folder; stop.sh afterwards."""
+    folder = tmp_path_factory.mktemp("cluster")
+    env = {**os.environ, "WORKERS": "1", "CPUS_PER_WORKER": "2", "GCS_PORT": str(_free_port()),
+           "DASHBOARD_PORT": str(_free_port()), "CLUSTER_DIR": str(folder)}
+    subprocess.run(["bash", str(CLUSTER / "local" / "start.sh")], check=True, env=env, capture_output=True, timeout=180)
+    yield f"http://127.0.0.1:{env['DASHBOARD_PORT']}", folder
+    subprocess.run(["bash", str(CLUSTER / "local" / "stop.sh")], env=env, capture_output=True, timeout=120)
+    time.sleep(1)
+    leftover = subprocess.run(["pgrep", "-f", f"{folder}/session_"], capture_output=True, text=True).stdout.split()
+    assert leftover == [], "stop.sh left processes of its cluster running"
+
+
+@pytest.mark.ray
+@pytest.mark.slow
+def test_submit_follows_to_success_and_a_failing_job_reports_failed(local_cluster, tmp_path, write_job):
+    address, _ = local_cluster
+    job = write_job(tiny_job(tmp_path / "runs", "submitted", schedule={"epochs": 1, "warmup_epochs": 0}))
+    done = subprocess.run([sys.executable, "-m", "orchestrator.cli", "submit", str(job), "--address", address, "--follow"],
+                          cwd=REPO, capture_output=True, text=True, timeout=600)
+    assert done.returncode == 0, done.stdout[-3000:] + done.stderr[-3000:]
+    assert "SUCCEEDED" in done.stdout and "test acc@1" in done.stdout
+    summary = json.loads((tmp_path / "runs" / "submitted" / "summary.json").read_text())
+    assert summary["status"] == "completed" and summary["epochs_completed"] == 1
+    job_id = done.stdout.split(" as job ", 1)[1].split()[0]
+    for action, expected in (("status", "SUCCEEDED"), ("logs", "test acc@1")):
+        shown = subprocess.run([sys.executable, "-m", "orchestrator.cli", "jobs", action, job_id, "--address", address],
+                               cwd=REPO, capture_output=True, text=True, timeout=120)
+        assert shown.returncode == 0 and expected in shown.stdout, shown.stdout[-1000:] + shown.stderr[-1000:]
+
+    bad = write_job(tiny_job(tmp_path / "runs", "doomed", data={"source": f"imagefolder:{tmp_path / 'no_such_folder'}"}), "bad.yaml")
+    failed = subprocess.run([sys.executable, "-m", "orchestrator.cli", "submit", str(bad), "--address", address, "--follow"],
+                            cwd=REPO, capture_output=True, text=True, timeout=600)
+    assert failed.returncode == 1
+    assert "FAILED" in failed.stdout and "does not exist" in failed.stdout + failed.stderr
+    listed = subprocess.run([sys.executable, "-m", "orchestrator.cli", "jobs", "list", "--address", address],
+                            cwd=REPO, capture_output=True, text=True, timeout=120)
+    assert listed.returncode == 0 and "SUCCEEDED" in listed.stdout and "FAILED" in listed.stdout
