@@ -25,6 +25,7 @@ from orchestrator.spec import JobSpec, spec_to_yaml
 
 JOB_FILE = "job.yaml"
 TERMINAL = ("SUCCEEDED", "FAILED", "STOPPED")
+AGENT_WAIT_S = 60.0
 
 
 class SubmitError(Exception):
@@ -71,11 +72,19 @@ def submit(spec: JobSpec, address: str, insecure: bool = False) -> str:
     jobs = client(address)
     with tempfile.TemporaryDirectory(prefix="orchestrator-job-") as staging:
         Path(staging, JOB_FILE).write_text(spec_to_yaml(spec))
-        return jobs.submit_job(
-            entrypoint=f"python -m orchestrator.cli train {JOB_FILE}",
-            runtime_env={"working_dir": staging, "py_modules": [package_dir()]},
-            metadata={"orchestrator_job": spec.name},
-        )
+        deadline = time.monotonic() + AGENT_WAIT_S
+        while True:
+            try:
+                return jobs.submit_job(
+                    entrypoint=f"python -m orchestrator.cli train {JOB_FILE}",
+                    runtime_env={"working_dir": staging, "py_modules": [package_dir()]},
+                    metadata={"orchestrator_job": spec.name},
+                )
+            except RuntimeError as exc:
+                # a head that has just started answers this until its job agent is up
+                if "No available agent" not in str(exc) or time.monotonic() > deadline:
+                    raise
+                time.sleep(2)
 
 
 def follow(address: str, job_id: str, console: Console) -> str:

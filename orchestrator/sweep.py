@@ -30,7 +30,7 @@ RESULTS_FILE = "results.parquet"
 BEST_FILE = "best.yaml"
 TRIALS_DIR = "trials"
 TRIAL_DRIVER_MEMORY_BYTES = 256 * 2**20
-TIME_ATTR = "training_iteration"   # one report per epoch: Tune's iteration count is epochs run
+TIME_ATTR = "epochs_done"   # reported with every epoch; unlike Tune's iteration count it survives resumes
 
 
 class SweepInterrupted(Exception):
@@ -96,8 +96,13 @@ def run_trial(config: dict, base: dict, sweep_uri: str) -> None:
 
     trial_id = ray.tune.get_context().get_trial_id()
     spec = trial_spec(base, config, sweep_uri, trial_id)
-    plan = resolve_plan(spec, spec.scaling.num_workers).plan
     folder = RunFolder(spec.run.storage, spec.name)
+    if _status(folder, spec.schedule.epochs, None) == "completed":
+        # finished before an interruption that Tune's saved state missed: hand Tune the record, keep the run
+        rows = folder.read_rows("metrics.parquet")
+        ray.tune.report({**rows[-1], TIME_ATTR: len(rows)})
+        return
+    plan = resolve_plan(spec, spec.scaling.num_workers).plan
     folder.write_text("spec.yaml", spec_to_yaml(spec))
     folder.write_json("plan.json", plan.to_dict())
     build_trainer(spec, plan, callbacks=[TuneReportCallback()]).fit()
@@ -140,9 +145,20 @@ def trial_rows(sweep: RunFolder, spec: JobSpec, statuses: dict[str, str] | None 
         metrics = trial.read_rows("metrics.parquet") if trial.exists("metrics.parquet") else []
         scores = [m[metric] for m in metrics if m.get(metric) is not None]
         best = (max(scores) if mode == "max" else min(scores)) if scores else None
-        status = (statuses or {}).get(info.base_name) or ("completed" if trial.exists("summary.json") else "running")
+        status = _status(trial, spec.schedule.epochs, (statuses or {}).get(info.base_name))
         rows.append(TrialRow(info.base_name, values, len(metrics), best, status))
     return sorted(rows, key=lambda r: (r.best is None, -(r.best or 0) if mode == "max" else (r.best or 0)))
+
+
+def _status(trial: RunFolder, epochs: int, tune_status: str | None) -> str:
+    """completed (its run folder says so) | error | stopped early (Tune ended it sooner) | running."""
+    if trial.exists("summary.json"):
+        summary = trial.read_json("summary.json")
+        if summary.get("status") == "completed" and summary.get("epochs_completed") == epochs:
+            return "completed"
+    if tune_status == "error":
+        return "error"
+    return "stopped early" if tune_status == "ended" else "running"
 
 
 def _lookup(tree: dict, dotted: str):
@@ -166,18 +182,9 @@ def leaderboard(rows: list[TrialRow], spec: JobSpec, title: str) -> Table:
     return table
 
 
-def final_statuses(result_grid, max_epochs: int) -> dict[str, str]:
-    """trial id -> completed | stopped early | error, from Tune's results (trial dirs are named by id)."""
-    statuses = {}
-    for result in result_grid:
-        trial_id = result.path.rstrip("/").rsplit("/", 1)[-1]
-        if result.error:
-            statuses[trial_id] = "error"
-        elif (result.metrics or {}).get(TIME_ATTR, 0) >= max_epochs:
-            statuses[trial_id] = "completed"
-        else:
-            statuses[trial_id] = "stopped early"
-    return statuses
+def final_statuses(result_grid) -> dict[str, str]:
+    """trial id -> 'error' or 'ended', from Tune's results (trial dirs are named by id)."""
+    return {result.path.rstrip("/").rsplit("/", 1)[-1]: "error" if result.error else "ended" for result in result_grid}
 
 
 def run_sweep(spec: JobSpec, raw: dict, console: Console, resume: bool = False, verbose: bool = False) -> dict:
@@ -242,7 +249,7 @@ def run_sweep(spec: JobSpec, raw: dict, console: Console, resume: bool = False, 
                                "continue with: orchestrator sweep JOB --resume") from None
     if "error" in outcome:
         raise outcome["error"]
-    rows = trial_rows(sweep, spec, final_statuses(outcome["grid"], spec.schedule.epochs))
+    rows = trial_rows(sweep, spec, final_statuses(outcome["grid"]))
     return finish_sweep(spec, raw, sweep, rows, console)
 
 

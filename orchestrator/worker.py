@@ -22,6 +22,7 @@ from orchestrator.plan import Plan
 from orchestrator.spec import JobSpec
 from orchestrator.storage import CHECKPOINT_FILE, RunFolder, epoch_dir_name, write_atomic
 
+EPOCHS_DONE = "epochs_done"
 FAULT_STEP_ENV = "ORCHESTRATOR_FAULT_AT_STEP"
 FAULT_RANK_ENV = "ORCHESTRATOR_FAULT_RANK"
 FAULT_MARKER = "fault_injected.json"
@@ -108,12 +109,13 @@ def train_fn(config: dict) -> None:
         return ray.train.torch.prepare_model(model, move_to_device=False)
 
     def report(row: dict, data: bytes | None, epoch: int) -> None:
+        metrics = {**row, EPOCHS_DONE: epoch + 1}   # a clock that survives restarts (a sweep's ASHA reads it)
         if data is None:
-            ray.train.report(row, checkpoint=None)
+            ray.train.report(metrics, checkpoint=None)
             return
         with tempfile.TemporaryDirectory() as folder:
             write_atomic(Path(folder) / CHECKPOINT_FILE, data)
-            ray.train.report(row, checkpoint=Checkpoint.from_directory(folder), checkpoint_dir_name=epoch_dir_name(epoch))
+            ray.train.report(metrics, checkpoint=Checkpoint.from_directory(folder), checkpoint_dir_name=epoch_dir_name(epoch))
 
     def restore():
         checkpoint = ray.train.get_checkpoint()
