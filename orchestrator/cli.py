@@ -1,4 +1,4 @@
-"""The `orchestrator` command line: validate, plan, train, bench.
+"""The `orchestrator` command line: validate, plan, train, sweep, submit, jobs, bench.
 
 Every user error (bad job file, missing data, weights that do not fit) exits with code 2 and one
 line per problem, never a traceback.
@@ -28,7 +28,6 @@ def _user_error_types() -> tuple[type[BaseException], ...]:
     from orchestrator.models import ModelError, WeightsError
     from orchestrator.plan import PlanError
     from orchestrator.spec import SpecError
-
     from orchestrator.submit import SubmitError
 
     return (SpecError, PlanError, DataError, ImageReadError, WeightsError, ModelError, CheckpointError, SubmitError,
@@ -38,7 +37,7 @@ def _user_error_types() -> tuple[type[BaseException], ...]:
 def _report_user_error(exc: BaseException) -> int:
     lines = getattr(exc, "problems", None) or str(exc).splitlines() or [type(exc).__name__]
     for line in lines:
-        err_console.print(f"[red]error:[/red] {line}", markup=True, soft_wrap=True)
+        err_console.print(f"[red]error:[/red] {escape(line)}", markup=True, soft_wrap=True)
     return EXIT_USER_ERROR
 
 

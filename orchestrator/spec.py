@@ -395,21 +395,26 @@ def parse_override(text: str) -> tuple[list[str], Any]:
     return key.strip().split("."), value
 
 
+def set_key(tree: dict[str, Any], path: list[str], value: Any) -> None:
+    """Set tree[a][b]... = value for path [a, b, ...], creating sections as needed."""
+    node = tree
+    for part in path[:-1]:
+        child = node.get(part)
+        if not isinstance(child, dict):
+            child = {}
+            node[part] = child
+        node = child
+    node[path[-1]] = value
+
+
 def apply_overrides(raw: dict[str, Any], overrides: list[str]) -> dict[str, Any]:
-    """Returns a copy of `raw` with each `a.b=value` set (creating sections as needed)."""
+    """Returns a copy of `raw` with each `a.b=value` set."""
     import copy
 
     result = copy.deepcopy(raw)
     for text in overrides:
         path, value = parse_override(text)
-        node = result
-        for part in path[:-1]:
-            child = node.get(part)
-            if not isinstance(child, dict):
-                child = {}
-                node[part] = child
-            node = child
-        node[path[-1]] = value
+        set_key(result, path, value)
     return result
 
 

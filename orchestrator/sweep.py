@@ -10,6 +10,7 @@ Each trial's run folder is `<sweep folder>/trials/<trial_id>/`. The sweep folder
 
 from __future__ import annotations
 
+import copy
 import itertools
 import threading
 import time
@@ -23,7 +24,7 @@ from rich.live import Live
 from rich.markup import escape
 from rich.table import Table
 
-from orchestrator.spec import JobSpec, SpecError, apply_overrides, spec_to_yaml, validate_spec
+from orchestrator.spec import JobSpec, SpecError, set_key, spec_to_yaml, validate_spec
 from orchestrator.storage import RunFolder
 
 RESULTS_FILE = "results.parquet"
@@ -37,13 +38,12 @@ class SweepInterrupted(Exception):
     """Ctrl-C during a sweep; the message says how to continue."""
 
 
-def to_override(key: str, value: Any) -> str:
-    return f"{key}={yaml.safe_dump(value, default_flow_style=True).strip().removesuffix('...').strip()}"
-
-
 def apply_values(raw: dict, values: dict[str, Any]) -> dict:
-    """The job dict with each dotted key of `values` set."""
-    return apply_overrides(raw, [to_override(k, v) for k, v in values.items()])
+    """A copy of the job dict with each dotted key of `values` set."""
+    result = copy.deepcopy(raw)
+    for key, value in values.items():
+        set_key(result, key.split("."), value)
+    return result
 
 
 def probe_values(space: dict[str, dict]) -> list[dict[str, Any]]:

@@ -27,7 +27,7 @@ BAD_JOBS = [
     ("scaling:\n  per_worker_batch_size: 0\n", "scaling.per_worker_batch_size: must be >= 1"),
     ("schedule:\n  name: cosinee\n", "schedule.name: unknown value 'cosinee'"),
     ("schedule:\n  epochs: 3\n  warmup_epochs: 3\n", "schedule.warmup_epochs"),
-    ("schedule:\n  name: multistep\n  epochs: 50\n  milestones: [30, 10]\n", "schedule.milestones: must be strictly increasing"),
+    ("schedule:\n  name: multistep\n  epochs: 50\n  milestones: [30, 10]\n", "schedule.milestones: must be strictly increasing (got [30, 10])"),
     ("data:\n  augment: [hflip, flip_h]\n", "data.augment: unknown augmentation 'flip_h'"),
     ("data:\n  source: folder:/x\n", "data.source: unknown data source"),
     ("data:\n  val_fraction: 1.5\n", "data.val_fraction: must be < 1"),
