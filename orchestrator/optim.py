@@ -85,10 +85,6 @@ def apply_lr(optimizer: torch.optim.Optimizer, multiplier: float) -> list[float]
     return lrs
 
 
-def trainable_parameter_count(optimizer: torch.optim.Optimizer) -> int:
-    return sum(p.numel() for g in optimizer.param_groups for p in g["params"])
-
-
 class SwatsTracker:
     """Per-group estimate of the SGD LR to switch to (SWATS, Algorithm 1).
 
