@@ -25,6 +25,7 @@ from rich.console import Console
 from rich.table import Table
 
 from orchestrator.launch import process_start_time
+from orchestrator.storage import METRICS_FILE, SUMMARY_FILE
 
 FIRST_STEP_PATTERN = re.compile(r"first training step ([0-9.]+) s after the command started")
 BARE_PATTERN = re.compile(r"bare first step ([0-9.]+) s")
@@ -82,7 +83,7 @@ def run_train(job_path: Path, extra: list[str], env: dict | None = None) -> tupl
     job = yaml.safe_load(job_path.read_text())
     import pyarrow.parquet as pq
 
-    rows = pq.read_table(Path(job["run"]["storage"]) / job["name"] / "metrics.parquet").to_pylist()
+    rows = pq.read_table(Path(job["run"]["storage"]) / job["name"] / METRICS_FILE).to_pylist()
     return float(match.group(1)), [r["train_s"] for r in rows]
 
 
@@ -270,9 +271,9 @@ def reliability(console: Console, runs: int = 3) -> dict:
             console.print(f"run {index + 1} of {runs}: one worker killed after step {fault_step} ...")
             code, seconds = timed_train(job_file(f"faulty_{index}"), {**os.environ, "ORCHESTRATOR_FAULT_AT_STEP": str(fault_step)})
             run = Path(storage) / f"faulty_{index}"
-            epochs = [r["epoch"] for r in pq.read_table(run / "metrics.parquet").to_pylist()] if (run / "metrics.parquet").exists() else []
+            epochs = [r["epoch"] for r in pq.read_table(run / METRICS_FILE).to_pylist()] if (run / METRICS_FILE).exists() else []
             outcomes.append({
-                "completed": code == 0 and json.loads((run / "summary.json").read_text())["status"] == "completed",
+                "completed": code == 0 and json.loads((run / SUMMARY_FILE).read_text())["status"] == "completed",
                 "killed": (run / "fault_injected.json").exists(),
                 "lost": len(set(range(plan.epochs)) - set(epochs)), "repeated": len(epochs) - len(set(epochs)),
                 "recovery_s": seconds - clean_s,

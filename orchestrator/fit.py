@@ -28,11 +28,8 @@ from orchestrator.plan import Plan, make_plan
 from orchestrator.prepare import resolve_num_classes
 from orchestrator.schedule import lr_multiplier
 from orchestrator.spec import JobSpec
-from orchestrator.storage import BEST_DIR, CHECKPOINT_FILE, RunFolder
+from orchestrator.storage import BEST_DIR, CHECKPOINT_FILE, METRICS_FILE, SUMMARY_FILE, WEIGHTS_FILE, RunFolder
 
-METRICS_FILE = "metrics.parquet"
-SUMMARY_FILE = "summary.json"
-WEIGHTS_FILE = "model.safetensors"
 EVAL_BATCH_SIZE = 256
 
 

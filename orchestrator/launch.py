@@ -22,10 +22,8 @@ from rich.console import Console
 from orchestrator.plan import Plan
 from orchestrator.progress import ProgressView
 from orchestrator.spec import JobSpec, spec_to_yaml
-from orchestrator.storage import RunFolder, absolute_storage
+from orchestrator.storage import PLAN_FILE, SPEC_FILE, SUMMARY_FILE, RunFolder, absolute_storage
 
-SPEC_FILE = "spec.yaml"
-PLAN_FILE = "plan.json"
 RAY_LOG_FILE = "ray.log"
 
 
@@ -250,4 +248,4 @@ def train_on_ray(spec: JobSpec, plan: Plan, console: Console) -> tuple[dict, flo
     thread.join()
     if "error" in outcome:
         raise outcome["error"]
-    return view.summary or folder.read_json("summary.json"), seconds_since_process_start(view.first_step_at)
+    return view.summary or folder.read_json(SUMMARY_FILE), seconds_since_process_start(view.first_step_at)

@@ -20,6 +20,11 @@ import pyarrow as pa
 import pyarrow.fs as pafs
 import pyarrow.parquet as pq
 
+SPEC_FILE = "spec.yaml"
+PLAN_FILE = "plan.json"
+METRICS_FILE = "metrics.parquet"
+SUMMARY_FILE = "summary.json"
+WEIGHTS_FILE = "model.safetensors"
 CHECKPOINT_FILE = "checkpoint.pt"
 BEST_DIR = "checkpoint_best"
 EPOCH_DIR_PATTERN = re.compile(r"^checkpoint_epoch_(\d+)$")

@@ -25,7 +25,7 @@ from rich.markup import escape
 from rich.table import Table
 
 from orchestrator.spec import JobSpec, SpecError, set_key, spec_to_yaml, validate_spec
-from orchestrator.storage import RunFolder
+from orchestrator.storage import METRICS_FILE, SPEC_FILE, SUMMARY_FILE, RunFolder
 
 RESULTS_FILE = "results.parquet"
 BEST_FILE = "best.yaml"
@@ -91,7 +91,7 @@ def run_trial(config: dict, base: dict, sweep_uri: str) -> None:
     import ray.tune
     from ray.tune.integration.ray_train import TuneReportCallback
 
-    from orchestrator.launch import build_trainer
+    from orchestrator.launch import build_trainer, prepare_run
     from orchestrator.prepare import resolve_plan
 
     trial_id = ray.tune.get_context().get_trial_id()
@@ -99,12 +99,11 @@ def run_trial(config: dict, base: dict, sweep_uri: str) -> None:
     folder = RunFolder(spec.run.storage, spec.name)
     if _status(folder, spec.schedule.epochs, None) == "completed":
         # finished before an interruption that Tune's saved state missed: hand Tune the record, keep the run
-        rows = folder.read_rows("metrics.parquet")
+        rows = folder.read_rows(METRICS_FILE)
         ray.tune.report({**rows[-1], TIME_ATTR: len(rows)})
         return
     plan = resolve_plan(spec, spec.scaling.num_workers).plan
-    folder.write_text("spec.yaml", spec_to_yaml(spec))
-    folder.write_json("plan.json", plan.to_dict())
+    prepare_run(spec, plan)
     build_trainer(spec, plan, callbacks=[TuneReportCallback()]).fit()
 
 
@@ -138,11 +137,11 @@ def trial_rows(sweep: RunFolder, spec: JobSpec, statuses: dict[str, str] | None 
         return rows
     for info in sweep.fs.get_file_info(pafs.FileSelector(trials_root)):
         trial = RunFolder(sweep.uri + "/" + TRIALS_DIR, info.base_name)
-        if not trial.exists("spec.yaml"):
+        if not trial.exists(SPEC_FILE):
             continue
-        trial_spec_dict = yaml.safe_load(trial.read_bytes("spec.yaml"))
+        trial_spec_dict = yaml.safe_load(trial.read_bytes(SPEC_FILE))
         values = {key: _lookup(trial_spec_dict, key) for key in spec.sweep.space}
-        metrics = trial.read_rows("metrics.parquet") if trial.exists("metrics.parquet") else []
+        metrics = trial.read_rows(METRICS_FILE) if trial.exists(METRICS_FILE) else []
         scores = [m[metric] for m in metrics if m.get(metric) is not None]
         best = (max(scores) if mode == "max" else min(scores)) if scores else None
         status = _status(trial, spec.schedule.epochs, (statuses or {}).get(info.base_name))
@@ -152,8 +151,8 @@ def trial_rows(sweep: RunFolder, spec: JobSpec, statuses: dict[str, str] | None 
 
 def _status(trial: RunFolder, epochs: int, tune_status: str | None) -> str:
     """completed (its run folder says so) | error | stopped early (Tune ended it sooner) | running."""
-    if trial.exists("summary.json"):
-        summary = trial.read_json("summary.json")
+    if trial.exists(SUMMARY_FILE):
+        summary = trial.read_json(SUMMARY_FILE)
         if summary.get("status") == "completed" and summary.get("epochs_completed") == epochs:
             return "completed"
     if tune_status == "error":

@@ -125,9 +125,10 @@ def train_fn(config: dict) -> None:
             return (Path(folder) / CHECKPOINT_FILE).read_bytes(), f"{checkpoint.path}/{CHECKPOINT_FILE}"
 
     rank, world_size = context.get_world_rank(), context.get_world_size()
-    record_placement(RunFolder(spec.run.storage, spec.name), rank, world_size, context.get_local_rank())
+    folder = RunFolder(spec.run.storage, spec.name)
+    record_placement(folder, rank, world_size, context.get_local_rank())
     env = WorkerEnv(rank=rank, world_size=world_size, device=ray.train.torch.get_device(), wrap_model=wrap_model,
                     report=report, restore=restore,
                     emit=_emitter(config.get("queue")) if rank == 0 else (lambda event: None),
-                    step_hook=fault_hook(config.get("fault"), rank, world_size, RunFolder(spec.run.storage, spec.name)))
+                    step_hook=fault_hook(config.get("fault"), rank, world_size, folder))
     fit(spec, plan, env)
