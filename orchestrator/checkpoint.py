@@ -1,24 +1,54 @@
-"""A checkpoint is one versioned dict, serialised with torch.save and read with weights_only=True.
+"""The checkpoint: its schema, writing it, finding the one to resume from and restoring from it.
 
+A checkpoint is one versioned dict, serialised with torch.save and read with weights_only=True.
 Keys: version, model (unwrapped from DDP, CPU tensors), optimizer, optimizer_name (the name of
 the optimizer in use: SWATS changes it), swats, scaler, epoch (the last finished epoch, 0-based),
 step (optimizer steps done), metric_history (for plateau), best, rows (the metric rows so far),
 wall_s (seconds of training so far), rng (states of torch, numpy and random on rank 0), spec, plan.
+`encode` writes them and `TrainingState.from_payload` / `restore_trainee` read them: nowhere else.
 """
 
 from __future__ import annotations
 
 import io
 import random
+from collections.abc import Callable
+from dataclasses import dataclass, field
+from typing import TYPE_CHECKING
 
 import numpy as np
 import torch
+
+if TYPE_CHECKING:
+    from orchestrator.loop import Trainee
+    from orchestrator.plan import Plan
+    from orchestrator.spec import JobSpec
+    from orchestrator.storage import RunFolder
 
 CHECKPOINT_VERSION = 1
 
 
 class CheckpointError(Exception):
     """A checkpoint that cannot be read or does not fit the model; the message says which file."""
+
+
+@dataclass
+class TrainingState:
+    """What a checkpoint carries besides weights and optimizer state."""
+
+    next_epoch: int = 0
+    step: int = 0
+    """optimizer steps done"""
+    metric_history: list[float] = field(default_factory=list)
+    rows: list[dict] = field(default_factory=list)
+    best: dict | None = None
+    wall_s: float = 0.0
+    """seconds of training before this process started"""
+
+    @classmethod
+    def from_payload(cls, payload: dict) -> "TrainingState":
+        return cls(payload["epoch"] + 1, payload["step"], list(payload["metric_history"]), list(payload["rows"]),
+                   payload["best"], payload["wall_s"])
 
 
 def rng_state() -> dict:
@@ -31,13 +61,23 @@ def rng_state() -> dict:
     }
 
 
-def to_bytes(payload: dict) -> bytes:
+def encode(trainee: Trainee, state: TrainingState, spec: JobSpec, plan: Plan) -> bytes:
+    """The checkpoint of the epoch just finished (state.rows[-1]), as bytes."""
+    payload = {
+        "version": CHECKPOINT_VERSION, "model": cpu_state_dict(trainee.model),
+        "optimizer": trainee.optimizer.state_dict(), "optimizer_name": trainee.optimizer_name,
+        "swats": trainee.swats.state_dict() if trainee.swats else None,
+        "scaler": trainee.scaler.state_dict() if trainee.scaler else None,
+        "epoch": state.rows[-1]["epoch"], "step": state.step, "metric_history": state.metric_history,
+        "rows": state.rows, "best": state.best, "wall_s": state.rows[-1]["wall_s"], "rng": rng_state(),
+        "spec": spec.to_dict(), "plan": plan.to_dict(),
+    }
     buffer = io.BytesIO()
     torch.save(payload, buffer)
     return buffer.getvalue()
 
 
-def from_bytes(data: bytes, where: str) -> dict:
+def decode(data: bytes, where: str) -> dict:
     """The checkpoint dict, loaded with weights_only=True; CheckpointError naming `where` otherwise."""
     try:
         payload = torch.load(io.BytesIO(data), map_location="cpu", weights_only=True)
@@ -49,6 +89,22 @@ def from_bytes(data: bytes, where: str) -> dict:
     if payload.get("version") != CHECKPOINT_VERSION:
         raise CheckpointError(f"{where} has checkpoint version {payload.get('version')}, this tool reads {CHECKPOINT_VERSION}")
     return payload
+
+
+def read(folder: RunFolder, relative: str) -> dict:
+    """The checkpoint at `relative` in a run folder."""
+    return decode(folder.read_bytes(relative), f"{folder.uri}/{relative}")
+
+
+def find_resume_point(handed_back: Callable[[], tuple[bytes, str] | None], folder: RunFolder) -> tuple[dict, str] | None:
+    """(payload, where) to resume from: what the framework hands back (a Ray restart), else the latest
+    epoch checkpoint in the run folder, else None."""
+    found = handed_back()
+    if found is not None:
+        data, where = found
+        return decode(data, where), where
+    latest = folder.latest_checkpoint()
+    return None if latest is None else (read(folder, latest), f"{folder.uri}/{latest}")
 
 
 def unwrap(model: torch.nn.Module) -> torch.nn.Module:
@@ -72,3 +128,37 @@ def load_model_state(model: torch.nn.Module, state: dict, where: str) -> None:
         problems.append(f"unexpected {', '.join(result.unexpected_keys[:3])}")
     if problems:
         raise CheckpointError(f"checkpoint {where} does not fit the model: {'; '.join(problems)}")
+
+
+def restore_trainee(trainee: Trainee, payload: dict, spec: JobSpec) -> None:
+    """Optimizer (switched by SWATS if it had been), SWATS tracker and GradScaler as the checkpoint left them."""
+    from orchestrator.optim import switch_to_sgd
+
+    if trainee.swats and payload.get("swats"):
+        trainee.swats.load_state_dict(payload["swats"])
+    switched = payload["optimizer_name"] != trainee.optimizer_name   # SWATS switched before the checkpoint
+    if switched:
+        trainee.optimizer = switch_to_sgd(trainee.optimizer, trainee.swats, spec.optim, 1.0)
+        trainee.optimizer_name = payload["optimizer_name"]
+    load_optimizer_state(trainee.optimizer, payload["optimizer"], keep_base_lr=switched)
+    if trainee.scaler and payload.get("scaler"):
+        trainee.scaler.load_state_dict(payload["scaler"])
+
+
+def load_optimizer_state(optimizer: torch.optim.Optimizer, state: dict, keep_base_lr: bool) -> None:
+    """Per-parameter state (momentum, Adam moments) from the checkpoint; hyperparameters from the job.
+
+    So a run resumed with a lower LR or another weight decay (say after a divergence) uses them.
+    `keep_base_lr`: keep the checkpoint's base_lr (SWATS estimated it at the switch).
+    """
+    from_job = [{k: v for k, v in group.items() if k != "params"} for group in optimizer.param_groups]
+    try:
+        optimizer.load_state_dict(state)
+    except ValueError as exc:
+        raise CheckpointError(f"the checkpoint's optimizer state does not fit this job's parameter groups ({exc}); "
+                              "did optim.param_groups, optim.name or model.freeze change?") from None
+    for group, settings in zip(optimizer.param_groups, from_job):
+        saved_base_lr = group["base_lr"]
+        group.update(settings)
+        if keep_base_lr:
+            group["base_lr"] = saved_base_lr

@@ -25,10 +25,11 @@ err_console = Console(stderr=True, highlight=False)
 def _user_error_types() -> tuple[type[BaseException], ...]:
     from orchestrator.checkpoint import CheckpointError
     from orchestrator.data import DataError, ImageReadError
-    from orchestrator.models import ModelError, WeightsError
+    from orchestrator.models import ModelError
     from orchestrator.plan import PlanError
     from orchestrator.spec import SpecError
     from orchestrator.submit import SubmitError
+    from orchestrator.weights import WeightsError
 
     return (SpecError, PlanError, DataError, ImageReadError, WeightsError, ModelError, CheckpointError, SubmitError,
             SubmitUsageError)
@@ -82,7 +83,7 @@ def groups_table(plan) -> Table:
 
 
 def cmd_plan(args) -> int:
-    from orchestrator.prepare import resolve_plan
+    from orchestrator.resolve import resolve_plan
     from orchestrator.spec import load_spec
 
     spec = load_spec(args.job, args.set)
@@ -101,9 +102,9 @@ def cmd_plan(args) -> int:
 
 
 def cmd_train(args) -> int:
-    from orchestrator.launch import prepare_run, say_resume, start_ray_for, train_local, train_on_ray
-    from orchestrator.prepare import resolve_plan
+    from orchestrator.launch import open_run, say_resume, train_local, train_on_ray
     from orchestrator.progress import summary_table
+    from orchestrator.resolve import resolve_plan
     from orchestrator.spec import load_spec, with_absolute_paths
 
     spec = with_absolute_paths(load_spec(args.job, args.set))
@@ -112,13 +113,15 @@ def cmd_train(args) -> int:
     else:
         # Planning (torch and torchvision imports, reading the data) overlaps Ray's start-up,
         # which must run on the main thread; the plan is still printed before any worker starts.
+        from orchestrator.session import start_ray_for
+
         with ThreadPoolExecutor(max_workers=1) as pool:
             planning = pool.submit(resolve_plan, spec, spec.scaling.num_workers)
             start_ray_for(spec, args.address, args.verbose)
             resolved = planning.result()
     plan = resolved.plan
     console.print(plan_table(plan, resolved.num_classes))
-    start = prepare_run(spec, plan)
+    start = open_run(spec, plan)
     say_resume(console, start, plan.epochs)
     if args.local:
         summary, first_step_s = train_local(spec, plan, console)
@@ -135,9 +138,10 @@ def cmd_train(args) -> int:
 
 
 def cmd_sweep(args) -> int:
-    from orchestrator.launch import start_ray_for
+    from orchestrator.session import start_ray_for
     from orchestrator.spec import SpecError, apply_overrides, read_job_file, validate_spec, with_absolute_paths
-    from orchestrator.sweep import run_sweep, validate_space
+    from orchestrator.search import validate_space
+    from orchestrator.sweep import run_sweep
 
     raw = apply_overrides(read_job_file(args.job), args.set)
     spec = with_absolute_paths(validate_spec(raw))
@@ -199,14 +203,18 @@ class SubmitUsageError(Exception):
 
 
 def cmd_bench(args) -> int:
-    from orchestrator import bench
-
     if args.what == "overhead":
-        bench.overhead(console, epochs=args.epochs, repeats=args.repeats)
+        from orchestrator.bench.overhead import overhead
+
+        overhead(console, epochs=args.epochs, repeats=args.repeats)
     elif args.what == "reliability":
-        bench.reliability(console, runs=args.runs)
+        from orchestrator.bench.reliability import reliability
+
+        reliability(console, runs=args.runs)
     elif args.what == "sweep":
-        bench.sweep_bench(console)
+        from orchestrator.bench.sweep import sweep_bench
+
+        sweep_bench(console)
     return 0
 
 

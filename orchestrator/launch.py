@@ -1,34 +1,33 @@
-"""The driver side of `orchestrator train`: run folder, Ray start-up, TorchTrainer, progress.
+"""The driver side of `orchestrator train`: open the run folder, then run the workers, showing progress.
 
-`prepare_run` writes `spec.yaml` and `plan.json` and says whether the run resumes.
+`open_run` writes `spec.yaml` and `plan.json` and says whether the run resumes.
 `build_trainer(spec, plan, queue)` turns spec and plan into a `TorchTrainer` (ScalingConfig,
 RunConfig with FailureConfig and CheckpointConfig). `train_on_ray` runs it in a thread while the
-main thread renders the workers' progress events; `train_local` runs `fit` in-process.
+main thread renders the workers' progress events; `train_local` runs `fit` in this process (world
+size 1, no Ray imported), keeping the latest `run.keep_checkpoints` as Ray would. The Ray session
+itself (start, join, logs, auth, stop) is `session.py`'s.
 """
 
 from __future__ import annotations
 
-import logging
-import os
-import sys
-import tempfile
 import threading
-import time
 from dataclasses import dataclass
-from pathlib import Path
+from typing import TYPE_CHECKING
 
 from rich.console import Console
 
 from orchestrator.plan import Plan
-from orchestrator.progress import ProgressView
+from orchestrator.progress import ProgressView, seconds_since_process_start
+from orchestrator.session import ray_log_path, stop_ray
 from orchestrator.spec import JobSpec, spec_to_yaml
 from orchestrator.storage import PLAN_FILE, SPEC_FILE, SUMMARY_FILE, RunFolder, absolute_storage
 
-RAY_LOG_FILE = "ray.log"
+if TYPE_CHECKING:
+    from orchestrator.fit import WorkerEnv
 
 
 @dataclass
-class RunStart:
+class OpenRun:
     folder: RunFolder
     resume_from: str | None
     """relative path of the checkpoint the run resumes from"""
@@ -49,7 +48,7 @@ def _diff_keys(old: dict, new: dict, prefix: str = "") -> list[str]:
     return keys
 
 
-def prepare_run(spec: JobSpec, plan: Plan) -> RunStart:
+def open_run(spec: JobSpec, plan: Plan) -> OpenRun:
     """Write spec.yaml and plan.json into the run folder; find the checkpoint a re-run resumes from."""
     import yaml
 
@@ -61,10 +60,10 @@ def prepare_run(spec: JobSpec, plan: Plan) -> RunStart:
     folder.write_text(SPEC_FILE, spec_to_yaml(spec))
     folder.write_json(PLAN_FILE, plan.to_dict())
     epoch, path = checkpoints[-1] if checkpoints else (None, None)
-    return RunStart(folder, path, epoch, changed)
+    return OpenRun(folder, path, epoch, changed)
 
 
-def say_resume(console: Console, start: RunStart, epochs: int) -> None:
+def say_resume(console: Console, start: OpenRun, epochs: int) -> None:
     if start.resume_from is None:
         console.print(f"run folder: {start.folder.uri}")
         return
@@ -76,76 +75,29 @@ def say_resume(console: Console, start: RunStart, epochs: int) -> None:
         console.print(f"[yellow]warning:[/yellow] the job differs from the run's saved spec.yaml in: {', '.join(start.changed_keys)}")
 
 
-_IMPORTED_AT = time.time()
+def local_env(spec: JobSpec, emit) -> WorkerEnv:
+    """The in-process worker: rank 0 of 1, checkpoints straight into the run folder, `emit` shows progress."""
+    import torch
 
+    from orchestrator.fit import WorkerEnv
 
-def process_start_time() -> float:
-    """Wall-clock time this process started (Linux: from /proc; elsewhere: when this module was imported)."""
-    try:
-        ticks = os.sysconf("SC_CLK_TCK")
-        start_ticks = int(Path("/proc/self/stat").read_text().rsplit(")", 1)[1].split()[19])
-        boot = next(int(line.split()[1]) for line in Path("/proc/stat").read_text().splitlines() if line.startswith("btime"))
-        return boot + start_ticks / ticks
-    except (OSError, ValueError, StopIteration, IndexError):
-        return _IMPORTED_AT
+    folder = RunFolder(spec.run.storage, spec.name)
+    device = torch.device("cuda" if spec.scaling.use_gpu and torch.cuda.is_available() else "cpu")
 
+    def report(row: dict, data: bytes | None, epoch: int) -> None:
+        folder.write_epoch_checkpoint(epoch, data, spec.run.keep_checkpoints)
 
-def seconds_since_process_start(at: float | None) -> float | None:
-    """Seconds from this process's start to the wall-clock time `at`."""
-    return None if at is None else at - process_start_time()
+    return WorkerEnv(rank=0, world_size=1, device=device, wrap_model=lambda model: model, report=report,
+                     restore=lambda: None, emit=emit)
 
 
 def train_local(spec: JobSpec, plan: Plan, console: Console) -> tuple[dict, float | None]:
-    """(summary, seconds from process start to the first step)."""
-    from orchestrator.local import run_local
+    """`fit` in this process, world size 1: (summary, seconds from process start to the first step)."""
+    from orchestrator.fit import fit
 
     with ProgressView(console) as view:
-        summary = run_local(spec, plan, view.handle)
+        summary = fit(spec, plan, local_env(spec, view.handle))
     return summary, seconds_since_process_start(view.first_step_at)
-
-
-def route_ray_logs(log_path: Path | None, verbose: bool) -> None:
-    """Ray's own log lines go to log_path (the run folder) unless verbose."""
-    logger = logging.getLogger("ray")
-    if verbose or log_path is None:
-        return
-    log_path.parent.mkdir(parents=True, exist_ok=True)
-    handler = logging.FileHandler(log_path)
-    handler.setFormatter(logging.Formatter("%(asctime)s %(levelname)s %(name)s: %(message)s"))
-    logger.handlers = [handler]
-    logger.propagate = False
-    logger.setLevel(logging.INFO)
-
-
-def auth_token_available() -> bool:
-    """Whether a Ray auth token is configured for this user (it is never read or printed here)."""
-    if os.environ.get("RAY_AUTH_TOKEN") or os.environ.get("RAY_AUTH_TOKEN_PATH"):
-        return True
-    return (Path.home() / ".ray" / "auth_token").is_file()
-
-
-def prefer_token_auth() -> None:
-    """Say RAY_AUTH_MODE=token when a token exists and the user said nothing.
-
-    A new local Ray turns token auth on by itself when a token exists (and a child process warns
-    about it on screen); a client needs the variable to send the token to a protected --address.
-    Ray reads it when imported, so this only acts before the first `import ray`.
-    """
-    if "ray" not in sys.modules and "RAY_AUTH_MODE" not in os.environ and auth_token_available():
-        os.environ["RAY_AUTH_MODE"] = "token"
-
-
-def start_ray(address: str | None, verbose: bool, log_path: Path | None) -> None:
-    """Connect to `address`, or start a local Ray; reuse a Ray this process already started."""
-    prefer_token_auth()
-    import ray
-
-    if ray.is_initialized():
-        return
-    route_ray_logs(log_path, verbose)
-    # No address: a new local Ray, as promised, rather than Ray's default of joining whatever cluster
-    # runs on this machine; RAY_ADDRESS (set by Ray Jobs for an entrypoint) still counts.
-    ray.init(address=address or os.environ.get("RAY_ADDRESS") or "local", log_to_driver=verbose, configure_logging=verbose)
 
 
 def build_trainer(spec: JobSpec, plan: Plan, queue=None, callbacks: list | None = None):
@@ -194,25 +146,6 @@ class RunInterrupted(Exception):
         latest = folder.latest_checkpoint()
         where = f"the latest checkpoint is {folder.uri}/{latest}" if latest else "no epoch had finished, so nothing was saved"
         super().__init__(f"interrupted: workers stopped; {where}; re-run the same command to resume")
-
-
-def stop_ray(console: Console) -> None:
-    """Stop this driver's Ray work: a local Ray it started goes down whole; on a cluster, its job's
-    actors and placement groups are released when the driver disconnects."""
-    import ray
-
-    console.print("[yellow]interrupted:[/yellow] stopping the workers ...")
-    ray.shutdown()
-
-
-def ray_log_path(spec: JobSpec) -> Path:
-    folder = RunFolder(spec.run.storage, spec.name)
-    return folder.local_path(RAY_LOG_FILE) if folder.is_local else Path(tempfile.gettempdir()) / f"orchestrator-{spec.name}-ray.log"
-
-
-def start_ray_for(spec: JobSpec, address: str | None, verbose: bool) -> None:
-    """Start (or join) Ray for this run, Ray's log lines going to the run folder's ray.log."""
-    start_ray(address, verbose, ray_log_path(spec))
 
 
 def train_on_ray(spec: JobSpec, plan: Plan, console: Console) -> tuple[dict, float | None]:

@@ -1,6 +1,7 @@
 """One training epoch and one evaluation pass. Imports no Ray.
 
-`train_one_epoch` runs exactly `plan.steps_per_epoch` optimizer steps, each over
+`train_one_epoch(trainee, loader, settings, epoch, first_step)` runs exactly
+`settings.steps_per_epoch` optimizer steps, each over
 `grad_accum_steps` micro-batches (DDP's `no_sync` on all but the last), sets the LR from the pure
 schedule before every step, and supports AMP (bf16 on CPU and GPU, fp16 with a GradScaler on GPU),
 channels_last and gradient clipping. A NaN or infinite loss raises `DivergenceError` naming the
@@ -14,7 +15,7 @@ import contextlib
 import math
 import time
 from collections.abc import Callable, Iterator
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 
 import torch
 import torch.distributed as dist
@@ -53,6 +54,44 @@ class EvalStats:
     acc1: float
     acc5: float
     images: int
+    seconds: float = 0.0
+
+
+@dataclass(frozen=True)
+class StepSettings:
+    """How every optimizer step of a run is taken."""
+
+    steps_per_epoch: int
+    """optimizer steps per epoch (the plan's)"""
+    grad_accum_steps: int
+    """micro-batches per optimizer step"""
+    lr_multiplier: Callable[[int], float]
+    """the schedule: factor on each group's base_lr at an optimizer step"""
+    device: torch.device
+    amp: str = "none"
+    channels_last: bool = False
+    grad_clip_norm: float | None = None
+
+
+@dataclass
+class Trainee:
+    """What trains: the model (unwrapped, and as the framework wraps it) and its optimizer with helpers."""
+
+    model: nn.Module
+    optimizer: torch.optim.Optimizer
+    wrapped: nn.Module | None = None
+    """the model as DDP wraps it; None: train the model itself"""
+    optimizer_name: str = ""
+    """the optimizer in use now (SWATS changes adam/adamw to sgd)"""
+    swats: SwatsTracker | None = None
+    scaler: torch.amp.GradScaler | None = None
+    frozen: list[str] = field(default_factory=list)
+    """parameter names frozen until model.unfreeze_at_epoch"""
+
+    @property
+    def tracking_swats(self) -> bool:
+        """SWATS watches Adam's steps until the switch to SGD."""
+        return self.swats is not None and self.optimizer_name != "sgd"
 
 
 def autocast(device: torch.device, amp: str):
@@ -99,58 +138,45 @@ def _all_reduce_sum(values: list[float], device: torch.device) -> list[float]:
     return tensor.tolist()
 
 
-def train_one_epoch(
-    model: nn.Module,
-    loader,
-    optimizer: torch.optim.Optimizer,
-    *,
-    epoch: int,
-    first_step: int,
-    steps: int,
-    grad_accum_steps: int,
-    lr_multiplier: Callable[[int], float],
-    device: torch.device,
-    amp: str = "none",
-    channels_last: bool = False,
-    grad_clip_norm: float | None = None,
-    scaler: torch.amp.GradScaler | None = None,
-    swats: SwatsTracker | None = None,
-    on_step: Callable[[int, float, list[float]], None] | None = None,
-) -> EpochStats:
-    """Train `steps` optimizer steps numbered from `first_step` (global, 0-based).
+def train_one_epoch(trainee: Trainee, loader, settings: StepSettings, epoch: int, first_step: int,
+                    on_step: Callable[[int, float, list[float]], None] | None = None) -> EpochStats:
+    """Train `settings.steps_per_epoch` optimizer steps numbered from `first_step` (global, 0-based).
 
-    `lr_multiplier(step)` is the schedule; `on_step(step, loss, lrs)` is called after each step.
+    `on_step(step, loss, lrs)` is called after each step.
     """
+    model, optimizer, accum = trainee.wrapped or trainee.model, trainee.optimizer, settings.grad_accum_steps
     model.train()
     start = time.perf_counter()
     loss_sum, micro_count, images, lrs = 0.0, 0, 0, []
     step = first_step
-    for group in _micro_batches(loader, grad_accum_steps, steps):
-        lrs = apply_lr(optimizer, lr_multiplier(step))
+    for group in _micro_batches(loader, accum, settings.steps_per_epoch):
+        lrs = apply_lr(optimizer, settings.lr_multiplier(step))
         step_loss = 0.0
         for i, (batch_images, labels) in enumerate(group):
-            batch_images, labels = _to_device(batch_images, labels, device, channels_last)
+            batch_images, labels = _to_device(batch_images, labels, settings.device, settings.channels_last)
             last = i == len(group) - 1
             sync = contextlib.nullcontext() if last or not hasattr(model, "no_sync") else model.no_sync()
             with sync:
-                with autocast(device, amp):
+                with autocast(settings.device, settings.amp):
                     loss, _ = classification_loss(model(batch_images), labels)
-                scaled = loss / grad_accum_steps
-                (scaler.scale(scaled) if scaler else scaled).backward()
+                scaled = loss / accum
+                (trainee.scaler.scale(scaled) if trainee.scaler else scaled).backward()
             step_loss += float(loss.detach())
             images += len(labels)
-        _stop_if_diverged(step_loss, epoch, step, device)
-        _optimizer_step(model, optimizer, grad_clip_norm, scaler, swats)
+        _stop_if_diverged(step_loss, epoch, step, settings.device)
+        _optimizer_step(trainee, settings.grad_clip_norm)
         optimizer.zero_grad(set_to_none=True)
         loss_sum += step_loss
         micro_count += len(group)
         if on_step:
             on_step(step, step_loss / len(group), lrs)
         step += 1
-    if step - first_step != steps:
-        raise RuntimeError(f"epoch {epoch}: the loader gave {step - first_step} optimizer steps, the plan expects {steps}")
-    total_loss, total_micro, total_images = _all_reduce_sum([loss_sum, micro_count, images], device)
-    return EpochStats(total_loss / max(total_micro, 1), int(total_images), time.perf_counter() - start, lrs, steps)
+    if step - first_step != settings.steps_per_epoch:
+        raise RuntimeError(f"epoch {epoch}: the loader gave {step - first_step} optimizer steps, "
+                           f"the plan expects {settings.steps_per_epoch}")
+    total_loss, total_micro, total_images = _all_reduce_sum([loss_sum, micro_count, images], settings.device)
+    return EpochStats(total_loss / max(total_micro, 1), int(total_images), time.perf_counter() - start, lrs,
+                      settings.steps_per_epoch)
 
 
 def _stop_if_diverged(step_loss: float, epoch: int, step: int, device: torch.device) -> None:
@@ -163,7 +189,9 @@ def _stop_if_diverged(step_loss: float, epoch: int, step: int, device: torch.dev
         raise DivergenceError(epoch, step, step_loss if bad else float("nan"))
 
 
-def _optimizer_step(model, optimizer, grad_clip_norm, scaler, swats) -> None:
+def _optimizer_step(trainee: Trainee, grad_clip_norm: float | None) -> None:
+    optimizer, scaler = trainee.optimizer, trainee.scaler
+    swats = trainee.swats if trainee.tracking_swats else None
     if scaler:
         scaler.unscale_(optimizer)
     if grad_clip_norm is not None:
@@ -182,6 +210,7 @@ def _optimizer_step(model, optimizer, grad_clip_norm, scaler, swats) -> None:
 @torch.no_grad()
 def evaluate(model: nn.Module, loader, device: torch.device, amp: str = "none", channels_last: bool = False) -> EvalStats:
     """Mean loss, top-1 and top-5 accuracy (fractions) over the whole split, all ranks together."""
+    started = time.perf_counter()
     model.eval()
     loss_sum = hits1 = hits5 = count = 0.0
     for images, labels in loader:
@@ -196,6 +225,7 @@ def evaluate(model: nn.Module, loader, device: torch.device, amp: str = "none", 
         hits5 += float(correct.any(dim=1).sum())
         count += len(labels)
     loss_sum, hits1, hits5, count = _all_reduce_sum([loss_sum, hits1, hits5, count], device)
+    seconds = time.perf_counter() - started
     if count == 0:
-        return EvalStats(float("nan"), float("nan"), float("nan"), 0)
-    return EvalStats(loss_sum / count, hits1 / count, hits5 / count, int(count))
+        return EvalStats(float("nan"), float("nan"), float("nan"), 0, seconds)
+    return EvalStats(loss_sum / count, hits1 / count, hits5 / count, int(count), seconds)

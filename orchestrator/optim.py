@@ -1,5 +1,7 @@
 """Optimizers over the trainable parameters, grouped as the plan says, plus SWATS.
 
+`OPTIMIZERS` is the registry of `optim.name` values (the spec's validation reads it); adding an
+optimizer is one entry here.
 Every torch param group carries `name`, `lr_mult` and `base_lr` (its peak LR); `apply_lr` writes
 `base_lr x multiplier` into each group before every step, so the LR lives in the schedule, not in
 hidden optimizer state. Norm-layer weights and biases (1-D tensors) get `norm_bias_weight_decay`.
@@ -9,66 +11,61 @@ the projection of each Adam step on its gradient; `switch_to_sgd` swaps the opti
 
 from __future__ import annotations
 
+from collections.abc import Callable
+
 import torch
 from torch import nn
 
 from orchestrator.models import FreezeError
-from orchestrator.plan import GroupDef, GroupSize, assign_group, group_defs
-from orchestrator.spec import JobSpec, OptimSpec
+from orchestrator.plan import GroupSize, PlanGroup, assign_group
+from orchestrator.spec import OptimSpec
 
 
-def grouped_parameters(model: nn.Module, defs: list[GroupDef]) -> list[list[tuple[str, nn.Parameter]]]:
-    """Every parameter (trainable or not) sorted into the groups of `defs`."""
-    groups: list[list[tuple[str, nn.Parameter]]] = [[] for _ in defs]
+OPTIMIZERS: dict[str, Callable[[list[dict], OptimSpec], torch.optim.Optimizer]] = {
+    "sgd": lambda groups, o: torch.optim.SGD(groups, lr=0.0, momentum=o.momentum, nesterov=o.nesterov),
+    "adam": lambda groups, o: torch.optim.Adam(groups, lr=0.0, betas=o.betas, eps=o.eps),
+    "adamw": lambda groups, o: torch.optim.AdamW(groups, lr=0.0, betas=o.betas, eps=o.eps),
+    "rmsprop": lambda groups, o: torch.optim.RMSprop(groups, lr=0.0, momentum=o.momentum, eps=o.eps),
+    "adagrad": lambda groups, o: torch.optim.Adagrad(groups, lr=0.0, eps=o.eps),
+    "adadelta": lambda groups, o: torch.optim.Adadelta(groups, lr=0.0, eps=o.eps),
+}
+"""optim.name -> builder(torch param groups carrying lr and weight_decay, optim spec); the spec's
+validation reads this"""
+
+
+def grouped_parameters(model: nn.Module, groups: list[PlanGroup]) -> list[list[tuple[str, nn.Parameter]]]:
+    """Every parameter (trainable or not) sorted into the plan's groups."""
+    members: list[list[tuple[str, nn.Parameter]]] = [[] for _ in groups]
     for name, param in model.named_parameters():
-        groups[assign_group(name, param.ndim <= 1, defs)].append((name, param))
-    return groups
+        members[assign_group(name, param.ndim <= 1, groups)].append((name, param))
+    return members
 
 
-def param_group_sizes(model: nn.Module, spec: JobSpec) -> list[GroupSize]:
+def param_group_sizes(model: nn.Module, groups: list[PlanGroup]) -> list[GroupSize]:
     """Parameter counts (total, trainable) of each plan group, for the plan table."""
-    defs = group_defs(spec)
     return [
-        GroupSize(d.name, sum(p.numel() for _, p in members), sum(p.numel() for _, p in members if p.requires_grad))
-        for d, members in zip(defs, grouped_parameters(model, defs))
+        GroupSize(g.name, sum(p.numel() for _, p in members), sum(p.numel() for _, p in members if p.requires_grad))
+        for g, members in zip(groups, grouped_parameters(model, groups))
     ]
 
 
-def make_torch_optimizer(name: str, param_groups: list[dict], optim: OptimSpec) -> torch.optim.Optimizer:
-    """Factory by name; `param_groups` already carry lr and weight_decay."""
-    if name == "sgd":
-        return torch.optim.SGD(param_groups, lr=0.0, momentum=optim.momentum, nesterov=optim.nesterov)
-    if name == "adam":
-        return torch.optim.Adam(param_groups, lr=0.0, betas=optim.betas, eps=optim.eps)
-    if name == "adamw":
-        return torch.optim.AdamW(param_groups, lr=0.0, betas=optim.betas, eps=optim.eps)
-    if name == "rmsprop":
-        return torch.optim.RMSprop(param_groups, lr=0.0, momentum=optim.momentum, eps=optim.eps)
-    if name == "adagrad":
-        return torch.optim.Adagrad(param_groups, lr=0.0, eps=optim.eps)
-    if name == "adadelta":
-        return torch.optim.Adadelta(param_groups, lr=0.0, eps=optim.eps)
-    raise ValueError(f"optim.name: unknown optimizer {name!r}; valid: sgd, adam, adamw, rmsprop, adagrad, adadelta")
-
-
-def build_optimizer(model: nn.Module, spec: JobSpec, scaled_lr: float) -> torch.optim.Optimizer:
-    """The spec's optimizer over the parameters that require grad now; empty groups are left out."""
-    defs = group_defs(spec)
+def build_optimizer(model: nn.Module, groups: list[PlanGroup], optim: OptimSpec) -> torch.optim.Optimizer:
+    """optim.name over the parameters that require grad now, grouped as the plan says; empty groups left out."""
     torch_groups = []
-    for d, members in zip(defs, grouped_parameters(model, defs)):
+    for g, members in zip(groups, grouped_parameters(model, groups)):
         params = [p for _, p in members if p.requires_grad]
         if params:
-            peak = scaled_lr * d.lr_mult
-            torch_groups.append({"params": params, "name": d.name, "lr_mult": d.lr_mult, "base_lr": peak,
-                                 "lr": peak, "weight_decay": d.weight_decay})
+            torch_groups.append({"params": params, "name": g.name, "lr_mult": g.lr_mult, "base_lr": g.lr,
+                                 "lr": g.lr, "weight_decay": g.weight_decay})
     if not torch_groups:
         raise FreezeError("model.freeze: every parameter is frozen; nothing would train")
-    return make_torch_optimizer(spec.optim.name, torch_groups, spec.optim)
+    return OPTIMIZERS[optim.name](torch_groups, optim)
 
 
-def rebuild_keeping_state(old: torch.optim.Optimizer, model: nn.Module, spec: JobSpec, scaled_lr: float) -> torch.optim.Optimizer:
+def rebuild_keeping_state(old: torch.optim.Optimizer, model: nn.Module, groups: list[PlanGroup],
+                          optim: OptimSpec) -> torch.optim.Optimizer:
     """A new optimizer over what trains now (e.g. after unfreezing), carrying the old per-parameter state."""
-    new = build_optimizer(model, spec, scaled_lr)
+    new = build_optimizer(model, groups, optim)
     for group in new.param_groups:
         for param in group["params"]:
             if param in old.state:
@@ -131,12 +128,12 @@ class SwatsTracker:
         self.ema, self.count = dict(state["ema"]), dict(state["count"])
 
 
-def switch_to_sgd(adam: torch.optim.Optimizer, tracker: SwatsTracker, spec: JobSpec, multiplier_now: float) -> torch.optim.Optimizer:
+def switch_to_sgd(adam: torch.optim.Optimizer, tracker: SwatsTracker, optim: OptimSpec, multiplier_now: float) -> torch.optim.Optimizer:
     """SGD (momentum beta1, lr (1 - beta1) x estimate) over Adam's groups; the schedule goes on from here.
 
     Each group's base_lr is set so that base_lr x multiplier_now equals the SWATS LR at the switch.
     """
-    beta1 = spec.optim.betas[0]
+    beta1 = optim.betas[0]
     groups = []
     for group in adam.param_groups:
         estimate = tracker.sgd_lr(group["name"])

@@ -2,33 +2,22 @@
 
 `make_plan(spec, num_train_samples, world_size, group_sizes)` is a pure function (no torch, no
 ray): global batch, scaled learning rate and how it was derived, steps per epoch, warmup and total
-steps (all in optimizer steps), and each parameter group's LR and weight decay. Parameter counts
-come in from outside (`models.count_param_groups`) so this module stays free of torch.
+steps (all in optimizer steps), and each parameter group's LR and weight decay. The plan is the
+single source of truth: it is saved as plan.json, handed to every worker as it is (no worker
+re-plans), and the optimizer is built from its `param_groups`. Parameter counts come in from outside
+(`resolve.count_group_sizes`, `Plan.with_group_sizes`) so this module stays free of torch.
 """
 
 from __future__ import annotations
 
 import fnmatch
 import math
-from dataclasses import asdict, dataclass, field
+from dataclasses import asdict, dataclass, field, replace
 
 from orchestrator.spec import JobSpec
 
 NORM_BIAS_SUFFIX = " [norm/bias]"
 REST_GROUP = "rest"
-
-
-@dataclass(frozen=True)
-class GroupDef:
-    """One optimizer parameter group as the spec defines it (before any model exists)."""
-
-    name: str
-    match: str | None
-    """glob over parameter names; None = every parameter no earlier group took"""
-    lr_mult: float
-    weight_decay: float
-    norm_bias: bool
-    """True: holds only the norm-layer and bias parameters of its match"""
 
 
 @dataclass(frozen=True)
@@ -40,12 +29,17 @@ class GroupSize:
 
 @dataclass
 class PlanGroup:
+    """One optimizer parameter group: the optimizer is built from exactly these (optim.build_optimizer)."""
+
     name: str
     match: str | None
+    """glob over parameter names; None = every parameter no earlier group took"""
     lr_mult: float
     lr: float
     """peak LR of this group: scaled_lr x lr_mult"""
     weight_decay: float
+    norm_bias: bool = False
+    """True: holds only the norm-layer weights and biases (1-D tensors) of its match"""
     num_params: int | None = None
     trainable: int | None = None
 
@@ -75,6 +69,13 @@ class Plan:
     def to_dict(self) -> dict:
         return asdict(self)
 
+    def with_group_sizes(self, sizes: list[GroupSize]) -> "Plan":
+        """A copy whose groups carry their parameter counts (total, trainable)."""
+        by_name = {size.name: size for size in sizes}
+        groups = [replace(g, num_params=by_name[g.name].num_params, trainable=by_name[g.name].trainable)
+                  if g.name in by_name else g for g in self.param_groups]
+        return replace(self, param_groups=groups)
+
     @classmethod
     def from_dict(cls, data: dict) -> "Plan":
         groups = [PlanGroup(**g) for g in data.get("param_groups", [])]
@@ -100,7 +101,7 @@ def scale_lr(base_lr: float, global_batch_size: int, base_batch_size: int, lr_sc
     return scaled, f"scaled_lr = base_lr {base_lr:g} {how} = {scaled:.6g} ({lr_scaling} scaling, global batch {global_batch_size})"
 
 
-def group_defs(spec: JobSpec) -> list[GroupDef]:
+def plan_groups(spec: JobSpec, scaled_lr: float) -> list[PlanGroup]:
     """The parameter groups the optimizer gets, in match order, `rest` last.
 
     When norm layers and biases get their own weight decay, each group is split in two.
@@ -108,31 +109,35 @@ def group_defs(spec: JobSpec) -> list[GroupDef]:
     optim = spec.optim
     norm_bias_wd = optim.weight_decay if optim.norm_bias_weight_decay is None else optim.norm_bias_weight_decay
     split = norm_bias_wd != optim.weight_decay
-    defs: list[GroupDef] = []
+    groups: list[PlanGroup] = []
     sources = [(g.match, g.match, g.lr_mult, g.weight_decay) for g in optim.param_groups]
     sources.append((REST_GROUP, None, 1.0, None))
     for name, match, lr_mult, wd in sources:
         decay = optim.weight_decay if wd is None else wd
-        defs.append(GroupDef(name, match, lr_mult, decay, norm_bias=False))
+        groups.append(PlanGroup(name, match, lr_mult, scaled_lr * lr_mult, decay))
         if split:
-            defs.append(GroupDef(name + NORM_BIAS_SUFFIX, match, lr_mult, norm_bias_wd if wd is None else wd, norm_bias=True))
-    return defs
+            groups.append(PlanGroup(name + NORM_BIAS_SUFFIX, match, lr_mult, scaled_lr * lr_mult,
+                                    norm_bias_wd if wd is None else wd, norm_bias=True))
+    return groups
 
 
-def assign_group(param_name: str, is_norm_or_bias: bool, defs: list[GroupDef]) -> int:
+def assign_group(param_name: str, is_norm_or_bias: bool, groups: list[PlanGroup]) -> int:
     """Index of the group a parameter belongs to: first matching glob wins, then norm/bias split."""
-    has_split = any(d.norm_bias for d in defs)
-    for i, d in enumerate(defs):
-        if d.match is not None and not fnmatch.fnmatchcase(param_name, d.match):
+    has_split = any(g.norm_bias for g in groups)
+    for i, g in enumerate(groups):
+        if g.match is not None and not fnmatch.fnmatchcase(param_name, g.match):
             continue
-        if has_split and d.norm_bias != is_norm_or_bias:
+        if has_split and g.norm_bias != is_norm_or_bias:
             continue
         return i
     raise AssertionError("the rest group matches everything")
 
 
-def make_plan(spec: JobSpec, num_train_samples: int, world_size: int, group_sizes: list[GroupSize] | None = None) -> Plan:
-    """Spec + dataset size + world size -> Plan. Pure. Raises PlanError when it cannot train."""
+def make_plan(spec: JobSpec, num_train_samples: int, world_size: int) -> Plan:
+    """Spec + dataset size + world size -> Plan. Pure. Raises PlanError when it cannot train.
+
+    The groups carry no parameter counts yet: `Plan.with_group_sizes` adds them once a model exists.
+    """
     if world_size < 1:
         raise PlanError(f"world size must be >= 1 (got {world_size})")
     scaling, optim, sched = spec.scaling, spec.optim, spec.schedule
@@ -145,14 +150,6 @@ def make_plan(spec: JobSpec, num_train_samples: int, world_size: int, group_size
             f"grad_accum_steps {scaling.grad_accum_steps}); lower the batch size"
         )
     scaled_lr, derivation = scale_lr(optim.base_lr, global_batch, optim.base_batch_size, optim.lr_scaling)
-    sizes = {s.name: s for s in group_sizes or []}
-    groups = []
-    for d in group_defs(spec):
-        size = sizes.get(d.name)
-        groups.append(PlanGroup(
-            name=d.name, match=d.match, lr_mult=d.lr_mult, lr=scaled_lr * d.lr_mult, weight_decay=d.weight_decay,
-            num_params=size.num_params if size else None, trainable=size.trainable if size else None,
-        ))
     return Plan(
         world_size=world_size,
         per_worker_batch_size=scaling.per_worker_batch_size,
@@ -170,5 +167,5 @@ def make_plan(spec: JobSpec, num_train_samples: int, world_size: int, group_size
         warmup_steps=round(sched.warmup_epochs * steps_per_epoch),
         total_steps=sched.epochs * steps_per_epoch,
         epochs=sched.epochs,
-        param_groups=groups,
+        param_groups=plan_groups(spec, scaled_lr),
     )

@@ -1,19 +1,91 @@
-"""What the driver shows while a run trains: a bar per epoch, a row per epoch, a summary table.
+"""The progress protocol, both ends: the typed events rank 0 emits and the view that shows them.
 
-`ProgressView.handle(event)` takes the events rank 0 emits (`fit.py`): log, trainability,
-epoch_start, step, epoch_end, summary. It is the same for `--local` and for Ray runs.
+Rank 0 of a run (`fit.py`) emits `Log`, `Trainability`, `EpochStart`, `Step` (throttled by
+`step_reporter`), `EpochEnd` and `Summary`; they reach the driver directly (`--local`) or through a
+Ray queue. `ProgressView.handle(event)` shows them: a bar per epoch, a row per epoch, a summary
+table; it is the same for `--local` and for Ray runs. Also the process timing the first-step
+figures are measured with (`seconds_since_process_start`).
 """
 
 from __future__ import annotations
 
+import os
 import time
+from collections.abc import Callable
+from dataclasses import dataclass
+from pathlib import Path
 
 from rich.console import Console
 from rich.markup import escape
 from rich.progress import BarColumn, MofNCompleteColumn, Progress, TextColumn, TimeElapsedColumn
 from rich.table import Table
 
-ROW_FORMAT = "{epoch:>5} {train_loss:>10} {val_loss:>9} {val_acc1:>8} {val_acc5:>8} {lr:>10} {images_per_s:>9} {epoch_s:>8}"
+from orchestrator.metrics import DISPLAY, group_lrs
+
+
+@dataclass(frozen=True)
+class Log:
+    text: str
+
+
+@dataclass(frozen=True)
+class Trainability:
+    rows: list[tuple[str, int, int]]
+    """(top-level module, parameters, trainable parameters)"""
+
+
+@dataclass(frozen=True)
+class EpochStart:
+    epoch: int
+    """0-based"""
+    epochs: int
+    steps: int
+    """optimizer steps in the epoch"""
+
+
+@dataclass(frozen=True)
+class Step:
+    epoch: int
+    done: int
+    """optimizer steps done in this epoch"""
+    steps: int
+    loss: float
+    lr: float
+    """the LR of the last parameter group"""
+    images_per_s: float
+    """all workers together, since the previous Step event"""
+
+
+@dataclass(frozen=True)
+class EpochEnd:
+    row: dict
+    """the epoch's metric row (metrics.epoch_row)"""
+    best: bool
+
+
+@dataclass(frozen=True)
+class Summary:
+    summary: dict
+
+
+Event = Log | Trainability | EpochStart | Step | EpochEnd | Summary
+STEP_EVENT_INTERVAL_S = 0.5
+
+
+def step_reporter(emit: Callable[[Event], None], start: EpochStart, first_step: int, global_batch_size: int):
+    """on_step(step, loss, lrs) emitting at most one Step per STEP_EVENT_INTERVAL_S (and the first and last)."""
+    last = {"time": time.perf_counter(), "done": 0}
+
+    def on_step(step: int, loss: float, lrs: list[float]) -> None:
+        done = step - first_step + 1
+        now = time.perf_counter()
+        if done not in (1, start.steps) and now - last["time"] < STEP_EVENT_INTERVAL_S:
+            return
+        images_per_s = (done - last["done"]) * global_batch_size / max(now - last["time"], 1e-9)
+        last.update(time=now, done=done)
+        emit(Step(start.epoch, done, start.steps, loss, lrs[-1] if lrs else 0.0, images_per_s))
+
+    return on_step
 
 
 def _fmt(value, digits: int = 4) -> str:
@@ -41,39 +113,36 @@ class ProgressView:
     def __exit__(self, *exc):
         self.progress.stop()
 
-    def handle(self, event: dict) -> None:
-        kind = event.get("type")
-        if kind == "log":
-            self.console.print(f"[dim]{escape(event['text'])}[/dim]")
-        elif kind == "trainability":
-            self.console.print(trainability_table(event["rows"]))
-        elif kind == "epoch_start":
+    def handle(self, event: Event) -> None:
+        if isinstance(event, Log):
+            self.console.print(f"[dim]{escape(event.text)}[/dim]")
+        elif isinstance(event, Trainability):
+            self.console.print(trainability_table(event.rows))
+        elif isinstance(event, EpochStart):
             if self.task is not None:
                 self.progress.remove_task(self.task)
-            self.task = self.progress.add_task("", total=event["steps"], epoch=event["epoch"] + 1, epochs=event["epochs"],
+            self.task = self.progress.add_task("", total=event.steps, epoch=event.epoch + 1, epochs=event.epochs,
                                                loss="-", lr="-", ips="-")
-        elif kind == "step" and self.task is not None:
+        elif isinstance(event, Step) and self.task is not None:
             if self.first_step_at is None:
                 self.first_step_at = time.time()
-            self.progress.update(self.task, completed=event["done"], loss=f"{event['loss']:.4f}", lr=f"{event['lr']:.3g}",
-                                 ips=f"{event['images_per_s']:.0f}")
-        elif kind == "epoch_end":
-            self._row(event["row"], event.get("best", False))
-        elif kind == "summary":
-            self.summary = event["summary"]
+            self.progress.update(self.task, completed=event.done, loss=f"{event.loss:.4f}", lr=f"{event.lr:.3g}",
+                                 ips=f"{event.images_per_s:.0f}")
+        elif isinstance(event, EpochEnd):
+            self._row(event.row, event.best)
+        elif isinstance(event, Summary):
+            self.summary = event.summary
 
     def _row(self, row: dict, best: bool) -> None:
+        """One line per epoch: epoch, the metrics.DISPLAY columns, the highest group LR, img/s, seconds."""
         if not self.header_shown:
-            self.console.print("[bold]" + ROW_FORMAT.format(epoch="epoch", train_loss="train_loss", val_loss="val_loss",
-                                                            val_acc1="val_acc1", val_acc5="val_acc5", lr="lr",
-                                                            images_per_s="img/s", epoch_s="epoch_s"))
+            cells = [f"{'epoch':>5}"] + [f"{name:>{width}}" for name, width, _ in DISPLAY]
+            self.console.print("[bold]" + " ".join(cells + [f"{'lr':>10}", f"{'img/s':>9}", f"{'epoch_s':>8}"]))
             self.header_shown = True
-        lrs = [v for k, v in row.items() if k.startswith("lr/")]
-        line = ROW_FORMAT.format(epoch=row["epoch"] + 1, train_loss=_fmt(row["train_loss"]), val_loss=_fmt(row["val_loss"]),
-                                 val_acc1=_fmt(row["val_acc1"]), val_acc5=_fmt(row["val_acc5"]),
-                                 lr=f"{max(lrs):.4g}" if lrs else "-", images_per_s=f"{row['images_per_s']:.0f}",
-                                 epoch_s=f"{row['epoch_s']:.1f}")
-        self.console.print(line + ("  [green]* best[/green]" if best else ""))
+        lrs = list(group_lrs(row).values())
+        cells = [f"{row['epoch'] + 1:>5}"] + [f"{_fmt(row[name], digits):>{width}}" for name, width, digits in DISPLAY]
+        cells += [f"{max(lrs):.4g}".rjust(10) if lrs else f"{'-':>10}", f"{row['images_per_s']:>9.0f}", f"{row['epoch_s']:>8.1f}"]
+        self.console.print(" ".join(cells) + ("  [green]* best[/green]" if best else ""))
 
 
 def trainability_table(rows) -> Table:
@@ -102,3 +171,22 @@ def summary_table(summary: dict) -> Table:
     for key, value in rows:
         table.add_row(key, value)
     return table
+
+
+_IMPORTED_AT = time.time()
+
+
+def process_start_time() -> float:
+    """Wall-clock time this process started (Linux: from /proc; elsewhere: when this module was imported)."""
+    try:
+        ticks = os.sysconf("SC_CLK_TCK")
+        start_ticks = int(Path("/proc/self/stat").read_text().rsplit(")", 1)[1].split()[19])
+        boot = next(int(line.split()[1]) for line in Path("/proc/stat").read_text().splitlines() if line.startswith("btime"))
+        return boot + start_ticks / ticks
+    except (OSError, ValueError, StopIteration, IndexError):
+        return _IMPORTED_AT
+
+
+def seconds_since_process_start(at: float | None) -> float | None:
+    """Seconds from this process's start to the wall-clock time `at`."""
+    return None if at is None else at - process_start_time()

@@ -1,20 +1,39 @@
-"""The learning-rate schedule as a pure function of the optimizer step.
+"""The learning-rate schedule as a pure function of the optimizer step, and the registry of decays.
 
-`lr_multiplier(step, ...)` returns the factor applied to the plan's `scaled_lr` (and so to every
-group's `lr_mult`): a linear warmup over `warmup_steps` composed with the decay. There is no
-hidden state, so a run resumed at any step gets exactly the LR an unbroken run has there.
-`plateau` depends on the step and the per-epoch metric history, replayed here from scratch.
-Decays are counted in epochs as torch's schedulers do (StepLR, MultiStepLR, ExponentialLR step once
-per epoch); cosine anneals per step over the steps after warmup. No torch, no ray.
+`lr_multiplier(step, sched, plan, metric_history)` returns the factor applied to the plan's
+`scaled_lr` (and so to every group's `lr_mult`): a linear warmup over `plan.warmup_steps` composed
+with the decay named by `schedule.name`. `DECAYS` is the registry of those names; the spec's
+validation reads it. There is no hidden state, so a run resumed at any step gets exactly the LR an
+unbroken run has there. `plateau` depends on the step and the per-epoch metric history, replayed
+here from scratch. Decays are counted in epochs as torch's schedulers do (StepLR, MultiStepLR,
+ExponentialLR step once per epoch); cosine anneals per step over the steps after warmup. No torch,
+no ray.
 """
 
 from __future__ import annotations
 
 import bisect
 import math
-from collections.abc import Sequence
+from collections.abc import Callable, Sequence
+from dataclasses import dataclass
+from typing import TYPE_CHECKING
 
-from orchestrator.spec import ScheduleSpec
+if TYPE_CHECKING:
+    from orchestrator.plan import Plan
+    from orchestrator.spec import ScheduleSpec
+
+
+@dataclass(frozen=True)
+class Moment:
+    """Where a run stands at one optimizer step, as the decays need it."""
+
+    step: int
+    epoch: int
+    """epochs finished before this step"""
+    progress: float
+    """share of the post-warmup steps done, 0..1"""
+    metric_history: Sequence[float]
+    """the plateau metric of each finished epoch, oldest first"""
 
 
 def warmup_factor(step: int, warmup_steps: int, start_factor: float) -> float:
@@ -43,36 +62,37 @@ def plateau_reductions(history: Sequence[float], mode: str, patience: int, thres
     return reductions
 
 
-def decay_factor(step: int, sched: ScheduleSpec, steps_per_epoch: int, warmup_steps: int, total_steps: int,
-                 min_factor: float, metric_history: Sequence[float] = ()) -> float:
-    """The decay part of the multiplier at `step` (1.0 = no decay), floored at min_factor."""
-    epoch = step // steps_per_epoch
-    name = sched.name
-    if name == "constant":
-        return 1.0
-    if name == "cosine":
-        progress = min(1.0, max(0.0, (step - warmup_steps) / max(1, total_steps - warmup_steps)))
-        return min_factor + (1.0 - min_factor) * 0.5 * (1.0 + math.cos(math.pi * progress))
-    if name == "step":
-        factor = sched.gamma ** (epoch // sched.step_size)
-    elif name == "multistep":
-        factor = sched.gamma ** bisect.bisect_right(sched.milestones, epoch)
-    elif name == "exponential":
-        factor = sched.gamma ** epoch
-    elif name == "plateau":
-        mode = "min" if sched.plateau_metric.endswith("loss") else "max"
-        factor = sched.gamma ** plateau_reductions(metric_history[:epoch], mode, sched.patience, sched.plateau_threshold)
-    else:
-        raise ValueError(f"unknown schedule {name!r}; valid: constant, step, multistep, exponential, cosine, plateau")
-    return max(factor, min_factor)
+def _cosine(sched: ScheduleSpec, at: Moment, min_factor: float) -> float:
+    return min_factor + (1.0 - min_factor) * 0.5 * (1.0 + math.cos(math.pi * at.progress))
 
 
-def lr_multiplier(step: int, sched: ScheduleSpec, steps_per_epoch: int, warmup_steps: int, total_steps: int,
-                  scaled_lr: float, metric_history: Sequence[float] = ()) -> float:
-    """Factor on scaled_lr at optimizer step `step` (0-based): warmup x decay.
+def _plateau(sched: ScheduleSpec, at: Moment, min_factor: float) -> float:
+    from orchestrator.metrics import WATCHABLE
 
+    cuts = plateau_reductions(at.metric_history[:at.epoch], WATCHABLE[sched.plateau_metric], sched.patience,
+                              sched.plateau_threshold)
+    return max(sched.gamma ** cuts, min_factor)
+
+
+DECAYS: dict[str, Callable[[ScheduleSpec, Moment, float], float]] = {
+    "constant": lambda sched, at, min_factor: 1.0,
+    "step": lambda sched, at, min_factor: max(sched.gamma ** (at.epoch // sched.step_size), min_factor),
+    "multistep": lambda sched, at, min_factor: max(sched.gamma ** bisect.bisect_right(sched.milestones, at.epoch), min_factor),
+    "exponential": lambda sched, at, min_factor: max(sched.gamma ** at.epoch, min_factor),
+    "cosine": _cosine,
+    "plateau": _plateau,
+}
+"""schedule.name -> decay factor (1.0 = none) at a moment, floored at (cosine: annealed to) min_factor"""
+
+
+def lr_multiplier(step: int, sched: ScheduleSpec, plan: Plan, metric_history: Sequence[float] = ()) -> float:
+    """Factor on plan.scaled_lr at optimizer step `step` (0-based): warmup x decay.
+
+    Reads plan.steps_per_epoch, warmup_steps, total_steps and scaled_lr (min_lr is absolute).
     `metric_history`: the plateau metric of each finished epoch (only `plateau` reads it).
     """
-    min_factor = min(1.0, sched.min_lr / scaled_lr)
-    return warmup_factor(step, warmup_steps, sched.warmup_start_factor) * decay_factor(
-        step, sched, steps_per_epoch, warmup_steps, total_steps, min_factor, metric_history)
+    decay_steps = max(1, plan.total_steps - plan.warmup_steps)
+    at = Moment(step, step // plan.steps_per_epoch, min(1.0, max(0.0, (step - plan.warmup_steps) / decay_steps)),
+                metric_history)
+    min_factor = min(1.0, sched.min_lr / plan.scaled_lr)
+    return warmup_factor(step, plan.warmup_steps, sched.warmup_start_factor) * DECAYS[sched.name](sched, at, min_factor)

@@ -9,6 +9,7 @@ with a "did you mean". Nothing here imports torch or ray.
 from __future__ import annotations
 
 import difflib
+import importlib
 import re
 from pathlib import Path
 from typing import Any, Literal
@@ -16,29 +17,32 @@ from typing import Any, Literal
 import yaml
 from pydantic import BaseModel, ConfigDict, Field, ValidationError, field_validator
 
-AUGMENTATIONS = (
-    "hflip",
-    "vflip",
-    "rotate90",
-    "color_jitter",
-    "random_resized_crop",
-    "random_crop",
-    "blur",
-    "gaussian_noise",
-)
-OPTIMIZERS = ("sgd", "adam", "adamw", "rmsprop", "adagrad", "adadelta")
-SCHEDULES = ("constant", "step", "multistep", "exponential", "cosine", "plateau")
-HEAD_INITS = ("default", "kaiming_normal", "kaiming_uniform", "xavier_normal", "xavier_uniform")
-DATA_SOURCE_KINDS = ("builtin:digits", "imagefolder:PATH", "parquet:PATH_OR_URI", "synthetic")
-SEARCH_KINDS = ("loguniform", "uniform", "choice", "grid", "randint")
-
-
 class SpecError(Exception):
     """A job file that cannot run. `problems` holds one human line per problem."""
 
     def __init__(self, problems: list[str]):
         self.problems = problems
         super().__init__("\n".join(problems))
+
+
+def one_of(value: str, names, what: str = "value") -> str:
+    """`value` when it is one of `names`, else ValueError listing them (with a "did you mean")."""
+    if value not in names:
+        raise ValueError(f"unknown {what} {value!r}{did_you_mean(value, names)}; valid: {', '.join(names)}")
+    return value
+
+
+def registered(field: str, module: str, registry: str, what: str = "value"):
+    """A validator of `field`: its value must be a key of orchestrator.<module>.<registry>.
+
+    The registry sits next to the code that builds its entries; it is imported when a spec is first
+    validated, so importing this module stays free of torch.
+    """
+    def check(cls, value: str) -> str:
+        names = getattr(importlib.import_module(f"orchestrator.{module}"), registry)
+        return one_of(value, list(names), what)
+
+    return field_validator(field)(classmethod(check))
 
 
 class _Section(BaseModel):
@@ -77,25 +81,23 @@ class DataSpec(_Section):
     @field_validator("augment")
     @classmethod
     def _known_augmentations(cls, names: list[str]) -> list[str]:
-        unknown = [n for n in names if n not in AUGMENTATIONS]
-        if unknown:
-            raise ValueError(f"unknown augmentation {', '.join(map(repr, unknown))}{_did_you_mean(unknown[0], AUGMENTATIONS)}; valid: {', '.join(AUGMENTATIONS)}")
-        return names
+        from orchestrator.data.datasets import AUGMENTATIONS
+
+        return [one_of(name, list(AUGMENTATIONS), "augmentation") for name in names]
 
     @field_validator("source")
     @classmethod
     def _known_source(cls, source: str) -> str:
-        if source in ("builtin:digits", "synthetic"):
-            return source
-        kind, _, rest = source.partition(":")
-        if kind in ("imagefolder", "parquet") and rest:
-            return source
-        raise ValueError(f"unknown data source {source!r}; valid: {', '.join(DATA_SOURCE_KINDS)}")
+        from orchestrator.data.sources import SOURCES, source_entry
+
+        if source_entry(source) is None:
+            raise ValueError(f"unknown data source {source!r}; valid: {', '.join(s.form for s in SOURCES.values())}")
+        return source
 
     @property
     def source_kind(self) -> str:
-        """digits | imagefolder | parquet | synthetic"""
-        return "digits" if self.source == "builtin:digits" else self.source.partition(":")[0]
+        """the part before ':' (builtin | imagefolder | parquet | synthetic): a key of data.sources.SOURCES"""
+        return self.source.partition(":")[0]
 
     @property
     def source_path(self) -> str:
@@ -108,13 +110,16 @@ class ModelSpec(_Section):
     weights: str | None = None
     """null | DEFAULT | torchvision weight name | .pth/.pt/.safetensors file | run folder"""
     num_classes: int | Literal["auto"] = "auto"
-    head_init: Literal[HEAD_INITS] = "kaiming_normal"  # type: ignore[valid-type]
+    head_init: str = "kaiming_normal"
+    """init of new layers: a name of models.HEAD_INITS"""
     freeze: list[str] = Field(default_factory=list)
     """module-name prefixes to freeze, or [backbone] for everything but the head"""
     unfreeze_at_epoch: int | None = Field(None, ge=1)
     """epoch (0-based) at which frozen modules start training"""
     dropout: float | None = Field(None, ge=0, lt=1)
     """classifier dropout for architectures that take one (alexnet, vgg, squeezenet, mobilenet, efficientnet, ...); None = its default"""
+
+    _known_init = registered("head_init", "models", "HEAD_INITS")
 
     @field_validator("num_classes")
     @classmethod
@@ -133,7 +138,8 @@ class ParamGroupSpec(_Section):
 
 
 class OptimSpec(_Section):
-    name: Literal[OPTIMIZERS] = "sgd"  # type: ignore[valid-type]
+    name: str = "sgd"
+    """a name of optim.OPTIMIZERS"""
     base_lr: float = Field(0.1, gt=0)
     """the LR at base_batch_size images per optimizer step"""
     base_batch_size: int = Field(256, ge=1)
@@ -152,9 +158,12 @@ class OptimSpec(_Section):
     grad_clip_norm: float | None = Field(None, gt=0)
     """clip the global gradient norm to this value; None = no clipping"""
 
+    _known_optimizer = registered("name", "optim", "OPTIMIZERS")
+
 
 class ScheduleSpec(_Section):
-    name: Literal[SCHEDULES] = "cosine"  # type: ignore[valid-type]
+    name: str = "cosine"
+    """a name of schedule.DECAYS"""
     epochs: int = Field(10, ge=1)
     warmup_epochs: float = Field(0.0, ge=0)
     """linear ramp from warmup_start_factor x scaled_lr to scaled_lr, per step"""
@@ -167,11 +176,15 @@ class ScheduleSpec(_Section):
     """decay factor of step, multistep, exponential (per epoch) and plateau"""
     patience: int = Field(2, ge=0)
     """plateau: epochs without improvement before a decay"""
-    plateau_metric: Literal["val_loss", "val_acc1"] = "val_loss"
+    plateau_metric: str = "val_loss"
+    """plateau: the metric watched (a name of metrics.WATCHABLE)"""
     plateau_threshold: float = Field(1e-4, ge=0)
     """plateau: relative improvement that counts"""
     min_lr: float = Field(0.0, ge=0)
     """floor of the decayed LR at lr_mult 1 (cosine's end point), absolute"""
+
+    _known_schedule = registered("name", "schedule", "DECAYS")
+    _known_metric = registered("plateau_metric", "metrics", "WATCHABLE", "metric")
 
 
 class ScalingSpec(_Section):
@@ -204,11 +217,14 @@ class AshaSpec(_Section):
 
 class SweepSpec(_Section):
     metric: str = "val_acc1"
+    """a name of metrics.WATCHABLE"""
     mode: Literal["max", "min"] = "max"
     num_samples: int = Field(8, ge=1)
     max_concurrent_trials: int | None = Field(None, ge=1)
     asha: AshaSpec = Field(default_factory=AshaSpec)
     space: dict[str, dict[str, Any]] = Field(default_factory=dict)
+
+    _known_metric = registered("metric", "metrics", "WATCHABLE", "metric")
 
 
 class JobSpec(_Section):
@@ -234,7 +250,8 @@ class JobSpec(_Section):
         return self.model_dump(mode="json")
 
 
-def _did_you_mean(word: str, choices) -> str:
+def did_you_mean(word: str, choices) -> str:
+    """' (did you mean X?)' for the closest of `choices`, or ''."""
     close = difflib.get_close_matches(str(word), [str(c) for c in choices], n=1, cutoff=0.6)
     return f" (did you mean {close[0]!r}?)" if close else ""
 
@@ -270,13 +287,13 @@ def _format_error(err: dict) -> str:
     if kind == "extra_forbidden":
         owner = _model_at(loc)
         valid = list(owner.model_fields) if owner else []
-        hint = _did_you_mean(loc[-1], valid)
+        hint = did_you_mean(loc[-1], valid)
         listing = f"; valid keys here: {', '.join(valid)}" if valid else ""
         return f"{key}: unknown key{hint}{listing}"
     if kind == "literal_error":
         expected = err.get("ctx", {}).get("expected", "")
         valid = re.findall(r"'([^']*)'", expected)
-        hint = _did_you_mean(err.get("input"), valid)
+        hint = did_you_mean(err.get("input"), valid)
         return f"{key}: unknown value {err.get('input')!r}{hint}; valid: {', '.join(valid)}"
     bounds = {"greater_than": "> {gt}", "greater_than_equal": ">= {ge}", "less_than": "< {lt}", "less_than_equal": "<= {le}"}
     if kind in bounds:
@@ -333,58 +350,36 @@ def check_consistency(spec: JobSpec) -> list[str]:
         problems.append("scaling.sync_bn: torch's SyncBatchNorm runs on GPUs only; set scaling.use_gpu or drop sync_bn")
     if spec.scaling.amp == "fp16" and not spec.scaling.use_gpu:
         problems.append("scaling.amp: fp16 needs use_gpu (on CPU use bf16)")
-    if spec.sweep.metric not in ("val_acc1", "val_acc5", "val_loss", "train_loss"):
-        problems.append(f"sweep.metric: unknown metric {spec.sweep.metric!r}; valid: val_acc1, val_acc5, val_loss, train_loss")
-    problems += _check_space(spec.sweep.space)
+    from orchestrator.search import check_space
+
+    problems += check_space(spec.sweep.space)
     return problems
 
 
-def _check_space(space: dict[str, dict[str, Any]]) -> list[str]:
-    problems = []
-    defaults = JobSpec().to_dict()
-    for key, domain in space.items():
-        where = f"sweep.space.{key}"
-        if _lookup(defaults, key.split(".")) is _MISSING:
-            problems.append(f"{where}: not a job-file key{_did_you_mean(key, _leaf_keys(defaults))}")
-        if not isinstance(domain, dict) or len(domain) != 1:
-            problems.append(f"{where}: give exactly one of {', '.join(SEARCH_KINDS)}")
-            continue
-        (kind, args), = domain.items()
-        if kind not in SEARCH_KINDS:
-            problems.append(f"{where}: unknown search kind {kind!r}{_did_you_mean(kind, SEARCH_KINDS)}; valid: {', '.join(SEARCH_KINDS)}")
-        elif kind in ("loguniform", "uniform", "randint"):
-            if not (isinstance(args, list) and len(args) == 2 and all(isinstance(a, (int, float)) for a in args) and args[0] < args[1]):
-                problems.append(f"{where}.{kind}: needs [low, high] with low < high (got {args!r})")
-            elif kind == "loguniform" and args[0] <= 0:
-                problems.append(f"{where}.loguniform: bounds must be > 0 (got {args!r})")
-        elif not (isinstance(args, list) and args):
-            problems.append(f"{where}.{kind}: needs a non-empty list of values (got {args!r})")
-    return problems
+MISSING = object()
 
 
-_MISSING = object()
-
-
-def _lookup(tree: Any, path: list[str]) -> Any:
-    for part in path:
+def lookup(tree: Any, dotted: str) -> Any:
+    """tree[a][b]... for the key 'a.b...', or MISSING."""
+    for part in dotted.split("."):
         if not isinstance(tree, dict) or part not in tree:
-            return _MISSING
+            return MISSING
         tree = tree[part]
     return tree
 
 
-def _leaf_keys(tree: dict, prefix: str = "") -> list[str]:
+def leaf_keys(tree: dict, prefix: str = "") -> list[str]:
     keys = []
     for k, v in tree.items():
         dotted = f"{prefix}{k}"
         keys.append(dotted)
         if isinstance(v, dict):
-            keys += _leaf_keys(v, dotted + ".")
+            keys += leaf_keys(v, dotted + ".")
     return keys
 
 
-def parse_override(text: str) -> tuple[list[str], Any]:
-    """`a.b=value` -> (['a', 'b'], value typed as YAML). Raises SpecError on a malformed one."""
+def parse_override(text: str) -> tuple[str, Any]:
+    """`a.b=value` -> ('a.b', value typed as YAML). Raises SpecError on a malformed one."""
     key, sep, raw = text.partition("=")
     if not sep or not key.strip() or any(not p for p in key.strip().split(".")):
         raise SpecError([f"--set {text}: expected KEY=VALUE with a dotted key, e.g. optim.base_lr=0.01"])
@@ -392,30 +387,28 @@ def parse_override(text: str) -> tuple[list[str], Any]:
         value = yaml.safe_load(raw) if raw.strip() else None
     except yaml.YAMLError as exc:
         raise SpecError([f"--set {key}: value is not valid YAML ({exc.__class__.__name__})"]) from None
-    return key.strip().split("."), value
+    return key.strip(), value
 
 
-def set_key(tree: dict[str, Any], path: list[str], value: Any) -> None:
-    """Set tree[a][b]... = value for path [a, b, ...], creating sections as needed."""
-    node = tree
-    for part in path[:-1]:
-        child = node.get(part)
-        if not isinstance(child, dict):
-            child = {}
-            node[part] = child
-        node = child
-    node[path[-1]] = value
-
-
-def apply_overrides(raw: dict[str, Any], overrides: list[str]) -> dict[str, Any]:
-    """Returns a copy of `raw` with each `a.b=value` set."""
+def with_values(raw: dict[str, Any], values: dict[str, Any]) -> dict[str, Any]:
+    """A copy of the job dict with each dotted key of `values` set, sections created as needed."""
     import copy
 
     result = copy.deepcopy(raw)
-    for text in overrides:
-        path, value = parse_override(text)
-        set_key(result, path, value)
+    for dotted, value in values.items():
+        node = result
+        *sections, leaf = dotted.split(".")
+        for part in sections:
+            if not isinstance(node.get(part), dict):
+                node[part] = {}
+            node = node[part]
+        node[leaf] = value
     return result
+
+
+def apply_overrides(raw: dict[str, Any], overrides: list[str]) -> dict[str, Any]:
+    """Returns a copy of `raw` with each `--set a.b=value` set."""
+    return with_values(raw, dict(parse_override(text) for text in overrides))
 
 
 def read_job_file(path: str | Path) -> dict[str, Any]:
@@ -456,16 +449,15 @@ def load_spec(path: str | Path, overrides: list[str] | None = None) -> JobSpec:
     return validate_spec(apply_overrides(read_job_file(path), overrides or []))
 
 
-def _absolute(path: str) -> str:
-    return path if "://" in path else str(Path(path).expanduser().resolve())
-
-
 def with_absolute_paths(spec: JobSpec) -> JobSpec:
     """A copy whose local paths (run.storage, a local data source, model.weights files and run
     folders) are absolute, so Ray workers, whose working directory is not the user's, find them."""
+    from orchestrator.data.sources import SOURCES
+    from orchestrator.storage import absolute_storage as _absolute
+
     data = spec.data
     source = data.source
-    if data.source_kind in ("imagefolder", "parquet"):
+    if SOURCES[data.source_kind].takes_path:
         source = f"{data.source_kind}:{_absolute(data.source_path)}"
     weights = spec.model.weights
     if weights is not None and (Path(weights).expanduser().exists() or weights.startswith((".", "/", "~"))

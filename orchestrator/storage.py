@@ -3,7 +3,8 @@
 Writes are atomic where the filesystem allows it (write a temp file, then rename; object stores
 replace whole objects anyway). Owns the layout: `spec.yaml`, `plan.json`, `metrics.parquet`,
 `summary.json`, `model.safetensors`, `checkpoint_epoch_NNNN/checkpoint.pt` (the latest
-`run.keep_checkpoints`) and `checkpoint_best/checkpoint.pt`.
+`run.keep_checkpoints`), `checkpoint_best/checkpoint.pt`, `workers.json` (where each rank ran) and
+`ray.log` (Ray's own log lines). Every module names these files through the constants here.
 """
 
 from __future__ import annotations
@@ -27,6 +28,9 @@ SUMMARY_FILE = "summary.json"
 WEIGHTS_FILE = "model.safetensors"
 CHECKPOINT_FILE = "checkpoint.pt"
 BEST_DIR = "checkpoint_best"
+BEST_CHECKPOINT = f"{BEST_DIR}/{CHECKPOINT_FILE}"
+WORKERS_FILE = "workers.json"
+RAY_LOG_FILE = "ray.log"
 EPOCH_DIR_PATTERN = re.compile(r"^checkpoint_epoch_(\d+)$")
 
 
@@ -114,6 +118,12 @@ class RunFolder:
 
     def delete_dir(self, relative: str) -> None:
         self.fs.delete_dir(self.path(relative))
+
+    def write_epoch_checkpoint(self, epoch: int, data: bytes, keep: int) -> None:
+        """Write an epoch's checkpoint and delete all but the latest `keep` (as Ray's CheckpointConfig does)."""
+        self.write_bytes(f"{epoch_dir_name(epoch)}/{CHECKPOINT_FILE}", data)
+        for _, path in self.epoch_checkpoints()[:-keep]:
+            self.delete_dir(path.rsplit("/", 1)[0])
 
     def local_path(self, relative: str = "") -> Path:
         assert self.is_local, "only for local run folders"

@@ -44,7 +44,7 @@ def is_loopback(address: str) -> bool:
 
 def check_transport(address: str, insecure: bool) -> None:
     """Refuse plain http to another machine without a token: anyone on the path could run code."""
-    from orchestrator.launch import auth_token_available
+    from orchestrator.session import auth_token_available
 
     if insecure or address.startswith("https://") or is_loopback(address) or auth_token_available():
         return
@@ -54,7 +54,7 @@ def check_transport(address: str, insecure: bool) -> None:
 
 
 def client(address: str):
-    from orchestrator.launch import prefer_token_auth
+    from orchestrator.session import prefer_token_auth
 
     prefer_token_auth()
     from ray.job_submission import JobSubmissionClient

@@ -10,12 +10,9 @@ Each trial's run folder is `<sweep folder>/trials/<trial_id>/`. The sweep folder
 
 from __future__ import annotations
 
-import copy
-import itertools
 import threading
 import time
 from dataclasses import dataclass
-from pathlib import Path
 from typing import Any
 
 import yaml
@@ -24,7 +21,8 @@ from rich.live import Live
 from rich.markup import escape
 from rich.table import Table
 
-from orchestrator.spec import JobSpec, SpecError, set_key, spec_to_yaml, validate_spec
+from orchestrator.search import SEARCH_SPACES
+from orchestrator.spec import JobSpec, lookup, spec_to_yaml, validate_spec, with_values
 from orchestrator.storage import METRICS_FILE, SPEC_FILE, SUMMARY_FILE, RunFolder
 
 RESULTS_FILE = "results.parquet"
@@ -38,49 +36,18 @@ class SweepInterrupted(Exception):
     """Ctrl-C during a sweep; the message says how to continue."""
 
 
-def apply_values(raw: dict, values: dict[str, Any]) -> dict:
-    """A copy of the job dict with each dotted key of `values` set."""
-    result = copy.deepcopy(raw)
-    for key, value in values.items():
-        set_key(result, key.split("."), value)
-    return result
-
-
-def probe_values(space: dict[str, dict]) -> list[dict[str, Any]]:
-    """Values that stand for the whole space: every choice and grid value, and the ends of each range."""
-    per_key = []
-    for key, domain in space.items():
-        (kind, args), = domain.items()
-        per_key.append([(key, v) for v in args])
-    return [dict(pairs) for pairs in itertools.product(*per_key)][:256]
-
-
-def validate_space(raw: dict) -> None:
-    """Every probe of the space must make a valid job; SpecError lists what does not."""
-    problems = []
-    for values in probe_values(raw.get("sweep", {}).get("space", {})):
-        try:
-            validate_spec(apply_values(raw, values))
-        except SpecError as exc:
-            problems += [f"sweep.space with {', '.join(f'{k}={v}' for k, v in values.items())}: {p}" for p in exc.problems]
-    if problems:
-        raise SpecError(sorted(set(problems)))
-
-
 def tune_space(space: dict[str, dict]) -> dict[str, Any]:
     from ray import tune
 
-    makers = {"loguniform": lambda a: tune.loguniform(*a), "uniform": lambda a: tune.uniform(*a),
-              "randint": lambda a: tune.randint(*a), "choice": tune.choice, "grid": tune.grid_search}
     out = {}
     for key, domain in space.items():
         (kind, args), = domain.items()
-        out[key] = makers[kind](args)
+        out[key] = SEARCH_SPACES[kind](tune, args)
     return out
 
 
 def trial_spec(base: dict, values: dict[str, Any], sweep_uri: str, trial_id: str) -> JobSpec:
-    raw = apply_values(base, values)
+    raw = with_values(base, values)
     raw["name"] = trial_id
     raw.setdefault("run", {})["storage"] = f"{sweep_uri}/{TRIALS_DIR}"
     return validate_spec(raw)
@@ -91,8 +58,8 @@ def run_trial(config: dict, base: dict, sweep_uri: str) -> None:
     import ray.tune
     from ray.tune.integration.ray_train import TuneReportCallback
 
-    from orchestrator.launch import build_trainer, prepare_run
-    from orchestrator.prepare import resolve_plan
+    from orchestrator.launch import build_trainer, open_run
+    from orchestrator.resolve import resolve_plan
 
     trial_id = ray.tune.get_context().get_trial_id()
     spec = trial_spec(base, config, sweep_uri, trial_id)
@@ -103,7 +70,7 @@ def run_trial(config: dict, base: dict, sweep_uri: str) -> None:
         ray.tune.report({**rows[-1], TIME_ATTR: len(rows)})
         return
     plan = resolve_plan(spec, spec.scaling.num_workers).plan
-    prepare_run(spec, plan)
+    open_run(spec, plan)
     build_trainer(spec, plan, callbacks=[TuneReportCallback()]).fit()
 
 
@@ -140,7 +107,7 @@ def trial_rows(sweep: RunFolder, spec: JobSpec, statuses: dict[str, str] | None 
         if not trial.exists(SPEC_FILE):
             continue
         trial_spec_dict = yaml.safe_load(trial.read_bytes(SPEC_FILE))
-        values = {key: _lookup(trial_spec_dict, key) for key in spec.sweep.space}
+        values = {key: lookup(trial_spec_dict, key) for key in spec.sweep.space}
         metrics = trial.read_rows(METRICS_FILE) if trial.exists(METRICS_FILE) else []
         scores = [m[metric] for m in metrics if m.get(metric) is not None]
         best = (max(scores) if mode == "max" else min(scores)) if scores else None
@@ -158,12 +125,6 @@ def _status(trial: RunFolder, epochs: int, tune_status: str | None) -> str:
     if tune_status == "error":
         return "error"
     return "stopped early" if tune_status == "ended" else "running"
-
-
-def _lookup(tree: dict, dotted: str):
-    for part in dotted.split("."):
-        tree = tree[part]
-    return tree
 
 
 def leaderboard(rows: list[TrialRow], spec: JobSpec, title: str) -> Table:
@@ -186,48 +147,51 @@ def final_statuses(result_grid) -> dict[str, str]:
     return {result.path.rstrip("/").rsplit("/", 1)[-1]: "error" if result.error else "ended" for result in result_grid}
 
 
+def make_tuner(spec: JobSpec, sweep: RunFolder, resume: bool, console: Console):
+    """The Tuner of this sweep: restored from `<sweep>/tune` when resuming, else new with ASHA."""
+    import ray.tune
+    from ray.tune.schedulers import AsyncHyperBandScheduler
+
+    sweep_cfg = spec.sweep
+    # A trial only drives its TorchTrainer: no CPU (the workers hold those), a little memory (Tune needs
+    # a non-empty request).
+    trainable = ray.tune.with_resources(ray.tune.with_parameters(run_trial, base=spec.to_dict(), sweep_uri=sweep.uri),
+                                        {"CPU": 0, "memory": TRIAL_DRIVER_MEMORY_BYTES})
+    tune_dir = f"{sweep.uri}/tune"
+    if resume and ray.tune.Tuner.can_restore(tune_dir):
+        console.print(f"resuming the sweep in {tune_dir}")
+        return ray.tune.Tuner.restore(tune_dir, trainable=trainable, resume_unfinished=True, resume_errored=True,
+                                      param_space=tune_space(sweep_cfg.space))
+    scheduler = AsyncHyperBandScheduler(time_attr=TIME_ATTR, max_t=spec.schedule.epochs,
+                                        grace_period=sweep_cfg.asha.grace_period,
+                                        reduction_factor=sweep_cfg.asha.reduction_factor)
+    return ray.tune.Tuner(
+        trainable, param_space=tune_space(sweep_cfg.space),
+        tune_config=ray.tune.TuneConfig(metric=sweep_cfg.metric, mode=sweep_cfg.mode, scheduler=scheduler,
+                                        num_samples=sweep_cfg.num_samples,
+                                        max_concurrent_trials=sweep_cfg.max_concurrent_trials or default_concurrency(spec),
+                                        trial_dirname_creator=lambda trial: trial.trial_id,
+                                        trial_name_creator=lambda trial: trial.trial_id),
+        run_config=ray.tune.RunConfig(name="tune", storage_path=sweep.uri, verbose=0),
+    )
+
+
 def run_sweep(spec: JobSpec, raw: dict, console: Console, resume: bool = False, verbose: bool = False) -> dict:
     """Run (or resume) the sweep; print the leaderboard; write results.parquet and best.yaml."""
     import os
 
-    import ray.tune
-
     if not verbose:
         os.environ.setdefault("RAY_AIR_NEW_OUTPUT", "0")   # Tune's own reporter, silent at verbose=0
-    from ray.tune.schedulers import AsyncHyperBandScheduler
-
-    sweep = RunFolder(spec.run.storage, spec.name)
-    sweep_cfg = spec.sweep
-    base = spec.to_dict()
-    # A trial only drives its TorchTrainer: no CPU (the workers hold those), a little memory (Tune needs
-    # a non-empty request).
-    trainable = ray.tune.with_resources(ray.tune.with_parameters(run_trial, base=base, sweep_uri=sweep.uri),
-                                        {"CPU": 0, "memory": TRIAL_DRIVER_MEMORY_BYTES})
-    concurrency = sweep_cfg.max_concurrent_trials or default_concurrency(spec)
-    tune_dir = f"{sweep.uri}/tune"
-    if resume and ray.tune.Tuner.can_restore(tune_dir):
-        tuner = ray.tune.Tuner.restore(tune_dir, trainable=trainable, resume_unfinished=True, resume_errored=True,
-                                       param_space=tune_space(sweep_cfg.space))
-        console.print(f"resuming the sweep in {tune_dir}")
-    else:
-        scheduler = AsyncHyperBandScheduler(time_attr=TIME_ATTR, max_t=spec.schedule.epochs,
-                                            grace_period=sweep_cfg.asha.grace_period,
-                                            reduction_factor=sweep_cfg.asha.reduction_factor)
-        tuner = ray.tune.Tuner(
-            trainable, param_space=tune_space(sweep_cfg.space),
-            tune_config=ray.tune.TuneConfig(metric=sweep_cfg.metric, mode=sweep_cfg.mode, scheduler=scheduler,
-                                            num_samples=sweep_cfg.num_samples, max_concurrent_trials=concurrency,
-                                            trial_dirname_creator=lambda trial: trial.trial_id,
-                                            trial_name_creator=lambda trial: trial.trial_id),
-            run_config=ray.tune.RunConfig(name="tune", storage_path=sweep.uri, verbose=0),
-        )
+    sweep, sweep_cfg = RunFolder(spec.run.storage, spec.name), spec.sweep
+    tuner = make_tuner(spec, sweep, resume, console)
     console.print(f"sweep {spec.name}: {sweep_cfg.num_samples} samples of {', '.join(sweep_cfg.space)}; ASHA over "
                   f"{spec.schedule.epochs} epochs (grace {sweep_cfg.asha.grace_period}, reduction {sweep_cfg.asha.reduction_factor:g}); "
-                  f"{concurrency} trial(s) at once, {spec.scaling.num_workers} worker(s) each")
+                  f"{sweep_cfg.max_concurrent_trials or default_concurrency(spec)} trial(s) at once, "
+                  f"{spec.scaling.num_workers} worker(s) each")
     outcome: dict = {}
     done = threading.Event()
 
-    def fit() -> None:
+    def run_tuner() -> None:
         try:
             outcome["grid"] = tuner.fit()
         except BaseException as exc:
@@ -235,13 +199,13 @@ def run_sweep(spec: JobSpec, raw: dict, console: Console, resume: bool = False, 
         finally:
             done.set()
 
-    threading.Thread(target=fit, name="tuner-fit", daemon=True).start()
+    threading.Thread(target=run_tuner, name="tuner", daemon=True).start()
     try:
         with Live(leaderboard([], spec, "leaderboard"), console=console, refresh_per_second=1, transient=True) as live:
             while not done.wait(timeout=2.0):
                 live.update(leaderboard(trial_rows(sweep, spec), spec, f"leaderboard ({time.strftime('%H:%M:%S')})"))
     except KeyboardInterrupt:
-        from orchestrator.launch import stop_ray
+        from orchestrator.session import stop_ray
 
         stop_ray(console)
         raise SweepInterrupted(f"interrupted: trials stopped; finished trials and checkpoints are kept in {sweep.uri}; "
@@ -262,7 +226,7 @@ def finish_sweep(spec: JobSpec, raw: dict, sweep: RunFolder, rows: list[TrialRow
     if not scored:
         raise RuntimeError(f"no trial reported {spec.sweep.metric}; see the trial folders in {sweep.uri}/{TRIALS_DIR}")
     best = scored[0]
-    best_raw = apply_values(raw, best.values)
+    best_raw = with_values(raw, best.values)
     best_raw["name"] = f"{spec.name}_best"
     best_job = spec_to_yaml(validate_spec(best_raw))
     sweep.write_text(BEST_FILE, f"# best of sweep {spec.name}: trial {best.trial_id}, {spec.sweep.metric} {best.best:.4f}\n{best_job}")

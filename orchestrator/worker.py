@@ -20,7 +20,7 @@ import torch
 from orchestrator.fit import WorkerEnv, fit
 from orchestrator.plan import Plan
 from orchestrator.spec import JobSpec
-from orchestrator.storage import CHECKPOINT_FILE, RunFolder, epoch_dir_name, write_atomic
+from orchestrator.storage import CHECKPOINT_FILE, WORKERS_FILE, RunFolder, epoch_dir_name, write_atomic
 
 EPOCHS_DONE = "epochs_done"
 FAULT_STEP_ENV = "ORCHESTRATOR_FAULT_AT_STEP"
@@ -65,9 +65,6 @@ def _emitter(queue):
         except Exception:
             pass
     return emit
-
-
-WORKERS_FILE = "workers.json"
 
 
 def record_placement(folder: RunFolder, rank: int, world_size: int, local_rank: int) -> None:

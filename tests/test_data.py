@@ -7,6 +7,7 @@ from PIL import Image
 
 from orchestrator.data import DataError, ImageReadError, load_splits, make_dataset, stratified_split, train_loader
 from orchestrator.data.datasets import build_transform
+from orchestrator.plan import make_plan
 from orchestrator.spec import DataSpec, JobSpec
 
 
@@ -118,7 +119,9 @@ def test_loader_shards_are_disjoint_and_reshuffle_each_epoch():
     spec = JobSpec.model_validate({"data": {"classes": [0, 1, 2]}})
     splits = load_splits(spec.data, 0)
     dataset = make_dataset(splits.train, spec.data, False, "train")
-    loaders = [train_loader(dataset, spec.data, 8, rank, 2, seed=0) for rank in range(2)]
+    plan = make_plan(spec.model_copy(update={"scaling": spec.scaling.model_copy(update={"per_worker_batch_size": 8})}),
+                     len(dataset), world_size=2)
+    loaders = [train_loader(dataset, spec.data, plan, rank, seed=0) for rank in range(2)]
     assert len(loaders[0]) == len(dataset) // 16
     orders = []
     for epoch in range(2):

@@ -6,9 +6,12 @@ import pytest
 import torch
 from torch import nn
 
-from orchestrator.loop import DivergenceError, evaluate, train_one_epoch
+from orchestrator.loop import DivergenceError, StepSettings, Trainee, evaluate, train_one_epoch
 from orchestrator.optim import build_optimizer
+from orchestrator.plan import plan_groups
 from orchestrator.spec import JobSpec
+
+CPU = torch.device("cpu")
 
 
 def small_net() -> nn.Module:
@@ -23,13 +26,15 @@ def batches(count: int, size: int, seed: int = 0):
 
 def sgd_for(model, lr=0.1):
     spec = JobSpec.model_validate({"optim": {"name": "sgd", "momentum": 0.9, "weight_decay": 0.0, "norm_bias_weight_decay": None}})
-    return build_optimizer(model, spec, scaled_lr=lr)
+    return build_optimizer(model, plan_groups(spec, scaled_lr=lr), spec.optim)
+
+
+def settings(steps, accum=1, lr_multiplier=lambda step: 1.0, **kwargs) -> StepSettings:
+    return StepSettings(steps, accum, lr_multiplier, CPU, **kwargs)
 
 
 def run(model, data, accum, steps, **kwargs):
-    optimizer = sgd_for(model)
-    return train_one_epoch(model, data, optimizer, epoch=0, first_step=0, steps=steps, grad_accum_steps=accum,
-                           lr_multiplier=lambda step: 1.0, device=torch.device("cpu"), **kwargs)
+    return train_one_epoch(Trainee(model, sgd_for(model)), data, settings(steps, accum, **kwargs), epoch=0, first_step=0)
 
 
 def test_accumulation_equals_one_big_batch():
@@ -46,9 +51,8 @@ def test_runs_exactly_the_planned_steps_and_reports_lrs():
     model = small_net()
     optimizer = sgd_for(model)
     seen = []
-    stats = train_one_epoch(model, batches(5, 4), optimizer, epoch=2, first_step=10, steps=2, grad_accum_steps=2,
-                            lr_multiplier=lambda step: 1.0 / step, device=torch.device("cpu"),
-                            on_step=lambda step, loss, lrs: seen.append((step, lrs[0])))
+    stats = train_one_epoch(Trainee(model, optimizer), batches(5, 4), settings(2, 2, lambda step: 1.0 / step),
+                            epoch=2, first_step=10, on_step=lambda step, loss, lrs: seen.append((step, lrs[0])))
     assert [s for s, _ in seen] == [10, 11]
     assert seen[1][1] == pytest.approx(0.1 / 11)
     assert stats.images == 16 and stats.steps == 2
@@ -63,27 +67,41 @@ def test_nan_loss_names_epoch_and_step():
     before = copy.deepcopy(model.state_dict())
     optimizer = sgd_for(model)
     with pytest.raises(DivergenceError, match=r"at epoch 4, step 7 \(optimizer step"):
-        train_one_epoch(model, data, optimizer, epoch=4, first_step=5, steps=3, grad_accum_steps=1,
-                        lr_multiplier=lambda s: 1.0, device=torch.device("cpu"))
+        train_one_epoch(Trainee(model, optimizer), data, settings(3), epoch=4, first_step=5)
     assert all(torch.isfinite(p).all() for p in model.parameters())   # the NaN step was never applied
     assert not all(torch.equal(before[k], v) for k, v in model.state_dict().items())
 
 
-def test_bf16_autocast_channels_last_and_clipping_on_cpu():
+def test_bf16_autocast_and_channels_last_on_cpu_train_like_fp32():
+    data = batches(2, 4)
+    reference = run(small_net(), data, accum=1, steps=2)
     model = small_net().to(memory_format=torch.channels_last)
-    stats = run(model, batches(2, 4), accum=1, steps=2, amp="bf16", channels_last=True, grad_clip_norm=0.5)
-    assert stats.train_loss > 0
+    before = [p.detach().clone() for p in model.parameters()]
+    stats = run(model, data, accum=1, steps=2, amp="bf16", channels_last=True)
+    assert stats.train_loss == pytest.approx(reference.train_loss, rel=0.05)   # bf16 keeps ~3 significant digits
+    assert all(torch.isfinite(p).all() for p in model.parameters())
+    assert all(not torch.equal(b, p) for b, p in zip(before, model.parameters()))
+
+
+def test_gradient_clipping_bounds_the_first_update():
+    """SGD's first step (momentum buffer = gradient, no weight decay) moves the weights by lr x the clipped gradient."""
+    clip, lr = 1e-3, 0.1
+    for grad_clip_norm, bounded in ((clip, True), (None, False)):
+        model = small_net()
+        before = torch.cat([p.detach().flatten().clone() for p in model.parameters()])
+        run(model, batches(1, 8), accum=1, steps=1, grad_clip_norm=grad_clip_norm)
+        moved = (torch.cat([p.detach().flatten() for p in model.parameters()]) - before).norm()
+        assert (moved <= lr * clip * 1.001) == bounded
 
 
 def test_training_lowers_the_loss_and_evaluate_counts_every_image():
     model = small_net()
     data = batches(4, 16, seed=1)
-    first = evaluate(model, data, torch.device("cpu"))
+    first = evaluate(model, data, CPU)
     optimizer = sgd_for(model, lr=0.05)
     for epoch in range(15):
-        train_one_epoch(model, data, optimizer, epoch=epoch, first_step=epoch * 4, steps=4, grad_accum_steps=1,
-                        lr_multiplier=lambda s: 1.0, device=torch.device("cpu"))
-    after = evaluate(model, data, torch.device("cpu"))
+        train_one_epoch(Trainee(model, optimizer), data, settings(4), epoch=epoch, first_step=epoch * 4)
+    after = evaluate(model, data, CPU)
     assert after.images == 64
     assert after.loss < first.loss and after.acc1 > first.acc1
     assert after.acc5 == 1.0   # 3 classes: the top-5 always holds the label

@@ -4,8 +4,8 @@ import pytest
 import torch
 
 from orchestrator import models
-from orchestrator.models import (LoadReport, WeightsError, build_architecture, build_model, fold_batchnorm,
-                                 head_module_names, load_matching, trainability_rows)
+from orchestrator.models import build_architecture, build_model, head_module_names, trainability_rows
+from orchestrator.weights import LoadReport, WeightsError, load_matching
 from orchestrator.spec import ModelSpec
 
 MODEL_LIST = ["resnet18", "resnet50", "alexnet", "vgg16", "squeezenet1_0", "densenet121", "inception_v3", "googlenet",
@@ -126,12 +126,13 @@ def test_unknown_arch_suggests():
 
 def test_freeze_backbone_step_leaves_frozen_tensors_unchanged():
     from orchestrator.optim import build_optimizer
+    from orchestrator.plan import plan_groups
     from orchestrator.spec import JobSpec
 
     spec = JobSpec.model_validate({"model": {"arch": "resnet18", "freeze": ["backbone"]}, "optim": {"name": "sgd"}})
     built = build_model(spec.model, num_classes=5, image_size=32)
     model = built.model
-    optimizer = build_optimizer(model, spec, scaled_lr=0.1)
+    optimizer = build_optimizer(model, plan_groups(spec, scaled_lr=0.1), spec.optim)
     in_optimizer = {id(p) for g in optimizer.param_groups for p in g["params"]}
     assert in_optimizer == {id(model.fc.weight), id(model.fc.bias)}   # only trainable parameters
     before = {n: p.detach().clone() for n, p in model.named_parameters()}
@@ -160,17 +161,3 @@ def test_inception_aux_head_is_replaced_and_trains():
     with pytest.raises(ValueError, match="data.image_size: inception_v3 cannot take 80x80 images"):
         models.check_input_size("inception_v3", 3, 80)
     models.check_input_size("resnet18", 3, 32)
-
-
-def test_batchnorm_folding_gives_the_same_outputs():
-    model = build_architecture("resnet18", 5, 32)
-    model.eval()
-    for module in model.modules():   # non-trivial running statistics
-        if isinstance(module, torch.nn.BatchNorm2d):
-            module.running_mean.uniform_(-0.5, 0.5)
-            module.running_var.uniform_(0.5, 2.0)
-    folded = fold_batchnorm(model)
-    assert not any(isinstance(m, torch.nn.BatchNorm2d) for m in folded.modules())
-    x = torch.randn(2, 3, 32, 32)
-    with torch.no_grad():
-        torch.testing.assert_close(folded(x), model(x), rtol=1e-4, atol=1e-4)

@@ -1,7 +1,7 @@
 import pytest
 
 from orchestrator.plan import PlanError, make_plan, scale_lr
-from orchestrator.prepare import resolve_plan
+from orchestrator.resolve import resolve_plan
 from orchestrator.spec import JobSpec, load_spec
 
 from conftest import REPO
@@ -66,9 +66,10 @@ def test_param_groups_lr_mult_and_norm_bias_split():
                   "param_groups": [{"match": "fc.*", "lr_mult": 10.0}, {"match": "layer4.*", "lr_mult": 2.0, "weight_decay": 0.0}]},
         "scaling": {"num_workers": 2, "per_worker_batch_size": 32},
     })
-    from orchestrator.prepare import count_groups_on_meta
+    from orchestrator.resolve import count_group_sizes
 
-    plan = make_plan(spec, 1000, 2, count_groups_on_meta(spec, 5))
+    plan = make_plan(spec, 1000, 2)
+    plan = plan.with_group_sizes(count_group_sizes(spec, plan.param_groups, 5))
     groups = {g.name: g for g in plan.param_groups}
     assert list(groups) == ["fc.*", "fc.* [norm/bias]", "layer4.*", "layer4.* [norm/bias]", "rest", "rest [norm/bias]"]
     assert groups["fc.*"].lr == pytest.approx(1.0) and groups["fc.*"].weight_decay == 1e-4

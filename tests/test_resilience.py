@@ -13,8 +13,8 @@ import torch
 
 from orchestrator.cli import main
 from orchestrator.fit import fit
-from orchestrator.local import local_env
-from orchestrator.prepare import resolve_plan
+from orchestrator.launch import local_env
+from orchestrator.resolve import resolve_plan
 from orchestrator.spec import validate_spec
 
 from conftest import REPO, tiny_job

@@ -1,6 +1,7 @@
 """Every schedule, step by step, with warmup; checked against torch's own schedulers too."""
 
 import math
+from types import SimpleNamespace
 
 import pytest
 import torch
@@ -24,6 +25,12 @@ PINNED = {
 PLATEAU_HISTORY = [1.0, 1.0, 1.0, 0.5, 0.5]
 
 
+def steps(steps_per_epoch: int, warmup_steps: int, total_steps: int, scaled_lr: float = 1.0) -> SimpleNamespace:
+    """The plan's numbers the schedule reads."""
+    return SimpleNamespace(steps_per_epoch=steps_per_epoch, warmup_steps=warmup_steps, total_steps=total_steps,
+                           scaled_lr=scaled_lr)
+
+
 def pinned_schedule(case: str) -> ScheduleSpec:
     return ScheduleSpec(name=case.split("_")[0], warmup_epochs=0.5, warmup_start_factor=0.1, **{"epochs": 3, **PINNED[case][0]})
 
@@ -32,7 +39,7 @@ def pinned_schedule(case: str) -> ScheduleSpec:
 def test_every_schedule_with_warmup_step_by_step(case):
     sched = pinned_schedule(case)
     total = sched.epochs * STEPS_PER_EPOCH
-    got = [lr_multiplier(s, sched, STEPS_PER_EPOCH, WARMUP_STEPS, total, 1.0, PLATEAU_HISTORY) for s in range(total)]
+    got = [lr_multiplier(s, sched, steps(STEPS_PER_EPOCH, WARMUP_STEPS, total), PLATEAU_HISTORY) for s in range(total)]
     assert got == pytest.approx(PINNED[case][1], abs=1e-6)
 
 
@@ -41,10 +48,10 @@ def test_resume_at_any_step_gives_the_unbroken_lr(case):
     """The multiplier is a pure function: computing it fresh at step s (a resumed run) equals the unbroken sequence."""
     sched = pinned_schedule(case)
     total = sched.epochs * STEPS_PER_EPOCH
-    unbroken = [lr_multiplier(s, sched, STEPS_PER_EPOCH, WARMUP_STEPS, total, 1.0, PLATEAU_HISTORY) for s in range(total)]
+    unbroken = [lr_multiplier(s, sched, steps(STEPS_PER_EPOCH, WARMUP_STEPS, total), PLATEAU_HISTORY) for s in range(total)]
     for resume_at in range(total):
         fresh = ScheduleSpec.model_validate(sched.model_dump())   # nothing carried over but the step
-        resumed = [lr_multiplier(s, fresh, STEPS_PER_EPOCH, WARMUP_STEPS, total, 1.0, PLATEAU_HISTORY[: s // STEPS_PER_EPOCH])
+        resumed = [lr_multiplier(s, fresh, steps(STEPS_PER_EPOCH, WARMUP_STEPS, total), PLATEAU_HISTORY[: s // STEPS_PER_EPOCH])
                    for s in range(resume_at, total)]
         assert resumed == unbroken[resume_at:]
 
@@ -69,14 +76,14 @@ def _torch_lrs(scheduler_factory, epochs: int, metrics=None) -> list[float]:
 ])
 def test_matches_torch_scheduler_without_warmup(name, ours, theirs):
     sched = ScheduleSpec(name=name, epochs=10, **ours)
-    mine = [lr_multiplier(e, sched, 1, 0, 10, 1.0) for e in range(10)]
+    mine = [lr_multiplier(e, sched, steps(1, 0, 10)) for e in range(10)]
     assert mine == pytest.approx(_torch_lrs(theirs, 10), rel=1e-9)
 
 
 def test_plateau_matches_torch_reduce_on_plateau():
     history = [1.0, 0.8, 0.8, 0.81, 0.79, 0.79, 0.79, 0.79, 0.5, 0.5, 0.5, 0.5]
     sched = ScheduleSpec(name="plateau", epochs=12, patience=2, gamma=0.5, plateau_threshold=1e-4)
-    mine = [lr_multiplier(e, sched, 1, 0, 12, 1.0, history) for e in range(12)]
+    mine = [lr_multiplier(e, sched, steps(1, 0, 12), history) for e in range(12)]
     theirs = _torch_lrs(lambda o: torch.optim.lr_scheduler.ReduceLROnPlateau(o, mode="min", factor=0.5, patience=2, threshold=1e-4), 12, history)
     assert mine == pytest.approx(theirs)
 
@@ -87,7 +94,7 @@ def test_plateau_max_mode_for_accuracy():
 
 def test_min_lr_floors_step_decay():
     sched = ScheduleSpec(name="step", epochs=10, step_size=1, gamma=0.1, min_lr=0.05)
-    assert lr_multiplier(5, sched, 1, 0, 10, scaled_lr=0.5) == pytest.approx(0.1)   # floor 0.05 / 0.5
+    assert lr_multiplier(5, sched, steps(1, 0, 10, scaled_lr=0.5)) == pytest.approx(0.1)   # floor 0.05 / 0.5
 
 
 def test_every_group_keeps_its_ratio():
@@ -97,5 +104,5 @@ def test_every_group_keeps_its_ratio():
     opt = torch.optim.SGD([{"params": [params[0]], "base_lr": 0.1}, {"params": [params[1]], "base_lr": 1.0}], lr=0.0)
     sched = ScheduleSpec(name="cosine", epochs=3, warmup_epochs=0.5)
     for step in range(12):
-        low, high = apply_lr(opt, lr_multiplier(step, sched, 4, 2, 12, 0.1))
+        low, high = apply_lr(opt, lr_multiplier(step, sched, steps(4, 2, 12, scaled_lr=0.1)))
         assert high == pytest.approx(10 * low)

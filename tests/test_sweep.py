@@ -8,7 +8,7 @@ import yaml
 
 from orchestrator.cli import main
 from orchestrator.spec import SpecError, load_spec
-from orchestrator.sweep import probe_values, validate_space
+from orchestrator.search import probe_values, validate_space
 
 from conftest import tiny_job
 

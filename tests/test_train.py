@@ -78,8 +78,10 @@ def test_diverging_run_stops_naming_epoch_and_step(tmp_path, write_job, capsys):
     assert main(["train", str(job), "--local"]) == 1
     err = capsys.readouterr().err
     assert "loss diverged" in err and "at epoch" in err and "step" in err
-    summary = json.loads((tmp_path / "runs" / "diverge" / "summary.json").read_text())
-    assert summary["status"] == "diverged" and "at epoch" in summary["message"]
-    rows = pq.read_table(tmp_path / "runs" / "diverge" / "metrics.parquet").to_pylist() \
-        if (tmp_path / "runs" / "diverge" / "metrics.parquet").exists() else []
-    assert all(r["train_loss"] == r["train_loss"] for r in rows)   # no NaN row was written as if it were good
+    run = tmp_path / "runs" / "diverge"
+    summary = json.loads((run / "summary.json").read_text())
+    assert summary["status"] == "diverged" and "at epoch 0, step" in summary["message"]
+    assert summary["epochs_completed"] == 0
+    # it diverged inside epoch 0: no metric row, checkpoint or weights was written as if it were good
+    assert not (run / "metrics.parquet").exists() and not list(run.glob("checkpoint_*"))
+    assert not (run / "model.safetensors").exists()

@@ -1,6 +1,7 @@
 """Datasets, augmentation presets and seeded loaders over the splits of `data.sources`.
 
-Images become uint8 CHW tensors, pass the augmentations named in `data.augment` (training only),
+Images become uint8 CHW tensors, pass the augmentations named in `data.augment` (training only;
+`AUGMENTATIONS` is their registry, read by the spec's validation),
 then are resized to `image_size`, scaled to [0, 1] and normalised. In-memory sources are resized
 once up front. An image that cannot be decoded raises `ImageReadError` with its path.
 Loaders shard by rank: training with `GlobalBatchSampler` (every optimizer step sees the plan's
@@ -12,6 +13,7 @@ from __future__ import annotations
 
 import io
 import random
+from collections.abc import Callable
 
 import numpy as np
 import torch
@@ -19,6 +21,7 @@ from torch.utils.data import DataLoader, Dataset
 from torchvision.transforms import v2
 
 from orchestrator.data.sources import Split
+from orchestrator.plan import Plan
 from orchestrator.spec import DataSpec
 
 
@@ -36,23 +39,19 @@ class RandomRotate90(torch.nn.Module):
         return "RandomRotate90()"
 
 
-def augmentation(name: str, image_size: int) -> torch.nn.Module:
-    """One named augmentation on uint8 images (gaussian_noise works on floats: see build_transform)."""
-    if name == "hflip":
-        return v2.RandomHorizontalFlip()
-    if name == "vflip":
-        return v2.RandomVerticalFlip()
-    if name == "rotate90":
-        return RandomRotate90()
-    if name == "color_jitter":
-        return v2.ColorJitter(brightness=0.4, contrast=0.4, saturation=0.4)
-    if name == "random_resized_crop":
-        return v2.RandomResizedCrop(image_size, scale=(0.35, 1.0), antialias=True)
-    if name == "random_crop":
-        return v2.RandomCrop(image_size, padding=max(1, image_size // 8))
-    if name == "blur":
-        return v2.RandomApply([v2.GaussianBlur(kernel_size=3, sigma=(0.1, 1.5))], p=0.5)
-    raise ValueError(f"data.augment: unknown {name!r}")
+AUGMENTATIONS: dict[str, Callable[[int], torch.nn.Module]] = {
+    "hflip": lambda size: v2.RandomHorizontalFlip(),
+    "vflip": lambda size: v2.RandomVerticalFlip(),
+    "rotate90": lambda size: RandomRotate90(),
+    "color_jitter": lambda size: v2.ColorJitter(brightness=0.4, contrast=0.4, saturation=0.4),
+    "random_resized_crop": lambda size: v2.RandomResizedCrop(size, scale=(0.35, 1.0), antialias=True),
+    "random_crop": lambda size: v2.RandomCrop(size, padding=max(1, size // 8)),
+    "blur": lambda size: v2.RandomApply([v2.GaussianBlur(kernel_size=3, sigma=(0.1, 1.5))], p=0.5),
+    "gaussian_noise": lambda size: v2.GaussianNoise(mean=0.0, sigma=0.05),
+}
+"""data.augment names -> builder(image_size); the spec's validation reads this. gaussian_noise works
+on float images, so build_transform places it after the conversion to float."""
+FLOAT_AUGMENTATIONS = ("gaussian_noise",)
 
 
 def build_transform(data: DataSpec, train: bool, pre_sized: bool) -> v2.Compose:
@@ -62,10 +61,9 @@ def build_transform(data: DataSpec, train: bool, pre_sized: bool) -> v2.Compose:
     augment = data.augment if train else []
     if "random_resized_crop" not in augment and not pre_sized:
         steps += [v2.Resize(size, antialias=True), v2.CenterCrop(size)]
-    steps += [augmentation(name, size) for name in augment if name != "gaussian_noise"]
+    steps += [AUGMENTATIONS[name](size) for name in augment if name not in FLOAT_AUGMENTATIONS]
     steps.append(v2.ToDtype(torch.float32, scale=True))
-    if "gaussian_noise" in augment:
-        steps.append(v2.GaussianNoise(mean=0.0, sigma=0.05))
+    steps += [AUGMENTATIONS[name](size) for name in augment if name in FLOAT_AUGMENTATIONS]
     steps.append(v2.Normalize(mean=list(data.mean), std=list(data.std)))
     return v2.Compose(steps)
 
@@ -160,12 +158,11 @@ class GlobalBatchSampler(torch.utils.data.Sampler):
                 yield from order[start:start + self.batch]
 
 
-def train_loader(dataset: Dataset, data: DataSpec, per_worker_batch_size: int, rank: int, world_size: int, seed: int,
-                 grad_accum_steps: int = 1) -> DataLoader:
-    """This rank's micro-batches, reshuffled by `sampler.set_epoch`, only whole global batches."""
-    sampler = GlobalBatchSampler(len(dataset), per_worker_batch_size, world_size, rank, grad_accum_steps, seed)
+def train_loader(dataset: Dataset, data: DataSpec, plan: Plan, rank: int, seed: int) -> DataLoader:
+    """This rank's micro-batches of the plan's global batches, reshuffled by `sampler.set_epoch`."""
+    sampler = GlobalBatchSampler(len(dataset), plan.per_worker_batch_size, plan.world_size, rank, plan.grad_accum_steps, seed)
     generator = torch.Generator().manual_seed(seed + rank)
-    return DataLoader(dataset, batch_size=per_worker_batch_size, sampler=sampler, drop_last=True,
+    return DataLoader(dataset, batch_size=plan.per_worker_batch_size, sampler=sampler, drop_last=True,
                       num_workers=data.loader_workers, worker_init_fn=seed_worker, generator=generator)
 
 

@@ -1,6 +1,7 @@
 """Reading each data source into labelled splits, and the seeded ways of cutting them.
 
-A source yields `Split`s whose items are decoded lazily by `data.datasets`: uint8 arrays
+`SOURCES` is the registry of `data.source` kinds (the spec's validation reads it): each reads a
+source into labelled `Split`s whose items are decoded lazily by `data.datasets`: uint8 arrays
 (builtin digits, synthetic), encoded image bytes (Parquet) or file paths (image folders).
 `load_splits(data_spec, seed)` applies the common steps every source shares: keep `data.classes`,
 cut a stratified `val_fraction` when the source has no val split, keep `max_per_class` training
@@ -9,6 +10,7 @@ images per class. Missing folders and empty sources raise `DataError` naming the
 
 from __future__ import annotations
 
+from collections.abc import Callable
 from dataclasses import dataclass, field
 from importlib import resources
 from pathlib import Path
@@ -78,7 +80,7 @@ def cap_per_class(labels: np.ndarray, max_per_class: int, seed: int) -> np.ndarr
     return np.sort(np.concatenate(chosen))
 
 
-def _digits() -> tuple[list[str], dict[str, Split]]:
+def _digits(data: DataSpec, seed: int) -> tuple[list[str], dict[str, Split], list[str]]:
     import pyarrow.parquet as pq
 
     path = resources.files("orchestrator.data") / "digits.parquet"
@@ -88,10 +90,10 @@ def _digits() -> tuple[list[str], dict[str, Split]]:
     labels = table.column("label").to_numpy().astype(np.int64)
     split = np.array(table.column("split").to_pylist())
     splits = {name: Split("array", rgb[split == name], labels[split == name]) for name in ("train", "test")}
-    return [str(i) for i in range(10)], splits
+    return [str(i) for i in range(10)], splits, []
 
 
-def _synthetic(data: DataSpec, seed: int) -> tuple[list[str], dict[str, Split]]:
+def _synthetic(data: DataSpec, seed: int) -> tuple[list[str], dict[str, Split], list[str]]:
     """Per-class random patterns plus noise: learnable, reproducible, any size."""
     syn, size = data.synthetic, data.image_size
     rng = np.random.default_rng(seed)
@@ -104,7 +106,7 @@ def _synthetic(data: DataSpec, seed: int) -> tuple[list[str], dict[str, Split]]:
         noise = rng.integers(0, 256, (count, size, size, 3), dtype=np.uint8)
         images = (patterns[labels].astype(np.uint16) + noise) // 2
         splits[name] = Split("array", images.astype(np.uint8), labels)
-    return [str(i) for i in range(syn.num_classes)], splits
+    return [str(i) for i in range(syn.num_classes)], splits, []
 
 
 def _class_folder_split(folder: Path, class_names: list[str] | None) -> tuple[list[str], Split]:
@@ -124,7 +126,8 @@ def _class_folder_split(folder: Path, class_names: list[str] | None) -> tuple[li
     return names, Split("path", paths, np.array(labels, dtype=np.int64))
 
 
-def _imagefolder(root: Path) -> tuple[list[str], dict[str, Split], list[str]]:
+def _imagefolder(data: DataSpec, seed: int) -> tuple[list[str], dict[str, Split], list[str]]:
+    root = Path(data.source_path).expanduser()
     if not root.is_dir():
         raise DataError(f"data.source: image folder {root} does not exist")
     notes = []
@@ -144,10 +147,11 @@ def _imagefolder(root: Path) -> tuple[list[str], dict[str, Split], list[str]]:
     return class_names, splits, notes
 
 
-def _parquet(uri: str) -> tuple[list[str], dict[str, Split]]:
+def _parquet(data: DataSpec, seed: int) -> tuple[list[str], dict[str, Split], list[str]]:
     """Parquet with an `image` column (encoded bytes, or a struct with `bytes`), `label`, optional `split`."""
     import pyarrow.parquet as pq
 
+    uri = data.source_path
     try:
         table = pq.read_table(uri)
     except (FileNotFoundError, OSError) as exc:
@@ -169,7 +173,35 @@ def _parquet(uri: str) -> tuple[list[str], dict[str, Split]]:
             splits[name] = Split("bytes", [images[i] for i in where], labels[where])
     if "train" not in splits:
         raise DataError(f"data.source: Parquet {uri} has no rows with split 'train'")
-    return [str(n) for n in names], splits
+    return [str(n) for n in names], splits, []
+
+
+@dataclass(frozen=True)
+class Source:
+    read: Callable[[DataSpec, int], tuple[list[str], dict[str, Split], list[str]]]
+    """(data spec, seed) -> (class names, splits by name, notes)"""
+    form: str
+    """how a job file writes it"""
+    takes_path: bool
+    """the part after ':' is a local path or URI"""
+
+
+SOURCES = {
+    "builtin": Source(_digits, "builtin:digits", takes_path=False),
+    "imagefolder": Source(_imagefolder, "imagefolder:PATH", takes_path=True),
+    "parquet": Source(_parquet, "parquet:PATH_OR_URI", takes_path=True),
+    "synthetic": Source(_synthetic, "synthetic", takes_path=False),
+}
+"""data.source kinds (the part before ':'); the spec's validation reads this"""
+
+
+def source_entry(source: str) -> Source | None:
+    """The registry entry a data.source value names, or None when it names none."""
+    kind, _, rest = source.partition(":")
+    entry = SOURCES.get(kind)
+    if entry is None or (rest == "" if entry.takes_path else source != entry.form):
+        return None
+    return entry
 
 
 def _keep_classes(class_names: list[str], splits: dict[str, Split], keep: list[int | str]) -> tuple[list[str], dict[str, Split]]:
@@ -195,18 +227,7 @@ def _keep_classes(class_names: list[str], splits: dict[str, Split], keep: list[i
 
 def load_splits(data: DataSpec, seed: int) -> Splits:
     """Train/val/test of the configured source, after class selection, val split and few-shot cap."""
-    notes: list[str] = []
-    kind = data.source_kind
-    if kind == "digits":
-        class_names, splits = _digits()
-    elif kind == "synthetic":
-        class_names, splits = _synthetic(data, seed)
-    elif kind == "imagefolder":
-        class_names, splits, notes = _imagefolder(Path(data.source_path).expanduser())
-    elif kind == "parquet":
-        class_names, splits = _parquet(data.source_path)
-    else:
-        raise DataError(f"data.source: unknown source {data.source!r}; valid: builtin:digits, imagefolder:PATH, parquet:PATH_OR_URI, synthetic")
+    class_names, splits, notes = SOURCES[data.source_kind].read(data, seed)
     if data.classes is not None:
         class_names, splits = _keep_classes(class_names, splits, data.classes)
     train = splits["train"]

@@ -1,4 +1,5 @@
-"""From a validated spec to what the plan needs: training-set size, class count, group sizes.
+"""The driver's planning: from a validated spec to the plan, with training-set size, class count and
+the parameter counts of each group.
 
 `resolve_plan(spec, world_size)` counts the training images of the data when it can read it; when
 it cannot (an ImageNet job whose data lives on the cluster), `data.num_train_samples` and an
@@ -15,7 +16,7 @@ import torch
 from orchestrator.data import DataError, Splits, load_splits
 from orchestrator.models import build_architecture, check_input_size, freeze_targets, head_module_names, set_trainable
 from orchestrator.optim import param_group_sizes
-from orchestrator.plan import Plan, make_plan
+from orchestrator.plan import GroupSize, Plan, PlanGroup, make_plan
 from orchestrator.spec import JobSpec
 
 
@@ -34,13 +35,14 @@ def resolve_num_classes(spec: JobSpec, splits: Splits | None) -> int:
     return splits.num_classes
 
 
-def count_groups_on_meta(spec: JobSpec, num_classes: int):
-    """Group sizes of the spec's model with its freezing, built on the meta device (no memory, no weights)."""
+def count_group_sizes(spec: JobSpec, groups: list[PlanGroup], num_classes: int) -> list[GroupSize]:
+    """Sizes of the plan's groups in the spec's model with its freezing, built on the meta device
+    (no memory, no weights)."""
     with torch.device("meta"):
         model = build_architecture(spec.model.arch, num_classes, spec.data.image_size)
     if spec.model.freeze:
         set_trainable(model, freeze_targets(model, spec.model.freeze, head_module_names(spec.model.arch, spec.data.image_size)), False)
-    return param_group_sizes(model, spec)
+    return param_group_sizes(model, groups)
 
 
 def resolve_plan(spec: JobSpec, world_size: int, splits: Splits | None = None) -> Resolved:
@@ -55,5 +57,6 @@ def resolve_plan(spec: JobSpec, world_size: int, splits: Splits | None = None) -
     num_train = len(splits.train) if splits is not None else spec.data.num_train_samples
     num_classes = resolve_num_classes(spec, splits)
     check_input_size(spec.model.arch, num_classes, spec.data.image_size)
-    plan = make_plan(spec, num_train, world_size, count_groups_on_meta(spec, num_classes))
+    plan = make_plan(spec, num_train, world_size)
+    plan = plan.with_group_sizes(count_group_sizes(spec, plan.param_groups, num_classes))
     return Resolved(plan, num_classes, splits)

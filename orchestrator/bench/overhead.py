@@ -1,0 +1,177 @@
+"""`orchestrator bench overhead`: what our Ray Train path costs over a plain PyTorch loop.
+
+Same model, data and batch on one worker that owns the whole machine. Steady state: median
+seconds per training epoch (the first epoch left out) of a plain loop written here, of
+`train --local` and of `train` on Ray Train, as ratios to the plain loop. Start-up: seconds from
+command start to the first training step of `orchestrator train`, cold (a new local Ray) and
+against an already running cluster (`--address`), next to a bare TorchTrainer whose loop does
+nothing (Ray's own floor), all measured in this run. Each measured command runs in a fresh process.
+"""
+
+from __future__ import annotations
+
+import os
+import re
+import statistics
+import subprocess
+import sys
+import tempfile
+import time
+from pathlib import Path
+
+import yaml
+from rich.console import Console
+from rich.table import Table
+
+from orchestrator.bench.common import run_train, start_head, stop_head, token_env
+from orchestrator.progress import process_start_time
+
+BARE_PATTERN = re.compile(r"bare first step ([0-9.]+) s")
+
+
+def bench_job(storage: str, name: str, epochs: int) -> dict:
+    cpus = os.cpu_count() or 1
+    return {
+        "name": name, "seed": 0,
+        "data": {"source": "builtin:digits", "image_size": 32, "augment": ["random_crop"], "loader_workers": 0},
+        "model": {"arch": "resnet18"},
+        "optim": {"name": "sgd", "base_lr": 0.2, "base_batch_size": 256},
+        "schedule": {"name": "cosine", "epochs": epochs, "warmup_epochs": 1},
+        "scaling": {"num_workers": 1, "cpus_per_worker": cpus, "per_worker_batch_size": 64},
+        "run": {"storage": storage, "max_failures": 0},
+    }
+
+
+def plain_loop_epoch_seconds(job: dict, epochs: int) -> list[float]:
+    """A plain PyTorch loop over the same data pipeline, model and batch: seconds per epoch."""
+    import torch
+    import torch.nn.functional as F
+    import torchvision
+
+    from orchestrator.data import load_splits, make_dataset
+    from orchestrator.spec import JobSpec
+
+    spec = JobSpec.model_validate(job)
+    torch.set_num_threads(os.cpu_count() or 1)
+    torch.manual_seed(0)
+    splits = load_splits(spec.data, spec.seed)
+    dataset = make_dataset(splits.train, spec.data, True, "train")
+    loader = torch.utils.data.DataLoader(dataset, batch_size=spec.scaling.per_worker_batch_size, shuffle=True, drop_last=True)
+    model = torchvision.models.resnet18(num_classes=splits.num_classes)
+    optimizer = torch.optim.SGD(model.parameters(), lr=0.05, momentum=0.9, weight_decay=1e-4)
+    seconds = []
+    for _ in range(epochs):
+        model.train()
+        started = time.perf_counter()
+        for images, labels in loader:
+            optimizer.zero_grad(set_to_none=True)
+            F.cross_entropy(model(images), labels).backward()
+            optimizer.step()
+        seconds.append(time.perf_counter() - started)
+    return seconds
+
+
+def run_bare(address: str | None, env: dict | None = None) -> float:
+    command = [sys.executable, "-m", "orchestrator.bench.overhead", "bare"] + ([address] if address else [])
+    done = subprocess.run(command, capture_output=True, text=True, env=env)
+    match = BARE_PATTERN.search(done.stdout)
+    if done.returncode != 0 or not match:
+        raise RuntimeError(f"bare TorchTrainer failed ({done.returncode}):\n{done.stdout[-2000:]}\n{done.stderr[-3000:]}")
+    return float(match.group(1))
+
+
+def bare_trainer_main(address: str | None) -> None:
+    """Ray's floor: import torch, start or join Ray, fit a 1-worker TorchTrainer whose loop does nothing."""
+    import torch  # noqa: F401  (our CLI pays for it too)
+    import ray
+    from ray.train import RunConfig, ScalingConfig
+    from ray.train.torch import TorchTrainer
+    from ray.util.queue import Queue
+
+    ray.init(address=address, log_to_driver=False, configure_logging=False)
+    events = Queue()
+
+    def loop(config):
+        config["queue"].put(time.time())
+
+    with tempfile.TemporaryDirectory() as storage:
+        TorchTrainer(loop, train_loop_config={"queue": events},
+                     scaling_config=ScalingConfig(num_workers=1, resources_per_worker={"CPU": os.cpu_count() or 1}),
+                     run_config=RunConfig(storage_path=storage, name="bare")).fit()
+    print(f"bare first step {events.get(timeout=60) - process_start_time():.2f} s", flush=True)
+
+
+def overhead(console: Console, epochs: int = 6, repeats: int = 2) -> dict:
+    """Run every measurement and print the tables; returns the figures."""
+    figures: dict = {}
+    with tempfile.TemporaryDirectory() as workdir:
+        storage = str(Path(workdir) / "runs")
+
+        def job_file(name: str) -> Path:
+            path = Path(workdir) / f"{name}.yaml"
+            path.write_text(yaml.safe_dump(bench_job(storage, name, epochs)))
+            return path
+
+        # The CPU runs faster when it has rested, so the plain loop is measured before and after the
+        # others and start-up is measured `repeats` times, alternating bare and ours; minima are kept.
+        console.print(f"plain PyTorch loop, {epochs} epochs ...")
+        plain = plain_loop_epoch_seconds(bench_job(storage, "plain", epochs), epochs)
+        console.print("orchestrator train --local ...")
+        figures["local_first_step_s"], figures["local_epoch_s"] = run_train(job_file("local"), ["--local"])
+        cold_bare, cold_ours, warm_bare, warm_ours = [], [], [], []
+        for repeat in range(repeats):
+            console.print(f"cold start-up, round {repeat + 1} of {repeats}: bare TorchTrainer, then orchestrator train ...")
+            cold_bare.append(run_bare(None))
+            first_step_s, epoch_s = run_train(job_file(f"ray_cold_{repeat}"), [])
+            cold_ours.append(first_step_s)
+            if repeat == 0:
+                figures["ray_epoch_s"] = epoch_s
+        console.print("starting a local cluster (ray start --head) ...")
+        env = token_env()
+        head, address = start_head(os.cpu_count() or 1, env)
+        try:
+            for repeat in range(repeats):
+                console.print(f"warm start-up against {address}, round {repeat + 1} of {repeats} ...")
+                warm_bare.append(run_bare(address, env))
+                warm_ours.append(run_train(job_file(f"ray_warm_{repeat}"), ["--address", address], env)[0])
+        finally:
+            stop_head(head)
+        console.print(f"plain PyTorch loop again, {epochs} epochs ...")
+        plain_after = plain_loop_epoch_seconds(bench_job(storage, "plain", epochs), epochs)
+    figures.update(plain_epoch_s=plain[1:] + plain_after[1:], bare_cold_s=min(cold_bare), ray_cold_first_step_s=min(cold_ours),
+                   bare_warm_s=min(warm_bare), ray_warm_first_step_s=min(warm_ours))
+    print_overhead(console, figures)
+    return figures
+
+
+def steady(seconds: list[float]) -> float:
+    return statistics.median(seconds[1:] if len(seconds) > 1 else seconds)
+
+
+def print_overhead(console: Console, f: dict) -> None:
+    plain = statistics.median(f["plain_epoch_s"])   # both sessions, first epochs already left out
+    table = Table(title="steady state: seconds per training epoch (median, first epoch of each run left out; "
+                        "plain loop measured before and after the others)", title_justify="left")
+    for column in ("path", "s/epoch", "ratio to plain loop"):
+        table.add_column(column, justify="left" if column == "path" else "right")
+    for label, key in (("plain PyTorch loop", "plain_epoch_s"), ("orchestrator train --local", "local_epoch_s"),
+                       ("orchestrator train (Ray Train, 1 worker)", "ray_epoch_s")):
+        value = plain if key == "plain_epoch_s" else steady(f[key])
+        table.add_row(label, f"{value:.3f}", f"{value / plain:.3f}")
+    console.print(table)
+    start = Table(title="start-up: seconds from command start to the first training step (best of the rounds)", title_justify="left")
+    for column in ("", "cold (new local Ray)", "warm (--address)"):
+        start.add_column(column, justify="left" if not column else "right")
+    start.add_row("bare TorchTrainer (Ray's floor)", f"{f['bare_cold_s']:.1f}", f"{f['bare_warm_s']:.1f}")
+    start.add_row("orchestrator train", f"{f['ray_cold_first_step_s']:.1f}", f"{f['ray_warm_first_step_s']:.1f}")
+    start.add_row("difference", f"{f['ray_cold_first_step_s'] - f['bare_cold_s']:+.1f}", f"{f['ray_warm_first_step_s'] - f['bare_warm_s']:+.1f}")
+    start.add_row("orchestrator train --local", f"{f['local_first_step_s']:.1f}", "")
+    console.print(start)
+    console.print("goals: Ray steady-state ratio <= 1.05; start-up within 3 s of the bare TorchTrainer")
+
+
+
+
+if __name__ == "__main__":
+    if sys.argv[1:2] == ["bare"]:
+        bare_trainer_main(sys.argv[2] if len(sys.argv) > 2 else None)

@@ -1,0 +1,81 @@
+"""`orchestrator bench reliability`: kill one worker mid-run, several times; count what survives.
+
+Each run of a small 2-worker job has one worker killed once in the middle of epoch 3 of 4
+(`ORCHESTRATOR_FAULT_AT_STEP`); the figures are runs completed, epochs lost or repeated, and the
+recovery cost in seconds against a clean run measured in the same session.
+"""
+
+from __future__ import annotations
+
+import os
+import statistics
+import tempfile
+from pathlib import Path
+
+import yaml
+from rich.console import Console
+from rich.table import Table
+
+from orchestrator.bench.common import timed_train
+from orchestrator.storage import METRICS_FILE, SUMMARY_FILE, RunFolder
+from orchestrator.worker import FAULT_MARKER, FAULT_STEP_ENV
+
+
+def reliability_job(storage: str, name: str) -> dict:
+    return {
+        "name": name, "seed": 0,
+        "data": {"source": "builtin:digits", "classes": [0, 1, 2, 3, 4], "image_size": 16},
+        "model": {"arch": "resnet18"},
+        "optim": {"name": "sgd", "base_lr": 0.2, "base_batch_size": 256},
+        "schedule": {"name": "cosine", "epochs": 4, "warmup_epochs": 1},
+        "scaling": {"num_workers": 2, "per_worker_batch_size": 32},
+        "run": {"storage": storage, "max_failures": 2},
+    }
+
+
+def run_outcome(run: RunFolder, exit_code: int, epochs: int) -> dict:
+    """completed, killed (the fault fired), epochs lost and repeated, from a faulty run's folder."""
+    done = [r["epoch"] for r in run.read_rows(METRICS_FILE)] if run.exists(METRICS_FILE) else []
+    return {"completed": exit_code == 0 and run.read_json(SUMMARY_FILE)["status"] == "completed",
+            "killed": run.exists(FAULT_MARKER),
+            "lost": len(set(range(epochs)) - set(done)), "repeated": len(done) - len(set(done))}
+
+
+def reliability(console: Console, runs: int = 3) -> dict:
+    """Kill one worker once in the middle of epoch 3 of 4, `runs` times; compare with a clean run."""
+    from orchestrator.resolve import resolve_plan
+    from orchestrator.spec import validate_spec
+
+    outcomes = []
+    with tempfile.TemporaryDirectory() as workdir:
+        storage = str(Path(workdir) / "runs")
+
+        def job_file(name: str) -> Path:
+            path = Path(workdir) / f"{name}.yaml"
+            path.write_text(yaml.safe_dump(reliability_job(storage, name)))
+            return path
+
+        plan = resolve_plan(validate_spec(reliability_job(storage, "x")), 2).plan
+        fault_step = 2 * plan.steps_per_epoch + plan.steps_per_epoch // 2
+        console.print(f"clean run (baseline): {plan.epochs} epochs x {plan.steps_per_epoch} steps, 2 workers ...")
+        code, clean_s = timed_train(job_file("clean"), dict(os.environ))
+        if code != 0:
+            raise RuntimeError("the clean baseline run failed")
+        for index in range(runs):
+            console.print(f"run {index + 1} of {runs}: one worker killed after step {fault_step} ...")
+            code, seconds = timed_train(job_file(f"faulty_{index}"), {**os.environ, FAULT_STEP_ENV: str(fault_step)})
+            outcomes.append({**run_outcome(RunFolder(storage, f"faulty_{index}"), code, plan.epochs),
+                             "recovery_s": seconds - clean_s})
+    figures = {"runs": runs, "completed": sum(o["completed"] for o in outcomes), "killed": sum(o["killed"] for o in outcomes),
+               "epochs_lost": sum(o["lost"] for o in outcomes), "epochs_repeated": sum(o["repeated"] for o in outcomes),
+               "mean_recovery_s": statistics.mean(o["recovery_s"] for o in outcomes), "clean_s": clean_s}
+    table = Table(title="worker kill and recovery", show_header=False, title_justify="left")
+    table.add_column("key", style="bold")
+    table.add_column("value")
+    for key, value in (("completed", f"{figures['completed']}/{runs} (a worker was killed in {figures['killed']})"),
+                       ("epochs lost", str(figures["epochs_lost"])), ("epochs repeated", str(figures["epochs_repeated"])),
+                       ("mean recovery cost", f"{figures['mean_recovery_s']:.1f} s (faulty run's wall time - clean run's, {clean_s:.1f} s)")):
+        table.add_row(key, value)
+    console.print(table)
+    console.print(f"goal: {runs}/{runs} completed, 0 lost, 0 repeated")
+    return figures
