@@ -25,12 +25,12 @@ from orchestrator import progress
 from orchestrator.data import Splits, eval_loader, load_splits, make_dataset, train_loader
 from orchestrator.loop import DivergenceError, StepSettings, Trainee, evaluate, train_one_epoch
 from orchestrator.metrics import epoch_row, improved
-from orchestrator.models import BuiltModel, build_model, set_trainable, trainability_rows
+from orchestrator.models import BuiltModel, build_model, frozen_norm_layers, set_trainable, trainability_rows
 from orchestrator.optim import SwatsTracker, build_optimizer, rebuild_keeping_state, switch_to_sgd
 from orchestrator.plan import Plan, PlanError
 from orchestrator.resolve import resolve_num_classes
-from orchestrator.schedule import lr_multiplier
-from orchestrator.spec import JobSpec
+from orchestrator.schedule import group_multipliers
+from orchestrator.spec import JobSpec, group_schedule
 from orchestrator.storage import BEST_CHECKPOINT, METRICS_FILE, SUMMARY_FILE, WEIGHTS_FILE, RunFolder
 
 EVAL_BATCH_SIZE = 256
@@ -68,10 +68,14 @@ class Run:
     state: ckpt.TrainingState
     started: float
     """time.perf_counter() when this process began the run"""
+    unfreeze: list[tuple[int, list[str]]]
+    """(epoch, parameter names that start training at it)"""
 
     def step_settings(self) -> StepSettings:
-        def multiplier(step: int) -> float:
-            return lr_multiplier(step, self.spec.schedule, self.plan, self.state.metric_history)
+        schedules = {g.name: group_schedule(self.spec.schedule, g.schedule) for g in self.plan.param_groups}
+
+        def multiplier(step: int) -> dict[str, float]:
+            return group_multipliers(step, schedules, self.plan, self.state.metric_history)
 
         scaling = self.spec.scaling
         return StepSettings(self.plan.steps_per_epoch, self.plan.grad_accum_steps, multiplier, self.env.device,
@@ -97,10 +101,10 @@ def fit(spec: JobSpec, plan: Plan, env: WorkerEnv) -> dict:
     if len(splits.train) != plan.num_train_samples:
         raise PlanError(f"data: the workers read {len(splits.train)} training images, the plan was made for "
                         f"{plan.num_train_samples}; set data.num_train_samples: {len(splits.train)} (or drop it)")
-    built = build_model(spec.model, resolve_num_classes(spec, splits), spec.data.image_size)
+    built = build_model(spec.model, resolve_num_classes(spec, splits), spec.data.image_size, splits.class_names)
     _announce(env, splits, built, spec)
     resume_point = ckpt.find_resume_point(env.restore, folder)
-    run = Run(spec, plan, env, folder, ckpt.TrainingState(), time.perf_counter())
+    run = Run(spec, plan, env, folder, ckpt.TrainingState(), time.perf_counter(), built.unfreeze)
     if resume_point is not None:
         run.state = _resume(run, built.model, *resume_point)
     trainee = _make_trainee(run, built, resume_point[0] if resume_point else None)
@@ -147,16 +151,19 @@ def _resume(run: Run, model: nn.Module, payload: dict, where: str) -> ckpt.Train
 def _make_trainee(run: Run, built: BuiltModel, payload: dict | None) -> Trainee:
     """Model on its device, optimizer (and SWATS, GradScaler) as they were at the checkpoint, wrapped."""
     spec, model = run.spec, built.model
-    unfreeze_at = spec.model.unfreeze_at_epoch
-    if built.frozen and unfreeze_at is not None and run.state.next_epoch >= unfreeze_at:
-        set_trainable(model, built.frozen, True)
+    frozen = list(built.frozen)
+    for at_epoch, names in run.unfreeze:
+        if at_epoch <= run.state.next_epoch:   # a resumed run trains what an unbroken one would by now
+            set_trainable(model, names, True)
+            frozen = [n for n in frozen if n not in set(names)]
     model.to(run.env.device)
     if spec.scaling.channels_last:
         model.to(memory_format=torch.channels_last)
     trainee = Trainee(
         model, build_optimizer(model, run.plan.param_groups, spec.optim), optimizer_name=spec.optim.name,
         swats=SwatsTracker(spec.optim.betas[1]) if spec.optim.switch_to_sgd_at_epoch is not None else None,
-        scaler=torch.amp.GradScaler("cuda") if spec.scaling.amp == "fp16" else None, frozen=built.frozen)
+        scaler=torch.amp.GradScaler("cuda") if spec.scaling.amp == "fp16" else None, frozen=frozen,
+        eval_modules=[] if spec.model.train_bn else frozen_norm_layers(model))
     if payload is not None:
         ckpt.restore_trainee(trainee, payload, spec)
     trainee.wrapped = run.env.wrap_model(model)
@@ -164,21 +171,29 @@ def _make_trainee(run: Run, built: BuiltModel, payload: dict | None) -> Trainee:
 
 
 def _apply_epoch_changes(run: Run, trainee: Trainee, epoch: int) -> None:
-    """Unfreeze at model.unfreeze_at_epoch; switch Adam to SGD at optim.switch_to_sgd_at_epoch."""
+    """Unfreeze per model.unfreeze(_at_epoch); switch Adam to SGD at optim.switch_to_sgd_at_epoch."""
     spec = run.spec
-    if trainee.frozen and epoch == spec.model.unfreeze_at_epoch:
-        set_trainable(trainee.model, trainee.frozen, True)
-        trainee.optimizer = rebuild_keeping_state(trainee.optimizer, trainee.model, run.plan.param_groups, spec.optim)
-        trainee.wrapped = None   # DDP's reducer hooks go with it, before a new DDP registers its own
-        gc.collect()
-        trainee.wrapped = run.env.wrap_model(trainee.model)
-        run.env.log(f"epoch {epoch}: unfroze {len(trainee.frozen)} parameter tensors")
+    for at_epoch, names in run.unfreeze:
+        if at_epoch == epoch:
+            _unfreeze(run, trainee, names, epoch)
     if trainee.tracking_swats and epoch == spec.optim.switch_to_sgd_at_epoch:
         multiplier_now = run.step_settings().lr_multiplier(run.state.step)
         trainee.optimizer = switch_to_sgd(trainee.optimizer, trainee.swats, spec.optim, multiplier_now)
         trainee.optimizer_name = "sgd"
         run.env.log(f"epoch {epoch}: SWATS switched {spec.optim.name} to SGD at lr "
                     + ", ".join(f"{g['name']} {g['lr']:.4g}" for g in trainee.optimizer.param_groups))
+
+
+def _unfreeze(run: Run, trainee: Trainee, names: list[str], epoch: int) -> None:
+    """These parameters train from now: the optimizer is rebuilt (keeping its state), the model re-wrapped."""
+    set_trainable(trainee.model, names, True)
+    trainee.frozen = [n for n in trainee.frozen if n not in set(names)]
+    trainee.eval_modules = [] if run.spec.model.train_bn else frozen_norm_layers(trainee.model)
+    trainee.optimizer = rebuild_keeping_state(trainee.optimizer, trainee.model, run.plan.param_groups, run.spec.optim)
+    trainee.wrapped = None   # DDP's reducer hooks go with it, before a new DDP registers its own
+    gc.collect()
+    trainee.wrapped = run.env.wrap_model(trainee.model)
+    run.env.log(f"epoch {epoch}: unfroze {len(names)} parameter tensors ({len(trainee.frozen)} still frozen)")
 
 
 def _run_epoch(run: Run, trainee: Trainee, loaders, epoch: int) -> dict:
@@ -194,7 +209,8 @@ def _run_epoch(run: Run, trainee: Trainee, loaders, epoch: int) -> dict:
     stats = train_one_epoch(trainee, train, settings, epoch, state.step, _on_step(run, start))
     val_stats = evaluate(trainee.model, val, env.device, settings.amp, settings.channels_last)
     state.step += plan.steps_per_epoch
-    lrs = {group["name"]: lr for group, lr in zip(trainee.optimizer.param_groups, stats.last_lrs)}
+    lrs = {g.name: None for g in plan.param_groups}   # every group has its column; null while it has nothing training
+    lrs.update({group["name"]: lr for group, lr in zip(trainee.optimizer.param_groups, stats.last_lrs)})
     return epoch_row(epoch, state.step, lrs, stats, val_stats, state.wall_s + time.perf_counter() - run.started)
 
 

@@ -65,8 +65,8 @@ class StepSettings:
     """optimizer steps per epoch (the plan's)"""
     grad_accum_steps: int
     """micro-batches per optimizer step"""
-    lr_multiplier: Callable[[int], float]
-    """the schedule: factor on each group's base_lr at an optimizer step"""
+    lr_multiplier: Callable[[int], float | dict[str, float]]
+    """the schedule: factor on every group's base_lr at an optimizer step, or {group name: factor}"""
     device: torch.device
     amp: str = "none"
     channels_last: bool = False
@@ -86,7 +86,9 @@ class Trainee:
     swats: SwatsTracker | None = None
     scaler: torch.amp.GradScaler | None = None
     frozen: list[str] = field(default_factory=list)
-    """parameter names frozen until model.unfreeze_at_epoch"""
+    """parameter names still frozen"""
+    eval_modules: list[nn.Module] = field(default_factory=list)
+    """modules kept in eval mode while training (frozen BatchNorm when model.train_bn is false)"""
 
     @property
     def tracking_swats(self) -> bool:
@@ -146,6 +148,8 @@ def train_one_epoch(trainee: Trainee, loader, settings: StepSettings, epoch: int
     """
     model, optimizer, accum = trainee.wrapped or trainee.model, trainee.optimizer, settings.grad_accum_steps
     model.train()
+    for module in trainee.eval_modules:
+        module.eval()
     start = time.perf_counter()
     loss_sum, micro_count, images, lrs = 0.0, 0, 0, []
     step = first_step

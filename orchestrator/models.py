@@ -9,6 +9,8 @@ the registry of `model.head_init` values. Imports no Ray.
 
 from __future__ import annotations
 
+import contextlib
+import fnmatch
 import functools
 from collections.abc import Callable
 from dataclasses import dataclass
@@ -18,7 +20,8 @@ import torchvision
 from torch import nn
 
 from orchestrator.spec import ModelSpec
-from orchestrator.weights import LoadReport, load_matching, read_source_weights
+from orchestrator.weights import (LoadReport, WeightsError, abbreviate, align_keys, load_matching,
+                                  read_source_weights)
 
 class ModelError(ValueError):
     """A model the spec asks for that cannot be built as asked; the message names the key."""
@@ -61,26 +64,76 @@ def build_architecture(arch: str, num_classes: int, image_size: int = 224, dropo
         raise
 
 
+@contextlib.contextmanager
+def _parameters_on_meta():
+    """Every parameter and buffer a constructor registers moves to the meta device (memory untouched)."""
+    register_parameter, register_buffer = nn.Module.register_parameter, nn.Module.register_buffer
+
+    def parameter_on_meta(module, name, param):
+        if param is not None:
+            param = nn.Parameter(param.to("meta"), requires_grad=param.requires_grad)
+        register_parameter(module, name, param)
+
+    def buffer_on_meta(module, name, tensor, persistent=True):
+        register_buffer(module, name, None if tensor is None else tensor.to("meta"), persistent)
+
+    nn.Module.register_parameter, nn.Module.register_buffer = parameter_on_meta, buffer_on_meta
+    try:
+        yield
+    finally:
+        nn.Module.register_parameter, nn.Module.register_buffer = register_parameter, register_buffer
+
+
+def build_on_meta(arch: str, num_classes: int, image_size: int = 224) -> nn.Module:
+    """The architecture with parameters and buffers on the meta device: shapes only, no memory, no init.
+
+    Constructors that compute with tensors (RegNet's widths call .tolist()) cannot run under the meta
+    device; they run on the CPU while each parameter moves to meta as it is registered.
+    """
+    try:
+        with torch.device("meta"):
+            return build_architecture(arch, num_classes, image_size)
+    except (NotImplementedError, RuntimeError):
+        with _parameters_on_meta():
+            return build_architecture(arch, num_classes, image_size)
+
+
 @functools.lru_cache(maxsize=64)
 def head_module_names(arch: str, image_size: int = 224) -> tuple[str, ...]:
     """Names of the modules whose parameters depend on the class count (the head, aux heads too)."""
-    with torch.device("meta"):
-        a = build_architecture(arch, 5, image_size)
-        b = build_architecture(arch, 6, image_size)
+    a = build_on_meta(arch, 5, image_size)
+    b = build_on_meta(arch, 6, image_size)
     shapes_b = {k: v.shape for k, v in b.state_dict().items()}
     return tuple(sorted({k.rsplit(".", 1)[0] for k, v in a.state_dict().items() if shapes_b.get(k) != v.shape}))
 
 
+def _kernel_fits(module: nn.Module, inputs: tuple) -> None:
+    """Forward pre-hook: the (padded) input must be at least the kernel's extent; meta tensors skip this check."""
+    size = lambda value: value if isinstance(value, tuple) else (value, value)  # noqa: E731
+    kernel, padding = size(module.kernel_size), size(module.padding)
+    dilation = size(getattr(module, "dilation", 1))
+    if isinstance(padding[0], str):   # 'same' / 'valid'
+        return
+    height, width = inputs[0].shape[-2:]
+    for have, k, p, d in zip((height, width), kernel, padding, dilation):
+        if have + 2 * p < d * (k - 1) + 1:
+            raise RuntimeError(f"the input to {type(module).__name__} is {height}x{width} "
+                               f"(padded {height + 2 * padding[0]}x{width + 2 * padding[1]}), smaller than its kernel {kernel}")
+
+
 def check_input_size(arch: str, num_classes: int, image_size: int) -> None:
-    """Raise ValueError when the model cannot take image_size x image_size inputs (shape-only, on meta)."""
-    with torch.device("meta"):
-        model = build_architecture(arch, num_classes, image_size).train()
-        try:
+    """Raise ModelError when the model cannot take image_size x image_size inputs (shape-only, on meta)."""
+    try:
+        model = build_on_meta(arch, num_classes, image_size).train()
+        for module in model.modules():
+            if isinstance(module, (nn.Conv2d, nn.MaxPool2d, nn.AvgPool2d)):
+                module.register_forward_pre_hook(_kernel_fits)
+        with torch.device("meta"):
             model(torch.empty(2, 3, image_size, image_size))
-        except RuntimeError as exc:
-            reason = str(exc).strip().splitlines()[0]
-            raise ModelError(f"data.image_size: {arch} cannot take {image_size}x{image_size} images ({reason}); "
-                             "use a larger image_size") from None
+    except (RuntimeError, AssertionError, ValueError) as exc:   # torchvision asserts some shapes (ViT's patches)
+        reason = str(exc).strip().splitlines()[0]
+        raise ModelError(f"data.image_size: {arch} cannot take {image_size}x{image_size} images ({reason}); "
+                         "use another image_size") from None
 
 
 HEAD_INITS: dict[str, Callable[[nn.Module], None] | None] = {
@@ -120,19 +173,50 @@ def init_new_layers(model: nn.Module, missing: list[str], scheme: str) -> list[s
     return renewed
 
 
-def freeze_targets(model: nn.Module, freeze: list[str], head: tuple[str, ...]) -> list[str]:
-    """Parameter names that `freeze` selects: module prefixes, or 'backbone' = all but the head."""
+def _selected(names: list[str], pattern: str) -> list[str]:
+    """Parameter names a freeze entry selects: a glob when it has * ? or [, else a module-name prefix."""
+    if any(ch in pattern for ch in "*?["):
+        return [n for n in names if fnmatch.fnmatchcase(n, pattern) or fnmatch.fnmatchcase(n, pattern + ".*")]
+    return [n for n in names if n == pattern or n.startswith(pattern.rstrip(".") + ".")]
+
+
+def freeze_targets(model: nn.Module, freeze: list[str], head: tuple[str, ...], key: str = "model.freeze") -> list[str]:
+    """Parameter names that `freeze` selects: module prefixes or globs, or 'backbone' = all but the head."""
     names = [n for n, _ in model.named_parameters()]
     if freeze == ["backbone"]:
         return [n for n in names if not any(n == h or n.startswith(h + ".") for h in head)]
     selected = []
-    for prefix in freeze:
-        hits = [n for n in names if n == prefix or n.startswith(prefix.rstrip(".") + ".")]
+    for pattern in freeze:
+        hits = _selected(names, pattern)
         if not hits:
             top = sorted({n.split(".", 1)[0] for n in names})
-            raise FreezeError(f"model.freeze: {prefix!r} matches no module; top-level modules: {', '.join(top)}")
+            raise FreezeError(f"{key}: {pattern!r} matches no module; top-level modules: {', '.join(top)}")
         selected += hits
     return sorted(set(selected), key=names.index)
+
+
+def unfreeze_steps(model: nn.Module, spec: ModelSpec, frozen: list[str], head: tuple[str, ...]) -> list[tuple[int, list[str]]]:
+    """[(epoch, parameter names that start training then)], from model.unfreeze or model.unfreeze_at_epoch.
+
+    A step that frees nothing still frozen is a FreezeError naming it.
+    """
+    if spec.unfreeze_at_epoch is not None:
+        return [(spec.unfreeze_at_epoch, list(frozen))]
+    steps, still_frozen = [], list(frozen)
+    for i, step in enumerate(spec.unfreeze):
+        key = f"model.unfreeze.{i}.modules"
+        freed = [n for n in freeze_targets(model, step.modules, head, key) if n in still_frozen]
+        if not freed:
+            raise FreezeError(f"{key}: {step.modules} frees nothing that is still frozen at epoch {step.at_epoch}")
+        still_frozen = [n for n in still_frozen if n not in freed]
+        steps.append((step.at_epoch, freed))
+    return steps
+
+
+def frozen_norm_layers(model: nn.Module) -> list[nn.Module]:
+    """BatchNorm layers none of whose parameters train (put in eval mode when model.train_bn is false)."""
+    return [m for m in model.modules() if isinstance(m, nn.modules.batchnorm._BatchNorm)
+            and not any(p.requires_grad for p in m.parameters(recurse=False))]
 
 
 def set_trainable(model: nn.Module, param_names: list[str], trainable: bool) -> None:
@@ -159,26 +243,60 @@ class BuiltModel:
     head: tuple[str, ...]
     frozen: list[str]
     """parameter names frozen at the start"""
+    unfreeze: list[tuple[int, list[str]]]
+    """(epoch, parameter names that start training at it)"""
     report: LoadReport | None
     renewed: list[str]
     """modules initialised by head_init"""
 
 
-def build_model(spec: ModelSpec, num_classes: int, image_size: int) -> BuiltModel:
-    """Architecture + weights that fit + head_init on new layers + freezing, per the spec."""
+def build_model(spec: ModelSpec, num_classes: int, image_size: int, class_names: list[str] | None = None) -> BuiltModel:
+    """Architecture + weights that fit + head_init on new layers + freezing, per the spec.
+
+    `class_names`: the data's classes, to refuse keeping a head trained on other classes.
+    """
     model = build_architecture(spec.arch, num_classes, image_size, spec.dropout)
+    head = head_module_names(spec.arch, image_size)
     report = None
     if spec.weights is None:
         missing = [n for n, _ in model.named_parameters()]
     else:
-        state_dict, source = read_source_weights(spec.weights, spec.arch)
-        report = load_matching(model, state_dict, source)
-        missing = report.missing + [name for name, _, _ in report.skipped_shape]
+        report = load_weights(model, spec, head, class_names)
+        missing = report.missing + report.new_head + [name for name, _, _ in report.skipped_shape]
     renewed = init_new_layers(model, missing, spec.head_init)
-    head = head_module_names(spec.arch, image_size)
     frozen = freeze_targets(model, spec.freeze, head) if spec.freeze else []
     set_trainable(model, frozen, False)
-    return BuiltModel(model, head, frozen, report, renewed)
+    return BuiltModel(model, head, frozen, unfreeze_steps(model, spec, frozen, head), report, renewed)
+
+
+def load_weights(model: nn.Module, spec: ModelSpec, head: tuple[str, ...], class_names: list[str] | None) -> LoadReport:
+    """Load what fits of model.weights; the head is new unless model.keep_head. Refuses weights of which
+    too little of the backbone loads (model.min_backbone_loaded), and a kept head for other classes."""
+    source = read_source_weights(spec.weights, spec.arch)
+    state_dict, key_note = align_keys(source.state_dict, set(model.state_dict()), spec.weights_prefix)
+    if spec.keep_head and source.class_names and class_names and source.class_names != class_names:
+        raise ModelError(f"model.keep_head: the head of {source.description} was trained on other classes "
+                         f"({abbreviate(source.class_names, 5)}) than this job's ({abbreviate(class_names, 5)}); "
+                         "a kept head would start the new classes from the old ones. Drop model.keep_head")
+    report = load_matching(model, state_dict, source.description, () if spec.keep_head else head)
+    if key_note:
+        report.notes.append(key_note)
+    if not spec.keep_head:
+        report.notes.append(f"new head {', '.join(head)}: initialised with {spec.head_init} "
+                            "(model.keep_head: true keeps the source's head)")
+    _check_backbone_loaded(model, report, head, spec.min_backbone_loaded)
+    return report
+
+
+def _check_backbone_loaded(model: nn.Module, report: LoadReport, head: tuple[str, ...], minimum: float) -> None:
+    backbone = [k for k in model.state_dict() if not k.endswith("num_batches_tracked")
+                and not any(k.startswith(h + ".") for h in head)]
+    loaded = sum(1 for k in report.loaded if k in set(backbone))
+    if backbone and loaded / len(backbone) < minimum:
+        hint = f"; the weights' keys look like {abbreviate(report.unexpected, 3)}" if report.unexpected else ""
+        raise WeightsError(f"model.weights: only {loaded} of the backbone's {len(backbone)} tensors loaded from "
+                           f"{report.source} (model.min_backbone_loaded {minimum:g}){hint}; set model.weights_prefix, "
+                           "check model.arch, or set model.min_backbone_loaded: 0 to train on anyway")
 
 
 def model_output_logits(output) -> tuple[torch.Tensor, list[torch.Tensor]]:

@@ -11,7 +11,7 @@ the projection of each Adam step on its gradient; `switch_to_sgd` swaps the opti
 
 from __future__ import annotations
 
-from collections.abc import Callable
+from collections.abc import Callable, Mapping
 
 import torch
 from torch import nn
@@ -73,11 +73,16 @@ def rebuild_keeping_state(old: torch.optim.Optimizer, model: nn.Module, groups: 
     return new
 
 
-def apply_lr(optimizer: torch.optim.Optimizer, multiplier: float) -> list[float]:
-    """Set each group's LR to base_lr x multiplier; returns the LRs set, in group order."""
+def factor_of(multipliers: float | Mapping[str, float], group_name: str) -> float:
+    """A group's LR factor: one for all groups, or each group's own (per-group schedules)."""
+    return multipliers if isinstance(multipliers, (int, float)) else multipliers[group_name]
+
+
+def apply_lr(optimizer: torch.optim.Optimizer, multipliers: float | Mapping[str, float]) -> list[float]:
+    """Set each group's LR to base_lr x its multiplier; returns the LRs set, in group order."""
     lrs = []
     for group in optimizer.param_groups:
-        group["lr"] = group["base_lr"] * multiplier
+        group["lr"] = group["base_lr"] * factor_of(multipliers, group.get("name"))
         lrs.append(group["lr"])
     return lrs
 
@@ -128,10 +133,11 @@ class SwatsTracker:
         self.ema, self.count = dict(state["ema"]), dict(state["count"])
 
 
-def switch_to_sgd(adam: torch.optim.Optimizer, tracker: SwatsTracker, optim: OptimSpec, multiplier_now: float) -> torch.optim.Optimizer:
+def switch_to_sgd(adam: torch.optim.Optimizer, tracker: SwatsTracker, optim: OptimSpec,
+                  multiplier_now: float | Mapping[str, float]) -> torch.optim.Optimizer:
     """SGD (momentum beta1, lr (1 - beta1) x estimate) over Adam's groups; the schedule goes on from here.
 
-    Each group's base_lr is set so that base_lr x multiplier_now equals the SWATS LR at the switch.
+    Each group's base_lr is set so that base_lr x its multiplier now equals the SWATS LR at the switch.
     """
     beta1 = optim.betas[0]
     groups = []
@@ -139,5 +145,5 @@ def switch_to_sgd(adam: torch.optim.Optimizer, tracker: SwatsTracker, optim: Opt
         estimate = tracker.sgd_lr(group["name"])
         lr_now = (1 - beta1) * estimate if estimate else group["lr"]
         groups.append({"params": group["params"], "name": group["name"], "lr_mult": group["lr_mult"],
-                       "base_lr": lr_now / max(multiplier_now, 1e-12), "lr": lr_now, "weight_decay": group["weight_decay"]})
+                       "base_lr": lr_now / max(factor_of(multiplier_now, group["name"]), 1e-12), "lr": lr_now, "weight_decay": group["weight_decay"]})
     return torch.optim.SGD(groups, lr=0.0, momentum=beta1)

@@ -40,6 +40,8 @@ class PlanGroup:
     weight_decay: float
     norm_bias: bool = False
     """True: holds only the norm-layer weights and biases (1-D tensors) of its match"""
+    schedule: dict | None = None
+    """schedule keys this group has of its own (param_groups[].schedule); None: the job's schedule"""
     num_params: int | None = None
     trainable: int | None = None
 
@@ -110,14 +112,14 @@ def plan_groups(spec: JobSpec, scaled_lr: float) -> list[PlanGroup]:
     norm_bias_wd = optim.weight_decay if optim.norm_bias_weight_decay is None else optim.norm_bias_weight_decay
     split = norm_bias_wd != optim.weight_decay
     groups: list[PlanGroup] = []
-    sources = [(g.match, g.match, g.lr_mult, g.weight_decay) for g in optim.param_groups]
-    sources.append((REST_GROUP, None, 1.0, None))
-    for name, match, lr_mult, wd in sources:
+    sources = [(g.match, g.match, g.lr_mult, g.weight_decay, g.schedule) for g in optim.param_groups]
+    sources.append((REST_GROUP, None, 1.0, None, None))
+    for name, match, lr_mult, wd, schedule in sources:
         decay = optim.weight_decay if wd is None else wd
-        groups.append(PlanGroup(name, match, lr_mult, scaled_lr * lr_mult, decay))
+        groups.append(PlanGroup(name, match, lr_mult, scaled_lr * lr_mult, decay, schedule=schedule))
         if split:
             groups.append(PlanGroup(name + NORM_BIAS_SUFFIX, match, lr_mult, scaled_lr * lr_mult,
-                                    norm_bias_wd if wd is None else wd, norm_bias=True))
+                                    norm_bias_wd if wd is None else wd, norm_bias=True, schedule=schedule))
     return groups
 
 

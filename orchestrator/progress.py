@@ -139,7 +139,7 @@ class ProgressView:
             cells = [f"{'epoch':>5}"] + [f"{name:>{width}}" for name, width, _ in DISPLAY]
             self.console.print("[bold]" + " ".join(cells + [f"{'lr':>10}", f"{'img/s':>9}", f"{'epoch_s':>8}"]))
             self.header_shown = True
-        lrs = list(group_lrs(row).values())
+        lrs = [lr for lr in group_lrs(row).values() if lr is not None]
         cells = [f"{row['epoch'] + 1:>5}"] + [f"{_fmt(row[name], digits):>{width}}" for name, width, digits in DISPLAY]
         cells += [f"{max(lrs):.4g}".rjust(10) if lrs else f"{'-':>10}", f"{row['images_per_s']:>9.0f}", f"{row['epoch_s']:>8.1f}"]
         self.console.print(" ".join(cells) + ("  [green]* best[/green]" if best else ""))

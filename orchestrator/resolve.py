@@ -11,10 +11,10 @@ from __future__ import annotations
 
 from dataclasses import dataclass
 
-import torch
 
 from orchestrator.data import DataError, Splits, load_splits
-from orchestrator.models import build_architecture, check_input_size, freeze_targets, head_module_names, set_trainable
+from orchestrator.models import (build_on_meta, check_input_size, freeze_targets, head_module_names, set_trainable,
+                                 unfreeze_steps)
 from orchestrator.optim import param_group_sizes
 from orchestrator.plan import GroupSize, Plan, PlanGroup, make_plan
 from orchestrator.spec import JobSpec
@@ -36,12 +36,15 @@ def resolve_num_classes(spec: JobSpec, splits: Splits | None) -> int:
 
 
 def count_group_sizes(spec: JobSpec, groups: list[PlanGroup], num_classes: int) -> list[GroupSize]:
-    """Sizes of the plan's groups in the spec's model with its freezing, built on the meta device
-    (no memory, no weights)."""
-    with torch.device("meta"):
-        model = build_architecture(spec.model.arch, num_classes, spec.data.image_size)
+    """Sizes of the plan's groups in the spec's model with its freezing at the start, built on the meta
+    device (no memory, no weights). Freeze and unfreeze entries that select nothing fail here, before
+    any worker starts."""
+    model = build_on_meta(spec.model.arch, num_classes, spec.data.image_size)
     if spec.model.freeze:
-        set_trainable(model, freeze_targets(model, spec.model.freeze, head_module_names(spec.model.arch, spec.data.image_size)), False)
+        head = head_module_names(spec.model.arch, spec.data.image_size)
+        frozen = freeze_targets(model, spec.model.freeze, head)
+        set_trainable(model, frozen, False)
+        unfreeze_steps(model, spec.model, frozen, head)
     return param_group_sizes(model, groups)
 
 

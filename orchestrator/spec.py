@@ -65,7 +65,8 @@ class DataSpec(_Section):
     """side of the square images the model sees, pixels"""
     val_fraction: float = Field(0.2, ge=0.0, lt=1.0)
     """share of train held out for validation when the source has no val split (stratified, seeded)"""
-    augment: list[str] = Field(default_factory=list)
+    augment: list[str | dict[str, Any]] = Field(default_factory=list)
+    """training augmentations in the order written: a name, or {name: NAME, <its arguments>}"""
     loader_workers: int = Field(0, ge=0)
     """DataLoader worker processes per training worker"""
     classes: list[int | str] | None = None
@@ -80,10 +81,12 @@ class DataSpec(_Section):
 
     @field_validator("augment")
     @classmethod
-    def _known_augmentations(cls, names: list[str]) -> list[str]:
-        from orchestrator.data.datasets import AUGMENTATIONS
+    def _known_augmentations(cls, entries: list) -> list:
+        from orchestrator.data.datasets import check_augmentation
 
-        return [one_of(name, list(AUGMENTATIONS), "augmentation") for name in names]
+        for index, entry in enumerate(entries):
+            check_augmentation(entry, index)
+        return entries
 
     @field_validator("source")
     @classmethod
@@ -104,6 +107,13 @@ class DataSpec(_Section):
         return self.source.partition(":")[2]
 
 
+class UnfreezeStep(_Section):
+    at_epoch: int = Field(ge=1)
+    """epoch (0-based) from which these modules train"""
+    modules: list[str] = Field(min_length=1)
+    """module-name prefixes or globs ('layer4', 'features.1*', '*' for everything still frozen)"""
+
+
 class ModelSpec(_Section):
     arch: str = "resnet18"
     """any torchvision classification model name"""
@@ -112,10 +122,20 @@ class ModelSpec(_Section):
     num_classes: int | Literal["auto"] = "auto"
     head_init: str = "kaiming_normal"
     """init of new layers: a name of models.HEAD_INITS"""
+    keep_head: bool = False
+    """keep the source weights' classifier head (continue on the same classes); false: the head is new"""
+    weights_prefix: str | None = None
+    """take only the weights' keys under this prefix, prefix removed (common wrapper prefixes are stripped anyway)"""
+    min_backbone_loaded: float = Field(0.5, ge=0, le=1)
+    """share of the backbone's tensors that must load from model.weights, else exit 2; 0 accepts any"""
     freeze: list[str] = Field(default_factory=list)
-    """module-name prefixes to freeze, or [backbone] for everything but the head"""
+    """module-name prefixes or globs to freeze, or [backbone] for everything but the head"""
     unfreeze_at_epoch: int | None = Field(None, ge=1)
-    """epoch (0-based) at which frozen modules start training"""
+    """epoch (0-based) at which all frozen modules start training (shorthand for one model.unfreeze step)"""
+    unfreeze: list[UnfreezeStep] = Field(default_factory=list)
+    """gradual unfreezing: [{at_epoch, modules}], in epoch order"""
+    train_bn: bool = True
+    """frozen BatchNorm layers still update their running statistics (fastai's train_bn); false: eval mode"""
     dropout: float | None = Field(None, ge=0, lt=1)
     """classifier dropout for architectures that take one (alexnet, vgg, squeezenet, mobilenet, efficientnet, ...); None = its default"""
 
@@ -135,6 +155,8 @@ class ParamGroupSpec(_Section):
     lr_mult: float = Field(1.0, gt=0)
     weight_decay: float | None = Field(None, ge=0)
     """None: the optimizer's weight_decay"""
+    schedule: dict[str, Any] | None = None
+    """schedule keys that differ for this group, e.g. {name: constant}; None: the job's schedule"""
 
 
 class OptimSpec(_Section):
@@ -182,6 +204,16 @@ class ScheduleSpec(_Section):
     """plateau: relative improvement that counts"""
     min_lr: float = Field(0.0, ge=0)
     """floor of the decayed LR at lr_mult 1 (cosine's end point), absolute"""
+    expression: str | None = None
+    """lambda: the LR factor as arithmetic of epoch and step (e.g. '0.95 ** epoch'), like LambdaLR's lambda"""
+    pct_start: float = Field(0.25, gt=0, lt=1)
+    """onecycle: share of the steps spent rising to scaled_lr"""
+    div_factor: float = Field(25.0, ge=1)
+    """onecycle: the LR starts at scaled_lr / div_factor"""
+    final_div_factor: float = Field(1.0e4, ge=1)
+    """onecycle: the LR ends at scaled_lr / (div_factor x final_div_factor)"""
+    power: float = Field(1.0, gt=0)
+    """poly: the factor is (1 - progress) ** power over the steps after warmup"""
 
     _known_schedule = registered("name", "schedule", "DECAYS")
     _known_metric = registered("plateau_metric", "metrics", "WATCHABLE", "metric")
@@ -308,18 +340,60 @@ def _format_error(err: dict) -> str:
 
 def check_consistency(spec: JobSpec) -> list[str]:
     """Checks across keys that field types cannot express; one line per problem."""
-    problems: list[str] = []
-    sched, optim = spec.schedule, spec.optim
+    from orchestrator.search import check_space
+
+    return (check_schedule(spec.schedule, "schedule") + _check_optim(spec) + _check_model(spec) + _check_data(spec)
+            + _check_scaling(spec.scaling) + check_space(spec.sweep.space))
+
+
+def check_schedule(sched: ScheduleSpec, where: str) -> list[str]:
+    """The cross-key checks of one schedule (the job's, or a parameter group's at `where`)."""
+    from orchestrator.schedule import check_expression
+
+    problems = []
     if sched.warmup_epochs >= sched.epochs:
-        problems.append(f"schedule.warmup_epochs: {sched.warmup_epochs} must be shorter than schedule.epochs ({sched.epochs})")
+        problems.append(f"{where}.warmup_epochs: {sched.warmup_epochs} must be shorter than schedule.epochs ({sched.epochs})")
     if sched.name == "multistep":
         ms = sched.milestones
         if not ms:
-            problems.append("schedule.milestones: multistep needs at least one milestone (epochs)")
+            problems.append(f"{where}.milestones: multistep needs at least one milestone (epochs)")
         elif any(b <= a for a, b in zip(ms, ms[1:])):
-            problems.append(f"schedule.milestones: must be strictly increasing (got {ms})")
+            problems.append(f"{where}.milestones: must be strictly increasing (got {ms})")
         elif ms[0] < 1:
-            problems.append(f"schedule.milestones: epochs must be >= 1 (got {ms})")
+            problems.append(f"{where}.milestones: epochs must be >= 1 (got {ms})")
+    if sched.name == "lambda":
+        problem = check_expression(sched.expression, sched.epochs)
+        if problem:
+            problems.append(f"{where}.expression: {problem}")
+    if sched.name == "onecycle" and sched.warmup_epochs > 0:
+        problems.append(f"{where}.warmup_epochs: onecycle rises by itself over pct_start of the steps; set it to 0")
+    return problems
+
+
+def group_schedule(sched: ScheduleSpec, override: dict[str, Any] | None) -> ScheduleSpec:
+    """A parameter group's schedule: the job's with the group's keys replaced (validated when the job is)."""
+    return sched if not override else ScheduleSpec.model_validate({**sched.model_dump(), **override})
+
+
+def _check_group_schedules(spec: JobSpec) -> list[str]:
+    problems = []
+    for i, group in enumerate(spec.optim.param_groups):
+        where = f"optim.param_groups.{i}.schedule"
+        if not group.schedule:
+            continue
+        if "epochs" in group.schedule:
+            problems.append(f"{where}.epochs: every group trains for schedule.epochs; leave it out")
+            continue
+        try:
+            problems += check_schedule(group_schedule(spec.schedule, group.schedule), where)
+        except ValidationError as exc:
+            problems += [f"{where}.{_format_error(e)}" for e in exc.errors()]
+    return problems
+
+
+def _check_optim(spec: JobSpec) -> list[str]:
+    optim, sched = spec.optim, spec.schedule
+    problems = []
     if optim.nesterov and (optim.name != "sgd" or optim.momentum <= 0):
         problems.append("optim.nesterov: needs optim.name sgd with momentum > 0")
     if optim.switch_to_sgd_at_epoch is not None:
@@ -330,29 +404,53 @@ def check_consistency(spec: JobSpec) -> list[str]:
     for i, group in enumerate(optim.param_groups):
         if not group.match.strip():
             problems.append(f"optim.param_groups.{i}.match: must not be empty")
-    model = spec.model
+    return problems + _check_group_schedules(spec)
+
+
+def _check_model(spec: JobSpec) -> list[str]:
+    model, epochs = spec.model, spec.schedule.epochs
+    problems = []
     if model.unfreeze_at_epoch is not None:
         if not model.freeze:
             problems.append("model.unfreeze_at_epoch: set, but model.freeze is empty")
-        if model.unfreeze_at_epoch >= sched.epochs:
-            problems.append(f"model.unfreeze_at_epoch: {model.unfreeze_at_epoch} must be before schedule.epochs ({sched.epochs})")
+        if model.unfreeze_at_epoch >= epochs:
+            problems.append(f"model.unfreeze_at_epoch: {model.unfreeze_at_epoch} must be before schedule.epochs ({epochs})")
+        if model.unfreeze:
+            problems.append("model.unfreeze_at_epoch: give either it or model.unfreeze, not both")
+    if model.unfreeze:
+        at = [step.at_epoch for step in model.unfreeze]
+        if not model.freeze:
+            problems.append("model.unfreeze: set, but model.freeze is empty")
+        if any(b <= a for a, b in zip(at, at[1:])):
+            problems.append(f"model.unfreeze: at_epoch must be strictly increasing (got {at})")
+        if at[-1] >= epochs:
+            problems.append(f"model.unfreeze: at_epoch {at[-1]} must be before schedule.epochs ({epochs})")
     if "backbone" in model.freeze and len(model.freeze) > 1:
         problems.append("model.freeze: [backbone] already freezes everything but the head; list it alone")
-    if spec.data.source == "synthetic" and spec.data.classes is not None:
-        bad = [c for c in spec.data.classes if not isinstance(c, int) or not 0 <= c < spec.data.synthetic.num_classes]
-        if bad:
-            problems.append(f"data.classes: synthetic labels are 0..{spec.data.synthetic.num_classes - 1} (got {bad})")
-    if spec.data.classes is not None and len(set(spec.data.classes)) < 2:
-        problems.append("data.classes: keep at least two distinct classes")
-    if "random_resized_crop" in spec.data.augment and "random_crop" in spec.data.augment:
-        problems.append("data.augment: choose one of random_resized_crop and random_crop")
-    if spec.scaling.sync_bn and not spec.scaling.use_gpu:
-        problems.append("scaling.sync_bn: torch's SyncBatchNorm runs on GPUs only; set scaling.use_gpu or drop sync_bn")
-    if spec.scaling.amp == "fp16" and not spec.scaling.use_gpu:
-        problems.append("scaling.amp: fp16 needs use_gpu (on CPU use bf16)")
-    from orchestrator.search import check_space
+    return problems
 
-    problems += check_space(spec.sweep.space)
+
+def _check_data(spec: JobSpec) -> list[str]:
+    data = spec.data
+    problems = []
+    if data.source == "synthetic" and data.classes is not None:
+        bad = [c for c in data.classes if not isinstance(c, int) or not 0 <= c < data.synthetic.num_classes]
+        if bad:
+            problems.append(f"data.classes: synthetic labels are 0..{data.synthetic.num_classes - 1} (got {bad})")
+    if data.classes is not None and len(set(data.classes)) < 2:
+        problems.append("data.classes: keep at least two distinct classes")
+    names = [entry if isinstance(entry, str) else entry.get("name") for entry in data.augment]
+    if "random_resized_crop" in names and "random_crop" in names:
+        problems.append("data.augment: choose one of random_resized_crop and random_crop")
+    return problems
+
+
+def _check_scaling(scaling: ScalingSpec) -> list[str]:
+    problems = []
+    if scaling.sync_bn and not scaling.use_gpu:
+        problems.append("scaling.sync_bn: torch's SyncBatchNorm runs on GPUs only; set scaling.use_gpu or drop sync_bn")
+    if scaling.amp == "fp16" and not scaling.use_gpu:
+        problems.append("scaling.amp: fp16 needs use_gpu (on CPU use bf16)")
     return problems
 
 

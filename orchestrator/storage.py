@@ -116,6 +116,10 @@ class RunFolder:
         found = self.epoch_checkpoints()
         return found[-1][1] if found else None
 
+    def best_or_latest_checkpoint(self) -> str | None:
+        """The best checkpoint, else the latest epoch checkpoint, else None (relative paths)."""
+        return BEST_CHECKPOINT if self.exists(BEST_CHECKPOINT) else self.latest_checkpoint()
+
     def delete_dir(self, relative: str) -> None:
         self.fs.delete_dir(self.path(relative))
 
@@ -128,16 +132,6 @@ class RunFolder:
     def local_path(self, relative: str = "") -> Path:
         assert self.is_local, "only for local run folders"
         return Path(self.path(relative))
-
-
-def best_checkpoint_file(run_dir: Path) -> Path | None:
-    """A local run folder's best checkpoint, else its latest epoch checkpoint, else None."""
-    best = run_dir / BEST_DIR / CHECKPOINT_FILE
-    if best.is_file():
-        return best
-    folder = RunFolder(str(run_dir.parent), run_dir.name)
-    latest = folder.latest_checkpoint()
-    return Path(folder.path(latest)) if latest else None
 
 
 def write_atomic(path: Path, data: bytes) -> None:

@@ -61,6 +61,14 @@ def test_local_pth_onto_new_class_count_with_report(tmp_path, capsys):
     source = _save_resnet18_imagenet_shaped(tmp_path / "r18.pth")
     built = build_model(ModelSpec(arch="resnet18", weights=str(tmp_path / "r18.pth")), num_classes=5, image_size=32)
     report = built.report
+    assert report.new_head == ["fc.weight", "fc.bias"] and report.skipped_shape == []
+    assert report.missing == [] and report.unexpected == []
+    assert torch.equal(built.model.conv1.weight, source["conv1.weight"])
+    assert built.renewed == ["fc"]                                 # only the new head is re-initialised
+    assert "new head fc: initialised with kaiming_normal" in "\n".join(report.lines())
+    # keep_head: the source's head loads where it fits; here it does not, so it is skipped for shape
+    built = build_model(ModelSpec(arch="resnet18", weights=str(tmp_path / "r18.pth"), keep_head=True), 5, 32)
+    report = built.report
     assert [n for n, _, _ in report.skipped_shape] == ["fc.weight", "fc.bias"]
     assert report.missing == [] and report.unexpected == []
     assert torch.equal(built.model.conv1.weight, source["conv1.weight"])
@@ -77,7 +85,7 @@ def test_safetensors_and_our_checkpoint_and_ddp_prefix(tmp_path):
     save_file({k: v.contiguous() for k, v in source.items()}, tmp_path / "w.safetensors")
     torch.save({"version": 1, "model": {f"module.{k}": v for k, v in source.items()}, "epoch": 3}, tmp_path / "ckpt.pt")
     for name in ("w.safetensors", "ckpt.pt"):
-        built = build_model(ModelSpec(arch="resnet18", weights=str(tmp_path / name)), num_classes=10, image_size=32)
+        built = build_model(ModelSpec(arch="resnet18", weights=str(tmp_path / name), keep_head=True), num_classes=10, image_size=32)
         assert built.report.skipped_shape == [] and len(built.report.loaded) == len(source)
         assert built.renewed == []
 
@@ -87,7 +95,7 @@ def test_torchvision_weight_name_through_the_hub_cache(tmp_path, monkeypatch):
     folder = tmp_path / "hub" / "hub" / "checkpoints"
     folder.mkdir(parents=True)
     _save_resnet18_imagenet_shaped(folder / "resnet18-f37072fd.pth")   # the file IMAGENET1K_V1 names
-    built = build_model(ModelSpec(arch="resnet18", weights="IMAGENET1K_V1"), num_classes=5, image_size=32)
+    built = build_model(ModelSpec(arch="resnet18", weights="IMAGENET1K_V1", keep_head=True), num_classes=5, image_size=32)
     assert "ResNet18_Weights.IMAGENET1K_V1" in built.report.source
     assert [n for n, _, _ in built.report.skipped_shape] == ["fc.weight", "fc.bias"]
     built = build_model(ModelSpec(arch="resnet18", weights="DEFAULT"), num_classes=5, image_size=32)

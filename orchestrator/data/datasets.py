@@ -39,31 +39,73 @@ class RandomRotate90(torch.nn.Module):
         return "RandomRotate90()"
 
 
-AUGMENTATIONS: dict[str, Callable[[int], torch.nn.Module]] = {
-    "hflip": lambda size: v2.RandomHorizontalFlip(),
-    "vflip": lambda size: v2.RandomVerticalFlip(),
+AUGMENTATIONS: dict[str, Callable[..., torch.nn.Module]] = {
+    "hflip": lambda size, p=0.5: v2.RandomHorizontalFlip(p),
+    "vflip": lambda size, p=0.5: v2.RandomVerticalFlip(p),
     "rotate90": lambda size: RandomRotate90(),
-    "color_jitter": lambda size: v2.ColorJitter(brightness=0.4, contrast=0.4, saturation=0.4),
-    "random_resized_crop": lambda size: v2.RandomResizedCrop(size, scale=(0.35, 1.0), antialias=True),
-    "random_crop": lambda size: v2.RandomCrop(size, padding=max(1, size // 8)),
-    "blur": lambda size: v2.RandomApply([v2.GaussianBlur(kernel_size=3, sigma=(0.1, 1.5))], p=0.5),
-    "gaussian_noise": lambda size: v2.GaussianNoise(mean=0.0, sigma=0.05),
+    "rotate": lambda size, degrees=15: v2.RandomRotation(degrees),
+    "color_jitter": lambda size, brightness=0.4, contrast=0.4, saturation=0.4, hue=0.0: v2.ColorJitter(
+        brightness=brightness, contrast=contrast, saturation=saturation, hue=hue),
+    "random_resized_crop": lambda size, scale=(0.35, 1.0), ratio=(3 / 4, 4 / 3): v2.RandomResizedCrop(
+        size, scale=tuple(scale), ratio=tuple(ratio), antialias=True),
+    "random_crop": lambda size, padding=None: v2.RandomCrop(size, padding=max(1, size // 8) if padding is None else padding),
+    "blur": lambda size, kernel_size=3, sigma=(0.1, 1.5), p=0.5: v2.RandomApply(
+        [v2.GaussianBlur(kernel_size=kernel_size, sigma=tuple(sigma))], p=p),
+    "gaussian_noise": lambda size, sigma=0.05: v2.GaussianNoise(mean=0.0, sigma=sigma),
+    "random_erasing": lambda size, p=0.5, scale=(0.02, 0.33): v2.RandomErasing(p=p, scale=tuple(scale)),
+    "randaugment": lambda size, num_ops=2, magnitude=9: v2.RandAugment(num_ops=num_ops, magnitude=magnitude),
+    "trivialaugment": lambda size: v2.TrivialAugmentWide(),
+    "autoaugment": lambda size, policy="imagenet": v2.AutoAugment(v2.AutoAugmentPolicy[policy.upper()]),
 }
-"""data.augment names -> builder(image_size); the spec's validation reads this. gaussian_noise works
-on float images, so build_transform places it after the conversion to float."""
-FLOAT_AUGMENTATIONS = ("gaussian_noise",)
+"""data.augment names -> builder(image_size, **the entry's arguments); the spec's validation reads this"""
+FLOAT_ONLY = ("gaussian_noise",)
+"""augmentations of float images: the conversion to float moves before the first of them"""
+
+
+def augmentation_entry(entry: str | dict) -> tuple[str, dict]:
+    """(name, arguments) of a data.augment entry: a name, or a mapping with `name` and the arguments."""
+    if isinstance(entry, str):
+        return entry, {}
+    arguments = dict(entry)
+    return arguments.pop("name", None), arguments
+
+
+def check_augmentation(entry, index: int) -> None:
+    """ValueError saying what is wrong with data.augment entry `index`: not a name or mapping, an unknown
+    name, or arguments its builder does not take (it is built once, at 32 px, to find out)."""
+    from orchestrator.spec import one_of
+
+    if not isinstance(entry, (str, dict)):
+        raise ValueError(f"entry {index} must be a name or a mapping with a name (got {entry!r})")
+    name, arguments = augmentation_entry(entry)
+    if not isinstance(name, str):
+        raise ValueError(f"entry {index} has no name (e.g. {{name: color_jitter, brightness: 0.2}})")
+    one_of(name, list(AUGMENTATIONS), "augmentation")
+    try:
+        AUGMENTATIONS[name](32, **arguments)
+    except (TypeError, ValueError, KeyError) as exc:
+        raise ValueError(f"entry {index} ({name}): {exc}") from None
 
 
 def build_transform(data: DataSpec, train: bool, pre_sized: bool) -> v2.Compose:
-    """uint8 CHW tensor -> normalised float tensor of image_size x image_size."""
+    """uint8 CHW tensor -> normalised float tensor of image_size x image_size.
+
+    Training augmentations run in the order written; a resize to image_size comes first unless a
+    random_resized_crop makes the size (or the images are already sized).
+    """
     size = data.image_size
+    entries = [augmentation_entry(entry) for entry in data.augment] if train else []
     steps: list[torch.nn.Module] = []
-    augment = data.augment if train else []
-    if "random_resized_crop" not in augment and not pre_sized:
+    if "random_resized_crop" not in [name for name, _ in entries] and not pre_sized:
         steps += [v2.Resize(size, antialias=True), v2.CenterCrop(size)]
-    steps += [AUGMENTATIONS[name](size) for name in augment if name not in FLOAT_AUGMENTATIONS]
-    steps.append(v2.ToDtype(torch.float32, scale=True))
-    steps += [AUGMENTATIONS[name](size) for name in augment if name in FLOAT_AUGMENTATIONS]
+    is_float = False
+    for name, arguments in entries:
+        if name in FLOAT_ONLY and not is_float:
+            steps.append(v2.ToDtype(torch.float32, scale=True))
+            is_float = True
+        steps.append(AUGMENTATIONS[name](size, **arguments))
+    if not is_float:
+        steps.append(v2.ToDtype(torch.float32, scale=True))
     steps.append(v2.Normalize(mean=list(data.mean), std=list(data.std)))
     return v2.Compose(steps)
 
