@@ -73,10 +73,11 @@ def plan_table(plan, num_classes: int) -> Table:
 
 def groups_table(plan) -> Table:
     table = Table(title="parameter groups", title_justify="left")
-    for column in ("group", "lr", "weight decay", "params", "trainable"):
-        table.add_column(column, justify="left" if column == "group" else "right")
+    for column in ("group", "lr", "weight decay", "schedule", "params", "trainable"):
+        table.add_column(column, justify="left" if column in ("group", "schedule") else "right")
     for g in plan.param_groups:
-        table.add_row(escape(g.name), f"{g.lr:.6g}", f"{g.weight_decay:g}",
+        schedule = ", ".join(f"{k} {v}" for k, v in g.schedule.items()) if g.schedule else "the job's"
+        table.add_row(escape(g.name), f"{g.lr:.6g}", f"{g.weight_decay:g}", escape(schedule),
                       "-" if g.num_params is None else f"{g.num_params:,}",
                       "-" if g.trainable is None else f"{g.trainable:,}")
     return table

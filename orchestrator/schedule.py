@@ -83,6 +83,8 @@ def _plateau(sched: ScheduleSpec, at: Moment, min_factor: float) -> float:
 _OPERATORS = {ast.Add: operator.add, ast.Sub: operator.sub, ast.Mult: operator.mul, ast.Div: operator.truediv,
               ast.FloorDiv: operator.floordiv, ast.Mod: operator.mod, ast.Pow: operator.pow,
               ast.USub: operator.neg, ast.UAdd: operator.pos}
+_COMPARISONS = {ast.Lt: operator.lt, ast.LtE: operator.le, ast.Gt: operator.gt, ast.GtE: operator.ge,
+                ast.Eq: operator.eq, ast.NotEq: operator.ne}
 _FUNCTIONS = {"min": min, "max": max, "abs": abs, "floor": math.floor, "ceil": math.ceil, "sqrt": math.sqrt,
               "exp": math.exp, "log": math.log, "cos": math.cos, "sin": math.sin}
 _CONSTANTS = {"pi": math.pi, "e": math.e}
@@ -91,8 +93,8 @@ EXPRESSION_NAMES = ("epoch", "step", "epochs", "steps_per_epoch", "total_steps")
 
 
 def evaluate_expression(text: str, variables: dict[str, float]) -> float:
-    """The value of a small arithmetic expression: numbers, the variables, + - * / // % **, and the
-    functions of _FUNCTIONS. Anything else (attributes, subscripts, other names) is a ValueError;
+    """The value of a small arithmetic expression: numbers, the variables, + - * / // % **, comparisons,
+    `A if C else B`, and the functions of _FUNCTIONS. Anything else (attributes, subscripts, other names) is a ValueError;
     nothing is ever passed to eval."""
     def value(node: ast.AST) -> float:
         if isinstance(node, ast.Expression):
@@ -103,13 +105,21 @@ def evaluate_expression(text: str, variables: dict[str, float]) -> float:
             return float(variables.get(node.id, _CONSTANTS.get(node.id)))
         if isinstance(node, ast.BinOp) and type(node.op) in _OPERATORS:
             return _OPERATORS[type(node.op)](value(node.left), value(node.right))
+        if isinstance(node, ast.IfExp):
+            return value(node.body) if value(node.test) else value(node.orelse)
+        if isinstance(node, ast.Compare) and all(type(op) in _COMPARISONS for op in node.ops):
+            left, result = value(node.left), True
+            for op, right_node in zip(node.ops, node.comparators):
+                right = value(right_node)
+                result, left = result and _COMPARISONS[type(op)](left, right), right
+            return float(result)
         if isinstance(node, ast.UnaryOp) and type(node.op) in _OPERATORS:
             return _OPERATORS[type(node.op)](value(node.operand))
         if (isinstance(node, ast.Call) and isinstance(node.func, ast.Name) and node.func.id in _FUNCTIONS
                 and not node.keywords):
             return float(_FUNCTIONS[node.func.id](*[value(arg) for arg in node.args]))
         raise ValueError(f"{ast.unparse(node)!r} is not allowed (numbers, {', '.join(variables)}, + - * / // % **, "
-                         f"{', '.join(_FUNCTIONS)})")
+                         f"comparisons, A if C else B, {', '.join(_FUNCTIONS)})")
 
     return float(value(ast.parse(text, mode="eval")))
 
@@ -127,6 +137,8 @@ def check_expression(text: str | None, epochs: int) -> str | None:
                 return f"gives {factor} at epoch {epoch}; the LR factor must be finite and >= 0"
     except SyntaxError as exc:
         return f"not an expression ({exc.msg})"
+    except OverflowError:
+        return f"overflows a float at epoch {epoch}"
     except (ValueError, ArithmeticError, TypeError) as exc:
         return str(exc)
     return None

@@ -74,8 +74,8 @@ class SourceWeights:
 def align_keys(state_dict: dict, model_keys: set[str], prefix: str | None) -> tuple[dict, str | None]:
     """The state_dict with its keys put in the model's terms, and a note saying what was done.
 
-    `prefix` (model.weights_prefix): keep only the keys under it, prefix removed. Else each of
-    COMMON_PREFIXES is stripped (repeatedly, for nested wrappers) when that makes more keys match.
+    `prefix` (model.weights_prefix): keep only the keys under it, prefix removed. Else the one or two
+    of COMMON_PREFIXES (nested wrappers) whose stripping makes the most keys match are stripped.
     """
     if prefix:
         kept = {k[len(prefix):]: v for k, v in state_dict.items() if k.startswith(prefix)}
@@ -83,16 +83,20 @@ def align_keys(state_dict: dict, model_keys: set[str], prefix: str | None) -> tu
             raise WeightsError(f"model.weights_prefix: no key of the weights starts with {prefix!r} "
                                f"(first keys: {abbreviate(list(state_dict), 3)})")
         return kept, f"took the {len(kept)} tensors under {prefix!r} (model.weights_prefix), prefix removed"
-    stripped = []
-    while True:
-        matches = sum(k in model_keys for k in state_dict)
-        candidates = [(sum(_without(k, p) in model_keys for k in state_dict), p) for p in COMMON_PREFIXES]
-        hits, best = max(candidates)
-        if hits <= matches:
-            break
-        state_dict = {_without(k, best): v for k, v in state_dict.items()}
-        stripped.append(best)
-    return state_dict, (f"stripped the key prefix {''.join(stripped)!r}" if stripped else None)
+    def matches(prefixes: tuple[str, ...]) -> int:
+        return sum(_without_all(k, prefixes) in model_keys for k in state_dict)
+
+    candidates = [()] + [(p,) for p in COMMON_PREFIXES] + [(p, q) for p in COMMON_PREFIXES for q in COMMON_PREFIXES]
+    best = max(candidates, key=lambda prefixes: (matches(prefixes), -len(prefixes)))
+    if not best:
+        return state_dict, None
+    return {_without_all(k, best): v for k, v in state_dict.items()}, f"stripped the key prefix {''.join(best)!r}"
+
+
+def _without_all(key: str, prefixes: tuple[str, ...]) -> str:
+    for prefix in prefixes:
+        key = _without(key, prefix)
+    return key
 
 
 def _without(key: str, prefix: str) -> str:

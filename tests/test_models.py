@@ -169,3 +169,42 @@ def test_inception_aux_head_is_replaced_and_trains():
     with pytest.raises(ValueError, match="data.image_size: inception_v3 cannot take 80x80 images"):
         models.check_input_size("inception_v3", 3, 80)
     models.check_input_size("resnet18", 3, 32)
+
+
+INPUT_SIDES = (32, 28, 64, 96, 128, 160, 224, 299)
+
+
+def smallest_side(arch: str) -> int:
+    for side in INPUT_SIDES:
+        try:
+            models.check_input_size(arch, 3, side)
+            return side
+        except models.ModelError:
+            continue
+    raise AssertionError(f"{arch} takes none of {INPUT_SIDES}")
+
+
+@pytest.mark.parametrize("arch", models.classification_models())
+def test_every_torchvision_classifier_builds_plans_and_trains_a_step(arch):
+    """All of torchvision.models.list_models: planned on the meta device, built, one SGD step at a small input."""
+    from orchestrator.loop import StepSettings, Trainee, train_one_epoch
+    from orchestrator.optim import build_optimizer
+    from orchestrator.plan import make_plan
+    from orchestrator.resolve import count_group_sizes
+    from orchestrator.spec import JobSpec
+
+    side = smallest_side(arch)
+    spec = JobSpec.model_validate({"model": {"arch": arch, "num_classes": 3}, "data": {"image_size": side},
+                                   "optim": {"momentum": 0.0, "param_groups": [{"match": "*.weight", "lr_mult": 2.0}]},
+                                   "scaling": {"num_workers": 1, "per_worker_batch_size": 2}})
+    plan = make_plan(spec, 2, 1)
+    plan = plan.with_group_sizes(count_group_sizes(spec, plan.param_groups, 3))
+    built = build_model(spec.model, 3, side)
+    model = built.model
+    assert sum(g.num_params for g in plan.param_groups) == sum(p.numel() for p in model.parameters())
+    head = dict(model.named_parameters())[next(n for n, _ in model.named_parameters() if n.startswith(built.head[-1] + "."))]
+    before = head.detach().clone()
+    optimizer = build_optimizer(model, plan.param_groups, spec.optim)
+    batch = [(torch.randn(2, 3, side, side), torch.tensor([0, 2]))]
+    stats = train_one_epoch(Trainee(model, optimizer), batch, StepSettings(1, 1, lambda step: 1.0, torch.device("cpu")), 0, 0)
+    assert torch.isfinite(torch.tensor(stats.train_loss)) and not torch.equal(head, before)

@@ -57,6 +57,13 @@ def without_timing(rows: list[dict]) -> list[dict]:
                          "optim": {"name": "adam", "base_lr": 0.001, "base_batch_size": 32}}, 1),
     ("swats_plateau", {"schedule": {"name": "plateau", "epochs": 4, "patience": 0}, "optim": {"name": "adam", "base_lr": 0.001,
                        "base_batch_size": 32, "switch_to_sgd_at_epoch": 2}, "data": {"augment": ["hflip", "random_crop"]}}, 2),
+    ("gradual_unfreeze_group_schedule", {
+        "schedule": {"name": "onecycle", "epochs": 4, "warmup_epochs": 0},
+        "model": {"arch": "resnet18", "freeze": ["layer*"], "train_bn": False,
+                  "unfreeze": [{"at_epoch": 1, "modules": ["layer4"]}, {"at_epoch": 3, "modules": ["*"]}]},
+        "optim": {"name": "sgd", "base_lr": 0.05, "base_batch_size": 32,
+                  "param_groups": [{"match": "layer*", "schedule": {"name": "lambda", "expression": "0.5 ** epoch"}}]},
+        "data": {"augment": [{"name": "rotate", "degrees": 10}, "gaussian_noise"]}}, 1),
 ])
 def test_resumed_run_ends_bitwise_equal_to_an_unbroken_one(tmp_path, case, sections, stop_after):
     base = {"scaling": {"num_workers": 1, "per_worker_batch_size": 8}, "run": {"deterministic": True}}

@@ -11,6 +11,7 @@ global batch, the same images at any world size; set_epoch reshuffles), evaluati
 
 from __future__ import annotations
 
+import inspect
 import io
 import random
 from collections.abc import Callable
@@ -73,7 +74,7 @@ def augmentation_entry(entry: str | dict) -> tuple[str, dict]:
 def check_augmentation(entry, index: int) -> None:
     """ValueError saying what is wrong with data.augment entry `index`: not a name or mapping, an unknown
     name, or arguments its builder does not take (it is built once, at 32 px, to find out)."""
-    from orchestrator.spec import one_of
+    from orchestrator.spec import did_you_mean, one_of
 
     if not isinstance(entry, (str, dict)):
         raise ValueError(f"entry {index} must be a name or a mapping with a name (got {entry!r})")
@@ -81,6 +82,11 @@ def check_augmentation(entry, index: int) -> None:
     if not isinstance(name, str):
         raise ValueError(f"entry {index} has no name (e.g. {{name: color_jitter, brightness: 0.2}})")
     one_of(name, list(AUGMENTATIONS), "augmentation")
+    takes = [p for p in inspect.signature(AUGMENTATIONS[name]).parameters if p != "size"]
+    unknown = [key for key in arguments if key not in takes]
+    if unknown:
+        raise ValueError(f"entry {index} ({name}): takes no {', '.join(map(repr, unknown))}"
+                         f"{did_you_mean(unknown[0], takes)}; its arguments: {', '.join(takes) or 'none'}")
     try:
         AUGMENTATIONS[name](32, **arguments)
     except (TypeError, ValueError, KeyError) as exc:
