@@ -117,7 +117,7 @@ def test_a_whole_pickled_model_gets_its_own_message(tmp_path):
 @pytest.fixture
 def s3_bucket(monkeypatch):
     """A real S3 API on 127.0.0.1 (moto's server) with one bucket; pyarrow finds it through AWS_ENDPOINT_URL."""
-    moto_server = pytest.importorskip("moto.server")
+    from moto import server as moto_server
     with socket.socket() as probe:
         probe.bind(("127.0.0.1", 0))
         port = probe.getsockname()[1]
