@@ -155,7 +155,8 @@ def _make_trainee(run: Run, built: BuiltModel, payload: dict | None) -> Trainee:
     for at_epoch, names in run.unfreeze:
         if at_epoch <= run.state.next_epoch:   # a resumed run trains what an unbroken one would by now
             set_trainable(model, names, True)
-            frozen = [n for n in frozen if n not in set(names)]
+            freed = set(names)
+            frozen = [n for n in frozen if n not in freed]
     model.to(run.env.device)
     if spec.scaling.channels_last:
         model.to(memory_format=torch.channels_last)
@@ -187,7 +188,8 @@ def _apply_epoch_changes(run: Run, trainee: Trainee, epoch: int) -> None:
 def _unfreeze(run: Run, trainee: Trainee, names: list[str], epoch: int) -> None:
     """These parameters train from now: the optimizer is rebuilt (keeping its state), the model re-wrapped."""
     set_trainable(trainee.model, names, True)
-    trainee.frozen = [n for n in trainee.frozen if n not in set(names)]
+    freed = set(names)
+    trainee.frozen = [n for n in trainee.frozen if n not in freed]
     trainee.eval_modules = [] if run.spec.model.train_bn else frozen_norm_layers(trainee.model)
     trainee.optimizer = rebuild_keeping_state(trainee.optimizer, trainee.model, run.plan.param_groups, run.spec.optim)
     trainee.wrapped = None   # DDP's reducer hooks go with it, before a new DDP registers its own

@@ -11,7 +11,6 @@ from __future__ import annotations
 
 from dataclasses import dataclass
 
-
 from orchestrator.data import DataError, Splits, load_splits
 from orchestrator.models import (build_on_meta, check_input_size, freeze_targets, head_module_names, set_trainable,
                                  unfreeze_steps)

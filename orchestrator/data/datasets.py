@@ -23,7 +23,7 @@ from torchvision.transforms import v2
 
 from orchestrator.data.sources import Split
 from orchestrator.plan import Plan
-from orchestrator.spec import DataSpec
+from orchestrator.spec import DataSpec, did_you_mean, one_of
 
 
 class ImageReadError(Exception):
@@ -74,8 +74,6 @@ def augmentation_entry(entry: str | dict) -> tuple[str, dict]:
 def check_augmentation(entry, index: int) -> None:
     """ValueError saying what is wrong with data.augment entry `index`: not a name or mapping, an unknown
     name, or arguments its builder does not take (it is built once, at 32 px, to find out)."""
-    from orchestrator.spec import did_you_mean, one_of
-
     if not isinstance(entry, (str, dict)):
         raise ValueError(f"entry {index} must be a name or a mapping with a name (got {entry!r})")
     name, arguments = augmentation_entry(entry)
