@@ -185,7 +185,8 @@ def read_run_folder_weights(folder: RunFolder) -> SourceWeights:
     state = read_weights_bytes(folder.read_bytes(found), ".pt", f"{folder.uri}/{found}")
     classes = None
     if folder.exists(WEIGHTS_FILE):
-        classes = safetensors_metadata(folder.read_bytes(WEIGHTS_FILE)).get("classes", "").split(",") or None
+        written = safetensors_metadata(folder.read_bytes(WEIGHTS_FILE)).get("classes")
+        classes = written.split(",") if written else None
     return SourceWeights(state, f"run {folder.uri} ({found})", classes)
 
 

@@ -37,8 +37,9 @@ def write_run_folder(root, name: str, state: dict, classes: list[str]) -> None:
     buffer = io.BytesIO()
     torch.save({"version": 1, "model": state}, buffer)
     (folder / "checkpoint_best" / "checkpoint.pt").write_bytes(buffer.getvalue())
+    metadata = {"classes": ",".join(classes)} if classes else {}
     (folder / "model.safetensors").write_bytes(save_safetensors({k: v.contiguous() for k, v in state.items()},
-                                                                metadata={"classes": ",".join(classes)}))
+                                                                metadata=metadata))
 
 
 # 0: a new head for new classes ----------------------------------------------------------------------------
@@ -62,6 +63,12 @@ def test_keeping_the_head_of_a_run_with_other_classes_is_refused(tmp_path):
     assert torch.all(same.model.fc.weight == 7.0)
     new = build_model(ModelSpec(arch="resnet18", weights=str(tmp_path / "digits04")), 5, 32, class_names=["5", "6", "7", "8", "9"])
     assert not torch.any(new.model.fc.weight == 7.0)
+
+
+def test_a_run_folder_without_class_names_does_not_block_keep_head(tmp_path):
+    write_run_folder(tmp_path, "src", resnet_state(5, head_value=7.0), [])     # metadata without classes
+    spec = ModelSpec(arch="resnet18", weights=str(tmp_path / "src"), keep_head=True)
+    assert torch.all(build_model(spec, 5, 32, class_names=["a", "b", "c", "d", "e"]).model.fc.weight == 7.0)
 
 
 def test_the_shipped_finetune_job_starts_with_a_new_head(tmp_path, write_job, capsys):
