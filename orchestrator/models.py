@@ -20,7 +20,7 @@ import torchvision
 from torch import nn
 
 from orchestrator.spec import ModelSpec
-from orchestrator.weights import (LoadReport, WeightsError, abbreviate, align_keys, load_matching,
+from orchestrator.weights import (LoadReport, WeightsError, abbreviate, align_keys, is_buffer_counter, load_matching,
                                   read_source_weights)
 
 class ModelError(ValueError):
@@ -202,13 +202,13 @@ def unfreeze_steps(model: nn.Module, spec: ModelSpec, frozen: list[str], head: t
     """
     if spec.unfreeze_at_epoch is not None:
         return [(spec.unfreeze_at_epoch, list(frozen))]
-    steps, still_frozen = [], list(frozen)
+    steps, still_frozen = [], set(frozen)
     for i, step in enumerate(spec.unfreeze):
         key = f"model.unfreeze.{i}.modules"
         freed = [n for n in freeze_targets(model, step.modules, head, key) if n in still_frozen]
         if not freed:
             raise FreezeError(f"{key}: {step.modules} frees nothing that is still frozen at epoch {step.at_epoch}")
-        still_frozen = [n for n in still_frozen if n not in freed]
+        still_frozen.difference_update(freed)
         steps.append((step.at_epoch, freed))
     return steps
 
@@ -289,9 +289,8 @@ def load_weights(model: nn.Module, spec: ModelSpec, head: tuple[str, ...], class
 
 
 def _check_backbone_loaded(model: nn.Module, report: LoadReport, head: tuple[str, ...], minimum: float) -> None:
-    backbone = [k for k in model.state_dict() if not k.endswith("num_batches_tracked")
-                and not any(k.startswith(h + ".") for h in head)]
-    loaded = sum(1 for k in report.loaded if k in set(backbone))
+    backbone = {k for k in model.state_dict() if not is_buffer_counter(k) and not any(k.startswith(h + ".") for h in head)}
+    loaded = sum(1 for k in report.loaded if k in backbone)
     if backbone and loaded / len(backbone) < minimum:
         hint = f"; the weights' keys look like {abbreviate(report.unexpected, 3)}" if report.unexpected else ""
         raise WeightsError(f"model.weights: only {loaded} of the backbone's {len(backbone)} tensors loaded from "

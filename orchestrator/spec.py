@@ -439,7 +439,9 @@ def _check_data(spec: JobSpec) -> list[str]:
             problems.append(f"data.classes: synthetic labels are 0..{data.synthetic.num_classes - 1} (got {bad})")
     if data.classes is not None and len(set(data.classes)) < 2:
         problems.append("data.classes: keep at least two distinct classes")
-    names = [entry if isinstance(entry, str) else entry.get("name") for entry in data.augment]
+    from orchestrator.data.datasets import augmentation_entry
+
+    names = [augmentation_entry(entry)[0] for entry in data.augment]
     if "random_resized_crop" in names and "random_crop" in names:
         problems.append("data.augment: choose one of random_resized_crop and random_crop")
     return problems

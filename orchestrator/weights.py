@@ -233,7 +233,7 @@ def load_matching(model: nn.Module, state_dict: dict[str, torch.Tensor], source:
         else:
             keep[name] = tensor
             report.loaded.append(name)
-    report.missing = [name for name in target if name not in state_dict and not _is_buffer_counter(name)]
+    report.missing = [name for name in target if name not in state_dict and not is_buffer_counter(name)]
     kept = OrderedDict(keep)
     # module versions (mnasnet checks its own): the source's when it carries them, else the model's
     kept._metadata = getattr(state_dict, "_metadata", None) or getattr(target, "_metadata", None)  # type: ignore[attr-defined]
@@ -241,5 +241,5 @@ def load_matching(model: nn.Module, state_dict: dict[str, torch.Tensor], source:
     return report
 
 
-def _is_buffer_counter(name: str) -> bool:
+def is_buffer_counter(name: str) -> bool:
     return name.endswith("num_batches_tracked")
