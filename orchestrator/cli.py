@@ -7,7 +7,6 @@ line per problem, never a traceback.
 from __future__ import annotations
 
 import argparse
-import json
 import sys
 import time
 from concurrent.futures import ThreadPoolExecutor
@@ -43,9 +42,9 @@ def _report_user_error(exc: BaseException) -> int:
 
 
 def cmd_validate(args) -> int:
-    from orchestrator.spec import load_spec
+    from orchestrator.spec import check_references, load_spec
 
-    spec = load_spec(args.job, args.set)
+    spec = check_references(load_spec(args.job, args.set))
     console.print(f"{args.job}: ok (name {spec.name}, {spec.model.arch}, {spec.optim.name}, "
                   f"{spec.schedule.name} over {spec.schedule.epochs} epochs)")
     return 0
@@ -91,7 +90,9 @@ def cmd_plan(args) -> int:
     resolved = resolve_plan(spec, 1 if args.local else spec.scaling.num_workers)
     plan = resolved.plan
     if args.json:
-        print(json.dumps({**plan.to_dict(), "num_classes": resolved.num_classes}, indent=2))
+        from orchestrator.storage import strict_json
+
+        print(strict_json({**plan.to_dict(), "num_classes": resolved.num_classes}))
         return 0
     console.print(plan_table(plan, resolved.num_classes))
     console.print(groups_table(plan))
@@ -106,9 +107,9 @@ def cmd_train(args) -> int:
     from orchestrator.launch import open_run, say_resume, train_local, train_on_ray
     from orchestrator.progress import summary_table
     from orchestrator.resolve import resolve_plan
-    from orchestrator.spec import load_spec, with_absolute_paths
+    from orchestrator.spec import check_references, load_spec, with_absolute_paths
 
-    spec = with_absolute_paths(load_spec(args.job, args.set))
+    spec = with_absolute_paths(check_references(load_spec(args.job, args.set)))
     if args.local:
         resolved = resolve_plan(spec, 1)
     else:
@@ -133,19 +134,25 @@ def cmd_train(args) -> int:
         console.print(f"first training step {first_step_s:.1f} s after the command started")
     if summary["status"] != "completed":
         err_console.print(f"[red]error:[/red] {escape(summary.get('message') or summary['status'])}")
-        err_console.print(f"the last good checkpoint is kept in {summary['run_folder']}; fix the job and re-run the same command to resume")
+        latest = start.folder.latest_checkpoint()
+        if latest:
+            err_console.print(f"the last good checkpoint, {latest}, is kept in {summary['run_folder']}; "
+                              "fix the job and re-run the same command to resume")
+        else:
+            err_console.print(f"no epoch finished, so no checkpoint was written to {summary['run_folder']}")
         return 1
     return 0
 
 
 def cmd_sweep(args) -> int:
     from orchestrator.session import start_ray_for
-    from orchestrator.spec import SpecError, apply_overrides, read_job_file, validate_spec, with_absolute_paths
+    from orchestrator.spec import (SpecError, apply_overrides, check_references, read_job_file, validate_spec,
+                                   with_absolute_paths)
     from orchestrator.search import validate_space
     from orchestrator.sweep import run_sweep
 
     raw = apply_overrides(read_job_file(args.job), args.set)
-    spec = with_absolute_paths(validate_spec(raw))
+    spec = with_absolute_paths(check_references(validate_spec(raw)))
     if not spec.sweep.space:
         raise SpecError(["sweep.space: empty; give at least one key to sweep, e.g. optim.base_lr: {loguniform: [1.0e-4, 1.0e-1]}"])
     validate_space(raw)

@@ -11,6 +11,7 @@ batches as an unbroken one.
 from __future__ import annotations
 
 import gc
+import math
 import random
 import time
 from collections.abc import Callable
@@ -211,6 +212,8 @@ def _run_epoch(run: Run, trainee: Trainee, loaders, epoch: int) -> dict:
     stats = train_one_epoch(trainee, train, settings, epoch, state.step, _on_step(run, start))
     val_stats = evaluate(trainee.model, val, env.device, settings.amp, settings.channels_last)
     state.step += plan.steps_per_epoch
+    if val_stats.images and not math.isfinite(val_stats.loss):   # every rank sees the all-reduced loss
+        raise DivergenceError(epoch, state.step, val_stats.loss, what="validation loss")
     lrs = {g.name: None for g in plan.param_groups}   # every group has its column; null while it has nothing training
     lrs.update({group["name"]: lr for group, lr in zip(trainee.optimizer.param_groups, stats.last_lrs)})
     return epoch_row(epoch, state.step, lrs, stats, val_stats, state.wall_s + time.perf_counter() - run.started)

@@ -29,11 +29,12 @@ AUX_LOSS_WEIGHT = 0.4  # inception/googlenet auxiliary heads, as torchvision's r
 
 
 class DivergenceError(RuntimeError):
-    """The loss became NaN or infinite."""
+    """The training loss (`what` "loss") or the validation loss ("validation loss") became NaN or infinite."""
 
-    def __init__(self, epoch: int, step: int, loss: float):
+    def __init__(self, epoch: int, step: int, loss: float, what: str = "loss"):
         self.epoch, self.step, self.loss = epoch, step, loss
-        super().__init__(f"loss diverged ({loss}) at epoch {epoch}, step {step} (optimizer step, 0-based); "
+        where = f"step {step} (optimizer step, 0-based)" if what == "loss" else f"after step {step} (optimizer steps done)"
+        super().__init__(f"{what} diverged ({loss}) at epoch {epoch}, {where}; "
                          "lower optim.base_lr, add warmup, or set optim.grad_clip_norm")
 
 

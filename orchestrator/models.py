@@ -262,7 +262,8 @@ def build_model(spec: ModelSpec, num_classes: int, image_size: int, class_names:
         missing = [n for n, _ in model.named_parameters()]
     else:
         report = load_weights(model, spec, head, class_names)
-        missing = report.missing + report.new_head + [name for name, _, _ in report.skipped_shape]
+        missing = (report.missing + report.new_head + [name for name, _, _ in report.skipped_shape]
+                   + [name for name, _, _ in report.skipped_dtype])
     renewed = init_new_layers(model, missing, spec.head_init)
     frozen = freeze_targets(model, spec.freeze, head) if spec.freeze else []
     set_trainable(model, frozen, False)

@@ -46,7 +46,7 @@ def registered(field: str, module: str, registry: str, what: str = "value"):
 
 
 class _Section(BaseModel):
-    model_config = ConfigDict(extra="forbid", validate_assignment=False)
+    model_config = ConfigDict(extra="forbid", validate_assignment=False, allow_inf_nan=False)
 
 
 class SyntheticSpec(_Section):
@@ -61,7 +61,7 @@ class SyntheticSpec(_Section):
 class DataSpec(_Section):
     source: str = "builtin:digits"
     """builtin:digits | imagefolder:PATH | parquet:PATH_OR_URI | synthetic"""
-    image_size: int = Field(32, ge=8)
+    image_size: int = Field(32, ge=8, le=4096)
     """side of the square images the model sees, pixels"""
     val_fraction: float = Field(0.2, ge=0.0, lt=1.0)
     """share of train held out for validation when the source has no val split (stratified, seeded)"""
@@ -140,6 +140,18 @@ class ModelSpec(_Section):
     """classifier dropout for architectures that take one (alexnet, vgg, squeezenet, mobilenet, efficientnet, ...); None = its default"""
 
     _known_init = registered("head_init", "models", "HEAD_INITS")
+
+    @field_validator("arch")
+    @classmethod
+    def _known_arch(cls, arch: str) -> str:
+        from orchestrator.models import classification_models
+
+        names = classification_models()
+        if arch not in names:
+            raise ValueError(f"unknown architecture {arch!r}{did_you_mean(arch, names)}; valid: any of torchvision's "
+                             f"{len(names)} classification models (resnet18, resnet50, vit_b_16, ...: "
+                             "torchvision.models.list_models(module=torchvision.models))")
+        return arch
 
     @field_validator("num_classes")
     @classmethod
@@ -259,9 +271,14 @@ class SweepSpec(_Section):
     _known_metric = registered("metric", "metrics", "WATCHABLE", "metric")
 
 
+NAME_MAX_CHARS = 100
+"""a run name is a folder name, and checkpoint paths below it must stay under the filesystem's 255 bytes"""
+
+
 class JobSpec(_Section):
-    name: str = "run"
-    seed: int = 0
+    name: str = Field("run", max_length=NAME_MAX_CHARS)
+    seed: int = Field(0, ge=0, lt=2**32)
+    """numpy takes seeds in [0, 2**32)"""
     data: DataSpec = Field(default_factory=DataSpec)
     model: ModelSpec = Field(default_factory=ModelSpec)
     optim: OptimSpec = Field(default_factory=OptimSpec)
@@ -332,6 +349,10 @@ def _format_error(err: dict) -> str:
         return f"{key}: must be {bounds[kind].format(**err['ctx'])} (got {err.get('input')!r})"
     if kind == "missing":
         return f"{key}: required key is missing"
+    if kind == "finite_number":
+        return f"{key}: must be a finite number (got {err.get('input')!r})"
+    if kind == "string_too_long":
+        return f"{key}: at most {err['ctx']['max_length']} characters (got {len(err.get('input', ''))})"
     message = err["msg"]
     if message.startswith("Value error, "):
         message = message[len("Value error, "):]
@@ -547,6 +568,20 @@ def validate_spec(raw: dict[str, Any]) -> JobSpec:
 def load_spec(path: str | Path, overrides: list[str] | None = None) -> JobSpec:
     """Job file + `--set` overrides -> validated JobSpec (or SpecError)."""
     return validate_spec(apply_overrides(read_job_file(path), overrides or []))
+
+
+def check_references(spec: JobSpec) -> JobSpec:
+    """The spec, or SpecError when what it names on this machine is not there (`model.weights`).
+
+    Not part of `validate_spec`: `submit` sends jobs whose paths exist on the cluster, not here.
+    """
+    if spec.model.weights is not None:
+        from orchestrator.weights import weights_problem
+
+        problem = weights_problem(spec.model.weights, spec.model.arch)
+        if problem:
+            raise SpecError([problem])
+    return spec
 
 
 def with_absolute_paths(spec: JobSpec) -> JobSpec:

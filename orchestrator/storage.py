@@ -11,6 +11,7 @@ from __future__ import annotations
 
 import io
 import json
+import math
 import os
 import re
 import uuid
@@ -32,6 +33,22 @@ BEST_CHECKPOINT = f"{BEST_DIR}/{CHECKPOINT_FILE}"
 WORKERS_FILE = "workers.json"
 RAY_LOG_FILE = "ray.log"
 EPOCH_DIR_PATTERN = re.compile(r"^checkpoint_epoch_(\d+)$")
+
+
+def finite_or_none(value):
+    """`value` with every NaN or infinite float replaced by None (JSON has no NaN), recursively."""
+    if isinstance(value, float) and not math.isfinite(value):
+        return None
+    if isinstance(value, dict):
+        return {k: finite_or_none(v) for k, v in value.items()}
+    if isinstance(value, (list, tuple)):
+        return [finite_or_none(v) for v in value]
+    return value
+
+
+def strict_json(value, indent: int | None = 2) -> str:
+    """Strict JSON (RFC 8259): non-finite floats become null, never a bare NaN."""
+    return json.dumps(finite_or_none(value), indent=indent, default=str, allow_nan=False)
 
 
 def epoch_dir_name(epoch: int) -> str:
@@ -84,7 +101,7 @@ class RunFolder:
             return stream.read()
 
     def write_json(self, relative: str, value) -> None:
-        self.write_bytes(relative, (json.dumps(value, indent=2, default=str) + "\n").encode())
+        self.write_bytes(relative, (strict_json(value) + "\n").encode())
 
     def read_json(self, relative: str):
         return json.loads(self.read_bytes(relative))

@@ -33,6 +33,8 @@ class LoadReport:
     loaded: list[str] = field(default_factory=list)
     skipped_shape: list[tuple[str, tuple, tuple]] = field(default_factory=list)
     """(name, shape in the weights, shape in the model)"""
+    skipped_dtype: list[tuple[str, str, str]] = field(default_factory=list)
+    """(name, dtype in the weights, dtype in the model): integer or bool tensors never load into float ones"""
     missing: list[str] = field(default_factory=list)
     """in the model, not in the weights: keep their fresh init"""
     unexpected: list[str] = field(default_factory=list)
@@ -43,10 +45,12 @@ class LoadReport:
     """what was done to the keys (a prefix stripped) and to the head"""
 
     def lines(self) -> list[str]:
-        out = [f"weights {self.source}: loaded {len(self.loaded)} tensors, skipped {len(self.skipped_shape)} for shape, "
+        dtype = f", skipped {len(self.skipped_dtype)} for dtype" if self.skipped_dtype else ""
+        out = [f"weights {self.source}: loaded {len(self.loaded)} tensors, skipped {len(self.skipped_shape)} for shape{dtype}, "
                f"{len(self.missing)} missing, {len(self.unexpected)} unexpected"]
         out += [f"  {note}" for note in self.notes]
         out += [f"  skipped {name}: weights {list(src)} vs model {list(dst)}" for name, src, dst in self.skipped_shape]
+        out += [f"  skipped {name}: weights hold {src}, the model {dst}" for name, src, dst in self.skipped_dtype]
         if self.missing:
             out.append(f"  missing (fresh init): {abbreviate(self.missing)}")
         if self.unexpected:
@@ -196,6 +200,27 @@ def safetensors_metadata(data: bytes) -> dict[str, str]:
     return json.loads(data[8:8 + length]).get("__metadata__") or {}
 
 
+def weights_problem(weights: str, arch: str) -> str | None:
+    """Why `model.weights` names nothing that exists, checked without reading any tensor; None when it may.
+
+    URIs are not checked here (that needs the network): they are read when the run starts.
+    """
+    if "://" in weights:
+        return None
+    path = Path(weights).expanduser()
+    if path.is_dir():
+        if RunFolder(str(path.parent), path.name).best_or_latest_checkpoint() is None:
+            return f"model.weights: run folder {path} holds no checkpoint (checkpoint_*/checkpoint.pt)"
+        return None
+    if path.suffix in WEIGHT_FILE_SUFFIXES or "/" in weights or weights.startswith((".", "~")):
+        return None if path.is_file() else f"model.weights: no such file or run folder {path}"
+    try:
+        torchvision_weights(arch, weights)
+    except WeightsError as exc:
+        return str(exc)
+    return None
+
+
 def read_source_weights(weights: str, arch: str) -> SourceWeights:
     """The state_dict (and what is known of it) for a `model.weights` value other than null."""
     path = Path(weights).expanduser()
@@ -230,15 +255,30 @@ def load_matching(model: nn.Module, state_dict: dict[str, torch.Tensor], source:
             report.unexpected.append(name)
         elif tuple(tensor.shape) != tuple(target[name].shape):
             report.skipped_shape.append((name, tuple(tensor.shape), tuple(target[name].shape)))
+        elif tensor.is_floating_point() != target[name].is_floating_point():
+            report.skipped_dtype.append((name, _dtype_name(tensor), _dtype_name(target[name])))
         else:
             keep[name] = tensor
             report.loaded.append(name)
+    _refuse_non_finite(keep, source)
     report.missing = [name for name in target if name not in state_dict and not is_buffer_counter(name)]
     kept = OrderedDict(keep)
     # module versions (mnasnet checks its own): the source's when it carries them, else the model's
     kept._metadata = getattr(state_dict, "_metadata", None) or getattr(target, "_metadata", None)  # type: ignore[attr-defined]
     model.load_state_dict(kept, strict=False)
     return report
+
+
+def _dtype_name(tensor: torch.Tensor) -> str:
+    return str(tensor.dtype).removeprefix("torch.")
+
+
+def _refuse_non_finite(tensors: dict[str, torch.Tensor], source: str) -> None:
+    """WeightsError when any floating tensor about to load holds NaN or an infinity (a diverged source run)."""
+    bad = [name for name, t in tensors.items() if t.is_floating_point() and not bool(torch.isfinite(t).all())]
+    if bad:
+        raise WeightsError(f"model.weights: {source} holds NaN or infinite values in {len(bad)} tensors "
+                           f"({abbreviate(bad, 3)}); nothing was loaded (was the source run diverging?)")
 
 
 def is_buffer_counter(name: str) -> bool:

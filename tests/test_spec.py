@@ -13,9 +13,19 @@ def test_jobs_folder_is_not_empty():
 
 
 @pytest.mark.parametrize("job", JOBS, ids=lambda p: p.name)
-def test_every_shipped_job_validates_and_plans(job, capsys):
+def test_every_shipped_job_validates_and_plans(job, capsys, tmp_path, monkeypatch):
+    monkeypatch.chdir(tmp_path)      # the fine-tune jobs name ./runs/quickstart, the quickstart's run folder
+    source_run = tmp_path / "runs" / "quickstart" / "checkpoint_best"
+    source_run.mkdir(parents=True)
+    (source_run / "checkpoint.pt").write_bytes(b"validate checks that it exists; train reads it")
     assert main(["validate", str(job)]) == 0
     assert main(["plan", str(job), "--json"]) == 0
+
+
+def test_weights_from_a_run_not_trained_yet_are_named(capsys, tmp_path, monkeypatch):
+    monkeypatch.chdir(tmp_path)
+    assert main(["validate", str(REPO / "jobs" / "quickstart_finetune.yaml")]) == 2
+    assert "model.weights: no such file or run folder runs/quickstart" in capsys.readouterr().err
 
 
 # (job file text, a key the error must name)
@@ -38,6 +48,14 @@ BAD_JOBS = [
     ("optim:\n  name: sgd\n  switch_to_sgd_at_epoch: 2\n", "optim.switch_to_sgd_at_epoch"),
     ("optim:\n  param_groups:\n    - {match: 'fc.*', lr_mul: 10}\n", "optim.param_groups.0.lr_mul: unknown key (did you mean 'lr_mult'?)"),
     ("scaling:\n  amp: fp16\n", "scaling.amp: fp16 needs use_gpu"),
+    ("model:\n  arch: resnet19\n", "model.arch: unknown architecture 'resnet19' (did you mean 'resnet18'?)"),
+    ("model:\n  weights: missing/w.pth\n", "model.weights: no such file or run folder missing/w.pth"),
+    ("model:\n  weights: IMAGENET1K_V9\n", "model.weights: 'IMAGENET1K_V9' is not a file, a run folder, or a torchvision weight"),
+    ("seed: -1\n", "seed: must be >= 0 (got -1)"),
+    ("optim:\n  base_lr: .inf\n", "optim.base_lr: must be a finite number (got inf)"),
+    ("schedule:\n  gamma: .nan\n", "schedule.gamma: must be a finite number"),
+    (f"name: {'x' * 300}\n", "name: at most 100 characters (got 300)"),
+    ("data:\n  image_size: 100000\n", "data.image_size: must be <= 4096 (got 100000)"),
     ("scaling:\n  sync_bn: true\n", "scaling.sync_bn: torch's SyncBatchNorm runs on GPUs only"),
     ("name: 'my run/1'\n", "name: must be a folder name"),
     ("sweep:\n  space:\n    optim.base_l: {loguniform: [0.001, 0.1]}\n", "sweep.space.optim.base_l: not a job-file key (did you mean 'optim.base_lr'?)"),

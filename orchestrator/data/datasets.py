@@ -131,6 +131,8 @@ def decode_image(blob_or_path, where: str) -> torch.Tensor:
         source = io.BytesIO(blob_or_path) if isinstance(blob_or_path, (bytes, bytearray)) else blob_or_path
         with Image.open(source) as img:
             array = np.asarray(img.convert("RGB"))
+    except Image.DecompressionBombError as exc:
+        raise ImageReadError(f"image {where} is too large to decode safely: {exc}") from None
     except (UnidentifiedImageError, OSError, ValueError, SyntaxError) as exc:
         raise ImageReadError(f"cannot read image {where}: {exc}") from None
     return torch.from_numpy(array.copy()).permute(2, 0, 1)

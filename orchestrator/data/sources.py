@@ -109,20 +109,44 @@ def _synthetic(data: DataSpec, seed: int) -> tuple[list[str], dict[str, Split], 
     return [str(i) for i in range(syn.num_classes)], splits, []
 
 
-def _class_folder_split(folder: Path, class_names: list[str] | None) -> tuple[list[str], Split]:
-    names = class_names or sorted(p.name for p in folder.iterdir() if p.is_dir() and not p.name.startswith("."))
+IGNORED_FOLDERS = ("__MACOSX",)
+"""folders that archivers leave behind; never classes (nor are hidden, dot-named, folders)"""
+
+
+def _is_ignored(name: str) -> bool:
+    return name.startswith(".") or name in IGNORED_FOLDERS
+
+
+def _class_dirs(folder: Path) -> list[str]:
+    return sorted(p.name for p in folder.iterdir() if p.is_dir() and not _is_ignored(p.name))
+
+
+def _image_files(class_dir: Path) -> list[Path]:
+    """Image files under a class folder, hidden files (macOS `._x.jpg`) and ignored folders left out."""
+    return sorted(p for p in class_dir.rglob("*") if p.suffix.lower() in IMAGE_SUFFIXES and p.is_file()
+                  and not any(_is_ignored(part) for part in p.relative_to(class_dir).parts))
+
+
+def _class_folder_split(folder: Path, class_names: list[str] | None, notes: list[str]) -> tuple[list[str], Split]:
+    """The images under folder/<class>/; `class_names` None: the classes are the folders found here (train)."""
+    names = class_names or _class_dirs(folder)
     if not names:
         raise DataError(f"data.source: {folder} holds no class folders (expected {folder}/<class>/<image>)")
-    paths, labels = [], []
+    ignored = sorted(p.name for p in folder.iterdir() if p.is_dir() and _is_ignored(p.name))
+    if ignored:
+        notes.append(f"ignored folders in {folder}: {', '.join(ignored)} (not classes)")
+    paths, labels, empty = [], [], []
     for label, name in enumerate(names):
-        class_dir = folder / name
-        if not class_dir.is_dir():
-            continue
-        files = sorted(p for p in class_dir.rglob("*") if p.suffix.lower() in IMAGE_SUFFIXES and p.is_file())
+        files = _image_files(folder / name) if (folder / name).is_dir() else []
+        if not files:
+            empty.append(name)
         paths += [str(p) for p in files]
         labels += [label] * len(files)
     if not paths:
         raise DataError(f"data.source: no images ({', '.join(IMAGE_SUFFIXES[:4])}, ...) under {folder}")
+    if empty and class_names is None:
+        raise DataError(f"data.source: class folder(s) {', '.join(str(folder / n) for n in empty)} hold no images; "
+                        "add images or remove the folder (an empty class would still get an output of the head)")
     return names, Split("path", paths, np.array(labels, dtype=np.int64))
 
 
@@ -135,15 +159,15 @@ def _imagefolder(data: DataSpec, seed: int) -> tuple[list[str], dict[str, Split]
     if not train_dir.is_dir():
         train_dir = root
         notes.append(f"{root} has no train/ folder: its class folders are the training data")
-    class_names, train = _class_folder_split(train_dir, None)
+    class_names, train = _class_folder_split(train_dir, None, notes)
     splits = {"train": train}
     for name in ("val", "test"):
         folder = root / name
         if folder.is_dir() and train_dir != root:
-            extra = sorted(p.name for p in folder.iterdir() if p.is_dir() and p.name not in class_names)
+            extra = [c for c in _class_dirs(folder) if c not in class_names]
             if extra:
                 raise DataError(f"data.source: {folder} has classes that train/ lacks: {', '.join(extra)}")
-            splits[name] = _class_folder_split(folder, class_names)[1]
+            splits[name] = _class_folder_split(folder, class_names, notes)[1]
     return class_names, splits, notes
 
 
@@ -246,4 +270,13 @@ def load_splits(data: DataSpec, seed: int) -> Splits:
         notes.append(f"no test split in {data.source}: the summary reports validation accuracy only")
     if len(train) == 0:
         raise DataError(f"data: no training images left in {data.source} after class selection")
+    for name, split in (("val", val), ("test", test)):
+        absent = [] if split is None else sorted(set(range(len(class_names))) - set(split.labels.tolist()))
+        if absent and len(split):
+            notes.append(f"warning: the {name} split has no images of class(es) "
+                         f"{', '.join(class_names[i] for i in absent[:10])}{' ...' if len(absent) > 10 else ''}: "
+                         f"their {name} accuracy is not measured")
+    if len(class_names) < 2:
+        raise DataError(f"data.source: {data.source} has one class ({', '.join(class_names)}); a classifier needs at "
+                        "least two (one class would reach 'accuracy 1.0' learning nothing)")
     return Splits(class_names, train, val, test, notes)
