@@ -96,15 +96,36 @@ def read(folder: RunFolder, relative: str) -> dict:
     return decode(folder.read_bytes(relative), f"{folder.uri}/{relative}")
 
 
-def find_resume_point(handed_back: Callable[[], tuple[bytes, str] | None], folder: RunFolder) -> tuple[dict, str] | None:
-    """(payload, where) to resume from: what the framework hands back (a Ray restart), else the latest
-    epoch checkpoint in the run folder, else None."""
+def find_resume_point(handed_back: Callable[[], tuple[bytes, str] | None],
+                      folder: RunFolder) -> tuple[tuple[dict, str] | None, list[str]]:
+    """((payload, where) to resume from, or None; lines saying which checkpoints were skipped and why).
+
+    Candidates, newest first: what the framework hands back (a Ray restart or re-run), then the run
+    folder's epoch checkpoints. The first that loads wins: a corrupt latest checkpoint (a write cut
+    short, a damaged disk) costs an epoch, not the run.
+    """
+    from orchestrator.storage import StorageError
+
+    candidates: list[tuple[Callable[[], bytes], str]] = []
     found = handed_back()
     if found is not None:
-        data, where = found
-        return decode(data, where), where
-    latest = folder.latest_checkpoint()
-    return None if latest is None else (read(folder, latest), f"{folder.uri}/{latest}")
+        candidates.append((lambda: found[0], found[1]))
+    for _, relative in reversed(folder.epoch_checkpoints()):
+        where = f"{folder.uri}/{relative}"
+        if not any(_same_checkpoint(where, seen) for _, seen in candidates):
+            candidates.append((lambda relative=relative: folder.read_bytes(relative), where))
+    skipped = []
+    for read_data, where in candidates:
+        try:
+            return (decode(read_data(), where), where), skipped
+        except (CheckpointError, StorageError, OSError) as exc:
+            skipped.append(f"skipped {where}: {str(exc).removeprefix(f'cannot load checkpoint {where}: ')}")
+    return None, skipped
+
+
+def _same_checkpoint(a: str, b: str) -> bool:
+    """The same epoch checkpoint seen through Ray's path and through the run folder's."""
+    return a.rstrip("/").split("/")[-2:] == b.rstrip("/").split("/")[-2:]
 
 
 def unwrap(model: torch.nn.Module) -> torch.nn.Module:

@@ -7,7 +7,9 @@ line per problem, never a traceback.
 from __future__ import annotations
 
 import argparse
+import signal
 import sys
+import threading
 import time
 from concurrent.futures import ThreadPoolExecutor
 
@@ -18,7 +20,7 @@ from rich.table import Table
 EXIT_USER_ERROR = 2
 
 console = Console(highlight=False, soft_wrap=True)
-err_console = Console(stderr=True, highlight=False)
+err_console = Console(stderr=True, highlight=False, soft_wrap=True)
 
 
 def _user_error_types() -> tuple[type[BaseException], ...]:
@@ -26,12 +28,14 @@ def _user_error_types() -> tuple[type[BaseException], ...]:
     from orchestrator.data import DataError, ImageReadError
     from orchestrator.models import ModelError
     from orchestrator.plan import PlanError
+    from orchestrator.runlock import RunLocked
     from orchestrator.spec import SpecError
+    from orchestrator.storage import RunFolderUnusable
     from orchestrator.submit import SubmitError
     from orchestrator.weights import WeightsError
 
     return (SpecError, PlanError, DataError, ImageReadError, WeightsError, ModelError, CheckpointError, SubmitError,
-            SubmitUsageError)
+            SubmitUsageError, RunLocked, RunFolderUnusable)
 
 
 def _report_user_error(exc: BaseException) -> int:
@@ -103,27 +107,46 @@ def cmd_plan(args) -> int:
     return 0
 
 
+def hold_run_folder(spec, command: str):
+    """The run folder's lock (exit 2 naming the holder when another run has it); says what it took over."""
+    from orchestrator.runlock import RunLock
+    from orchestrator.storage import RunFolder
+
+    lock = RunLock(RunFolder(spec.run.storage, spec.name), command).acquire()
+    for note in lock.notes:
+        console.print(f"[yellow]note:[/yellow] {escape(note)}")
+    return lock
+
+
 def cmd_train(args) -> int:
-    from orchestrator.launch import open_run, say_resume, train_local, train_on_ray
-    from orchestrator.progress import summary_table
     from orchestrator.resolve import resolve_plan
     from orchestrator.spec import check_references, load_spec, with_absolute_paths
 
     spec = with_absolute_paths(check_references(load_spec(args.job, args.set)))
-    if args.local:
-        resolved = resolve_plan(spec, 1)
-    else:
-        # Planning (torch and torchvision imports, reading the data) overlaps Ray's start-up,
-        # which must run on the main thread; the plan is still printed before any worker starts.
-        from orchestrator.session import start_ray_for
+    lock = hold_run_folder(spec, "orchestrator train")
+    try:
+        if args.local:
+            resolved = resolve_plan(spec, 1)
+        else:
+            # Planning (torch and torchvision imports, reading the data) overlaps Ray's start-up,
+            # which must run on the main thread; the plan is still printed before any worker starts.
+            from orchestrator.session import start_ray_for
 
-        with ThreadPoolExecutor(max_workers=1) as pool:
-            planning = pool.submit(resolve_plan, spec, spec.scaling.num_workers)
-            start_ray_for(spec, args.address, args.verbose)
-            resolved = planning.result()
-    plan = resolved.plan
-    console.print(plan_table(plan, resolved.num_classes))
-    start = open_run(spec, plan)
+            with ThreadPoolExecutor(max_workers=1) as pool:
+                planning = pool.submit(resolve_plan, spec, spec.scaling.num_workers)
+                start_ray_for(spec, args.address, args.verbose)
+                resolved = planning.result()
+        console.print(plan_table(resolved.plan, resolved.num_classes))
+        return _train_planned(args, spec, resolved.plan)
+    finally:
+        lock.release()
+
+
+def _train_planned(args, spec, plan) -> int:
+    from orchestrator.launch import open_run, say_resume, train_local, train_on_ray
+    from orchestrator.progress import summary_table
+
+    start = open_run(spec)
     say_resume(console, start, plan.epochs)
     if args.local:
         summary, first_step_s = train_local(spec, plan, console)
@@ -145,6 +168,7 @@ def cmd_train(args) -> int:
 
 
 def cmd_sweep(args) -> int:
+    from orchestrator.resolve import check_weights_fit, resolve_plan
     from orchestrator.session import start_ray_for
     from orchestrator.spec import (SpecError, apply_overrides, check_references, read_job_file, validate_spec,
                                    with_absolute_paths)
@@ -156,8 +180,14 @@ def cmd_sweep(args) -> int:
     if not spec.sweep.space:
         raise SpecError(["sweep.space: empty; give at least one key to sweep, e.g. optim.base_lr: {loguniform: [1.0e-4, 1.0e-1]}"])
     validate_space(raw)
-    start_ray_for(spec, args.address, args.verbose)
-    summary = run_sweep(spec, raw, console, resume=args.resume, verbose=args.verbose)
+    # the job's data and weights, checked once here: a problem is one line and exit 2, not one traceback per trial
+    check_weights_fit(spec, resolve_plan(spec, spec.scaling.num_workers))
+    lock = hold_run_folder(spec, "orchestrator sweep")
+    try:
+        start_ray_for(spec, args.address, args.verbose)
+        summary = run_sweep(spec, raw, console, resume=args.resume, verbose=args.verbose)
+    finally:
+        lock.release()
     return 0 if summary else 1
 
 
@@ -276,21 +306,39 @@ def build_parser() -> argparse.ArgumentParser:
     return parser
 
 
+class Terminated(KeyboardInterrupt):
+    """SIGTERM (what `kill`, schedulers and Kubernetes send): handled as Ctrl-C is, exit 143."""
+
+
+def _raise_terminated(signum, frame) -> None:
+    raise Terminated()
+
+
+def _interrupted_exit(exc: BaseException) -> int:
+    return 143 if isinstance(exc, Terminated) or isinstance(exc.__context__, Terminated) else 130
+
+
 def main(argv: list[str] | None = None) -> int:
     from orchestrator.launch import RunInterrupted
+    from orchestrator.storage import StorageError
     from orchestrator.sweep import SweepInterrupted
 
     args = build_parser().parse_args(argv)
+    on_main_thread = threading.current_thread() is threading.main_thread()
+    previous = signal.signal(signal.SIGTERM, _raise_terminated) if on_main_thread else None
     try:
         return args.func(args)
     except _user_error_types() as exc:
         return _report_user_error(exc)
     except (RunInterrupted, SweepInterrupted) as exc:
         err_console.print(str(exc), markup=False)
-        return 130
-    except KeyboardInterrupt:
-        err_console.print("interrupted")
-        return 130
+        return _interrupted_exit(exc)
+    except KeyboardInterrupt as exc:
+        err_console.print("interrupted" if not isinstance(exc, Terminated) else "terminated (SIGTERM)")
+        return _interrupted_exit(exc)
+    except StorageError as exc:
+        err_console.print(f"[red]error:[/red] {escape(str(exc))}")
+        return 1
     except Exception as exc:
         if not type(exc).__module__.startswith("ray."):
             raise
@@ -298,6 +346,9 @@ def main(argv: list[str] | None = None) -> int:
         err_console.print(f"[red]error:[/red] training failed on Ray ({type(exc).__name__}):", markup=True)
         err_console.print(str(exc), markup=False, highlight=False, soft_wrap=True)
         return 1
+    finally:
+        if on_main_thread:
+            signal.signal(signal.SIGTERM, previous)
 
 
 if __name__ == "__main__":

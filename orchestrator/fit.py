@@ -23,18 +23,23 @@ from torch import nn
 
 from orchestrator import checkpoint as ckpt
 from orchestrator import progress
-from orchestrator.data import Splits, eval_loader, load_splits, make_dataset, train_loader
+from orchestrator.data import DataError, ImageReadError, Splits, eval_loader, load_splits, make_dataset, train_loader
 from orchestrator.loop import DivergenceError, StepSettings, Trainee, evaluate, train_one_epoch
 from orchestrator.metrics import epoch_row, improved
-from orchestrator.models import BuiltModel, build_model, frozen_norm_layers, set_trainable, trainability_rows
+from orchestrator.models import (BuiltModel, ModelError, build_model, frozen_norm_layers, set_trainable,
+                                 trainability_rows)
 from orchestrator.optim import SwatsTracker, build_optimizer, rebuild_keeping_state, switch_to_sgd
 from orchestrator.plan import Plan, PlanError
 from orchestrator.resolve import resolve_num_classes
 from orchestrator.schedule import group_multipliers
-from orchestrator.spec import JobSpec, group_schedule
-from orchestrator.storage import BEST_CHECKPOINT, METRICS_FILE, SUMMARY_FILE, WEIGHTS_FILE, RunFolder
+from orchestrator.spec import JobSpec, group_schedule, spec_to_yaml
+from orchestrator.storage import (BEST_CHECKPOINT, METRICS_FILE, PLAN_FILE, SPEC_FILE, SUMMARY_FILE, WEIGHTS_FILE,
+                                  RunFolder)
+from orchestrator.weights import WeightsError
 
 EVAL_BATCH_SIZE = 256
+FINAL_ERRORS = (DataError, ImageReadError, WeightsError, ModelError, ckpt.CheckpointError, PlanError)
+"""errors of the job, its data or its weights: the same on every retry, so a run stops at once (exit 2)"""
 
 
 @dataclass
@@ -52,6 +57,8 @@ class WorkerEnv:
     """progress events to the driver (called on rank 0 only)"""
     step_hook: Callable[[int], None] | None = None
     """called on every rank after each optimizer step with the step number (fault injection)"""
+    on_start: Callable[[], None] = lambda: None
+    """called on every rank once the run is known to start (data, model, weights and checkpoint all loaded)"""
 
     def log(self, text: str) -> None:
         if self.rank == 0:
@@ -104,14 +111,20 @@ def fit(spec: JobSpec, plan: Plan, env: WorkerEnv) -> dict:
                         f"{plan.num_train_samples}; set data.num_train_samples: {len(splits.train)} (or drop it)")
     built = build_model(spec.model, resolve_num_classes(spec, splits), spec.data.image_size, splits.class_names)
     _announce(env, splits, built, spec)
-    resume_point = ckpt.find_resume_point(env.restore, folder)
+    resume_point, skipped = ckpt.find_resume_point(env.restore, folder)
+    for line in skipped:
+        env.log(f"warning: {line}")
     run = Run(spec, plan, env, folder, ckpt.TrainingState(), time.perf_counter(), built.unfreeze)
+    payload = None
     if resume_point is not None:
-        run.state = _resume(run, built.model, *resume_point)
-    trainee = _make_trainee(run, built, resume_point[0] if resume_point else None)
+        payload, where = resume_point
+        ckpt.load_model_state(built.model, payload["model"], where)
+        run.state = ckpt.TrainingState.from_payload(payload)
+    trainee = _make_trainee(run, built, payload)
     loaders = (train_loader(make_dataset(splits.train, spec.data, True, "train"), spec.data, plan, env.rank, spec.seed),
                eval_loader(make_dataset(splits.val, spec.data, False, "val"), spec.data, EVAL_BATCH_SIZE, env.rank,
                            env.world_size))
+    _start(run, resume_point)
     diverged = None
     for epoch in range(run.state.next_epoch, plan.epochs):
         _apply_epoch_changes(run, trainee, epoch)
@@ -139,14 +152,19 @@ def _announce(env: WorkerEnv, splits: Splits, built: BuiltModel, spec: JobSpec) 
         env.emit(progress.Trainability(trainability_rows(built.model)))
 
 
-def _resume(run: Run, model: nn.Module, payload: dict, where: str) -> ckpt.TrainingState:
-    """Load the checkpoint's weights into the model; rank 0 puts its metric rows back in the run folder."""
-    ckpt.load_model_state(model, payload["model"], where)
-    run.env.log(f"resumed from {where} (epoch {payload['epoch']} done, step {payload['step']})")
-    state = ckpt.TrainingState.from_payload(payload)
-    if run.env.rank == 0:   # the metric rows are the checkpoint's: no epoch missing, none counted twice
-        run.folder.write_rows(METRICS_FILE, state.rows)
-    return state
+def _start(run: Run, resume_point: tuple[dict, str] | None) -> None:
+    """Every check has passed: from here the run folder changes. Rank 0 writes spec.yaml and plan.json
+    and, when resuming, puts the checkpoint's metric rows back (no epoch missing, none counted twice)."""
+    env = run.env
+    env.on_start()
+    if resume_point is not None:
+        payload, where = resume_point
+        env.log(f"resumed from {where} (epoch {payload['epoch']} done, step {payload['step']})")
+    if env.rank == 0:
+        run.folder.write_text(SPEC_FILE, spec_to_yaml(run.spec))
+        run.folder.write_json(PLAN_FILE, run.plan.to_dict())
+        if resume_point is not None:
+            run.folder.write_rows(METRICS_FILE, run.state.rows)
 
 
 def _make_trainee(run: Run, built: BuiltModel, payload: dict | None) -> Trainee:

@@ -1,6 +1,6 @@
 """The driver side of `orchestrator train`: open the run folder, then run the workers, showing progress.
 
-`open_run` writes `spec.yaml` and `plan.json` and says whether the run resumes.
+`open_run` finds where a re-run resumes (it writes nothing).
 `build_trainer(spec, plan, queue)` turns spec and plan into a `TorchTrainer` (ScalingConfig,
 RunConfig with FailureConfig and CheckpointConfig). `train_on_ray` runs it in a thread while the
 main thread renders the workers' progress events; `train_local` runs `fit` in this process (world
@@ -11,16 +11,17 @@ itself (start, join, logs, auth, stop) is `session.py`'s.
 from __future__ import annotations
 
 import threading
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 from typing import TYPE_CHECKING
 
 from rich.console import Console
+from rich.markup import escape
 
 from orchestrator.plan import Plan
 from orchestrator.progress import ProgressView, seconds_since_process_start
 from orchestrator.session import ray_log_path, stop_ray
-from orchestrator.spec import JobSpec, spec_to_yaml
-from orchestrator.storage import PLAN_FILE, SPEC_FILE, SUMMARY_FILE, RunFolder, absolute_storage
+from orchestrator.spec import JobSpec
+from orchestrator.storage import SPEC_FILE, SUMMARY_FILE, RunFolder, absolute_storage
 
 if TYPE_CHECKING:
     from orchestrator.fit import WorkerEnv
@@ -30,11 +31,13 @@ if TYPE_CHECKING:
 class OpenRun:
     folder: RunFolder
     resume_from: str | None
-    """relative path of the checkpoint the run resumes from"""
+    """where the checkpoint the run resumes from is (the newest that loads)"""
     resume_epoch: int | None
     """last finished epoch of that checkpoint (0-based)"""
     changed_keys: list[str]
     """spec keys that differ from the run's saved spec.yaml"""
+    skipped: list[str] = field(default_factory=list)
+    """checkpoints newer than resume_from that do not load, and why"""
 
 
 def _diff_keys(old: dict, new: dict, prefix: str = "") -> list[str]:
@@ -48,22 +51,30 @@ def _diff_keys(old: dict, new: dict, prefix: str = "") -> list[str]:
     return keys
 
 
-def open_run(spec: JobSpec, plan: Plan) -> OpenRun:
-    """Write spec.yaml and plan.json into the run folder; find the checkpoint a re-run resumes from."""
+def open_run(spec: JobSpec) -> OpenRun:
+    """Find the checkpoint a re-run resumes from and how the job differs from the saved spec.yaml.
+
+    Writes nothing: spec.yaml and plan.json are written by the run itself once it has started
+    (model built, weights and checkpoint loaded), so a re-run that fails its checks changes nothing.
+    """
     import yaml
 
+    from orchestrator.checkpoint import find_resume_point
+
     folder = RunFolder(spec.run.storage, spec.name)
-    checkpoints = folder.epoch_checkpoints()
+    found, skipped = find_resume_point(lambda: None, folder)
     changed = []
-    if checkpoints and folder.exists(SPEC_FILE):
+    if found and folder.exists(SPEC_FILE):
         changed = _diff_keys(yaml.safe_load(folder.read_bytes(SPEC_FILE)) or {}, spec.to_dict())
-    folder.write_text(SPEC_FILE, spec_to_yaml(spec))
-    folder.write_json(PLAN_FILE, plan.to_dict())
-    epoch, path = checkpoints[-1] if checkpoints else (None, None)
-    return OpenRun(folder, path, epoch, changed)
+    if found is None:
+        return OpenRun(folder, None, None, changed, skipped)
+    payload, where = found
+    return OpenRun(folder, where.removeprefix(folder.uri + "/"), payload["epoch"], changed, skipped)
 
 
 def say_resume(console: Console, start: OpenRun, epochs: int) -> None:
+    for line in start.skipped:
+        console.print(f"[yellow]warning:[/yellow] {escape(line)}")
     if start.resume_from is None:
         console.print(f"run folder: {start.folder.uri}")
         return
@@ -95,8 +106,11 @@ def train_local(spec: JobSpec, plan: Plan, console: Console) -> tuple[dict, floa
     """`fit` in this process, world size 1: (summary, seconds from process start to the first step)."""
     from orchestrator.fit import fit
 
-    with ProgressView(console) as view:
-        summary = fit(spec, plan, local_env(spec, view.handle))
+    try:
+        with ProgressView(console) as view:
+            summary = fit(spec, plan, local_env(spec, view.handle))
+    except KeyboardInterrupt:
+        raise RunInterrupted(RunFolder(spec.run.storage, spec.name)) from None
     return summary, seconds_since_process_start(view.first_step_at)
 
 
@@ -107,15 +121,14 @@ def build_trainer(spec: JobSpec, plan: Plan, queue=None, callbacks: list | None 
     TuneReportCallback).
     """
     from ray.train import CheckpointConfig, FailureConfig, RunConfig, ScalingConfig
-    from ray.train.torch import TorchTrainer
 
-    from orchestrator.worker import fault_from_env, train_fn
+    from orchestrator.worker import Trainer, fault_from_env, train_fn
 
     scaling = spec.scaling
     resources = {"CPU": scaling.cpus_per_worker}
     if scaling.use_gpu:
         resources["GPU"] = 1
-    return TorchTrainer(
+    return Trainer(
         train_fn,
         train_loop_config={"spec": spec.to_dict(), "plan": plan.to_dict(), "queue": queue, "fault": fault_from_env()},
         scaling_config=ScalingConfig(num_workers=plan.world_size, use_gpu=scaling.use_gpu, resources_per_worker=resources,
@@ -180,5 +193,7 @@ def train_on_ray(spec: JobSpec, plan: Plan, console: Console) -> tuple[dict, flo
         raise RunInterrupted(folder) from None
     thread.join()
     if "error" in outcome:
-        raise outcome["error"]
+        from orchestrator.worker import worker_error
+
+        raise worker_error(outcome["error"]) or outcome["error"]
     return view.summary or folder.read_json(SUMMARY_FILE), seconds_since_process_start(view.first_step_at)

@@ -62,3 +62,13 @@ def resolve_plan(spec: JobSpec, world_size: int, splits: Splits | None = None) -
     plan = make_plan(spec, num_train, world_size)
     plan = plan.with_group_sizes(count_group_sizes(spec, plan.param_groups, num_classes))
     return Resolved(plan, num_classes, splits)
+
+
+def check_weights_fit(spec: JobSpec, resolved: Resolved) -> None:
+    """Load `model.weights` into the model once, here, as a worker would: WeightsError or ModelError
+    when they do not fit (a sweep checks this before starting any trial)."""
+    from orchestrator.models import build_model
+
+    if spec.model.weights is not None:
+        class_names = resolved.splits.class_names if resolved.splits else None
+        build_model(spec.model, resolved.num_classes, spec.data.image_size, class_names)

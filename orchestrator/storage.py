@@ -32,7 +32,27 @@ BEST_DIR = "checkpoint_best"
 BEST_CHECKPOINT = f"{BEST_DIR}/{CHECKPOINT_FILE}"
 WORKERS_FILE = "workers.json"
 RAY_LOG_FILE = "ray.log"
+LOCK_FILE = "run.lock"
 EPOCH_DIR_PATTERN = re.compile(r"^checkpoint_epoch_(\d+)$")
+TEMP_PATTERN = re.compile(r"\.tmp-[0-9a-f]{8}$")
+"""temporary files of an atomic write (`<name>.tmp-<8 hex>`); left only by a write that died"""
+
+
+class StorageError(Exception):
+    """The run folder cannot be written or read (full disk, no permission, not a folder, network).
+
+    The message is one line naming the path and the cause.
+    """
+
+
+class RunFolderUnusable(StorageError):
+    """The run folder cannot even be created or locked: a problem of the job's run.storage (exit 2)."""
+
+
+def _cause(exc: BaseException) -> str:
+    if isinstance(exc, OSError) and exc.strerror:
+        return exc.strerror
+    return (str(exc).strip().splitlines() or [type(exc).__name__])[0]
 
 
 def finite_or_none(value):
@@ -89,12 +109,34 @@ class RunFolder:
         return self.fs.get_file_info(self.path(relative)).type != pafs.FileType.NotFound
 
     def write_bytes(self, relative: str, data: bytes) -> None:
+        """Write through a temp file then a rename; on failure the temp file is removed and StorageError
+        names the path and the cause (the previous version of the file, if any, is untouched)."""
         target = self.path(relative)
-        self.fs.create_dir(target.rsplit("/", 1)[0], recursive=True)
         temp = f"{target}.tmp-{uuid.uuid4().hex[:8]}"
-        with self.fs.open_output_stream(temp) as out:
-            out.write(data)
-        self.fs.move(temp, target)
+        try:
+            self.fs.create_dir(target.rsplit("/", 1)[0], recursive=True)
+            with self.fs.open_output_stream(temp) as out:
+                out.write(data)
+            self.fs.move(temp, target)
+        except (OSError, pa.ArrowException) as exc:
+            self._remove_quietly(temp)
+            raise StorageError(f"cannot write {self.uri}/{relative}: {_cause(exc)}") from None
+
+    def _remove_quietly(self, path: str) -> None:
+        try:
+            self.fs.delete_file(path)
+        except (OSError, pa.ArrowException):
+            pass
+
+    def sweep_temp_files(self) -> list[str]:
+        """Delete the temp files that writes which died left behind; returns their relative paths."""
+        if not self.exists(""):
+            return []
+        found = [info.path for info in self.fs.get_file_info(pafs.FileSelector(self.root, recursive=True))
+                 if info.type == pafs.FileType.File and TEMP_PATTERN.search(info.base_name)]
+        for path in found:
+            self._remove_quietly(path)
+        return [path[len(self.root) + 1:] for path in found]
 
     def read_bytes(self, relative: str) -> bytes:
         with self.fs.open_input_stream(self.path(relative)) as stream:

@@ -58,7 +58,7 @@ def run_trial(config: dict, base: dict, sweep_uri: str) -> None:
     import ray.tune
     from ray.tune.integration.ray_train import TuneReportCallback
 
-    from orchestrator.launch import build_trainer, open_run
+    from orchestrator.launch import build_trainer
     from orchestrator.resolve import resolve_plan
 
     trial_id = ray.tune.get_context().get_trial_id()
@@ -70,7 +70,6 @@ def run_trial(config: dict, base: dict, sweep_uri: str) -> None:
         ray.tune.report({**rows[-1], TIME_ATTR: len(rows)})
         return
     plan = resolve_plan(spec, spec.scaling.num_workers).plan
-    open_run(spec, plan)
     build_trainer(spec, plan, callbacks=[TuneReportCallback()]).fit()
 
 

@@ -6,6 +6,12 @@ device, DDP through `prepare_model`, checkpoints through `ray.train.report` and
 to the driver through a `ray.util.queue.Queue`. `ORCHESTRATOR_FAULT_AT_STEP` (and
 `ORCHESTRATOR_FAULT_RANK`, default the last rank) in the driver's environment kill one worker once
 after that optimizer step, to test recovery.
+
+`Trainer` is a TorchTrainer that does not retry `fit.FINAL_ERRORS` (a corrupt image, weights that do
+not fit: a retry gives the same error); other failures get `run.max_failures` restarts as before.
+Ray 2.60 has no public hook for this, so it passes its own failure policy to the controller through
+a private method; where that Ray internal is missing, it is a plain TorchTrainer (retries included).
+`worker_error(exc)` finds the worker's own exception in Ray's error, for the driver to show as one line.
 """
 
 from __future__ import annotations
@@ -16,11 +22,44 @@ import time
 from pathlib import Path
 
 import torch
+from ray.train.torch import TorchTrainer
 
-from orchestrator.fit import WorkerEnv, fit
+from orchestrator.fit import FINAL_ERRORS, WorkerEnv, fit
+from orchestrator.storage import StorageError
 from orchestrator.plan import Plan
 from orchestrator.spec import JobSpec
 from orchestrator.storage import CHECKPOINT_FILE, WORKERS_FILE, RunFolder, epoch_dir_name, write_atomic
+
+try:   # Ray internals: see the module docstring
+    from ray.train.v2._internal.execution.failure_handling import DefaultFailurePolicy, FailureDecision
+except ImportError:  # pragma: no cover - another Ray version
+    DefaultFailurePolicy = None
+
+
+def worker_error(exc: BaseException) -> BaseException | None:
+    """The lowest rank's own exception inside Ray's WorkerGroupError when it is one of ours
+    (FINAL_ERRORS or a StorageError), else None."""
+    failures = getattr(exc, "worker_failures", None) or {}
+    ours = [failures[rank] for rank in sorted(failures) if isinstance(failures[rank], (*FINAL_ERRORS, StorageError))]
+    return ours[0] if ours else None
+
+
+if DefaultFailurePolicy is not None:
+    class FinalErrorsPolicy(DefaultFailurePolicy):
+        """Ray's default policy, except that an error of the job, data or weights is raised at once."""
+
+        def make_decision(self, training_failed_error):
+            if isinstance(worker_error(training_failed_error), FINAL_ERRORS):
+                return FailureDecision.RAISE
+            return super().make_decision(training_failed_error)
+
+    class Trainer(TorchTrainer):
+        def _initialize_and_run_controller(self, **controller_init_kwargs):
+            controller_init_kwargs["failure_policy"] = FinalErrorsPolicy(self.run_config.failure_config)
+            return super()._initialize_and_run_controller(**controller_init_kwargs)
+else:  # pragma: no cover
+    Trainer = TorchTrainer
+
 
 EPOCHS_DONE = "epochs_done"
 FAULT_STEP_ENV = "ORCHESTRATOR_FAULT_AT_STEP"
@@ -123,9 +162,9 @@ def train_fn(config: dict) -> None:
 
     rank, world_size = context.get_world_rank(), context.get_world_size()
     folder = RunFolder(spec.run.storage, spec.name)
-    record_placement(folder, rank, world_size, context.get_local_rank())
     env = WorkerEnv(rank=rank, world_size=world_size, device=ray.train.torch.get_device(), wrap_model=wrap_model,
                     report=report, restore=restore,
                     emit=_emitter(config.get("queue")) if rank == 0 else (lambda event: None),
-                    step_hook=fault_hook(config.get("fault"), rank, world_size, folder))
+                    step_hook=fault_hook(config.get("fault"), rank, world_size, folder),
+                    on_start=lambda: record_placement(folder, rank, world_size, context.get_local_rank()))
     fit(spec, plan, env)

@@ -9,6 +9,7 @@ PACKAGE = Path(__file__).resolve().parents[1] / "orchestrator"
 
 LAYERS = [
     {"spec", "storage", "metrics"},                                           # the job and the run folder
+    {"runlock"},                                                              # one writer per run folder
     {"plan", "schedule", "search"},                                           # pure functions of the spec
     {"data", "weights", "models", "optim", "loop", "checkpoint", "progress"},  # torch, no Ray
     {"resolve", "fit"},                                                       # the driver's plan, a worker's run
