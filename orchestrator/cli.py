@@ -128,6 +128,9 @@ def cmd_train(args) -> int:
         if args.local:
             resolved = resolve_plan(spec, 1)
         else:
+            from orchestrator.submit import check_cluster_address
+
+            check_cluster_address(args.address, args.insecure)
             # Planning (torch and torchvision imports, reading the data) overlaps Ray's start-up,
             # which must run on the main thread; the plan is still printed before any worker starts.
             from orchestrator.session import start_ray_for
@@ -175,6 +178,9 @@ def cmd_sweep(args) -> int:
     from orchestrator.search import validate_space
     from orchestrator.sweep import run_sweep
 
+    from orchestrator.submit import check_cluster_address
+
+    check_cluster_address(args.address, args.insecure)
     raw = apply_overrides(read_job_file(args.job), args.set)
     spec = with_absolute_paths(check_references(validate_spec(raw)))
     if not spec.sweep.space:
@@ -210,6 +216,7 @@ def cmd_submit(args) -> int:
 def cmd_jobs(args) -> int:
     from orchestrator import submit
 
+    submit.check_transport(args.address, args.insecure)
     jobs = submit.client(args.address)
     if args.action == "list":
         table = Table(title=f"jobs on {args.address}", title_justify="left")
@@ -277,22 +284,25 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--local", action="store_true", help="run the same loop in this process (world size 1, no Ray)")
     p.add_argument("--address", help="Ray cluster to run on (e.g. auto, ray://HOST:10001); default: start a local Ray")
     p.add_argument("--verbose", action="store_true", help="show Ray's own logs instead of writing them to the run folder")
+    p.add_argument("--insecure", action="store_true", help="allow plain http (or, with a token, Ray's gRPC without TLS) to another machine; says what it risks")
     p.set_defaults(func=cmd_train)
     p = job_command("sweep", "ASHA sweep over the job's sweep.space with Ray Tune; leaderboard, results.parquet, best.yaml")
     p.add_argument("--resume", action="store_true", help="continue an interrupted sweep of the same name")
     p.add_argument("--address", help="Ray cluster to run on; default: start a local Ray")
     p.add_argument("--verbose", action="store_true", help="show Ray's own logs")
+    p.add_argument("--insecure", action="store_true", help="allow plain http (or, with a token, Ray's gRPC without TLS) to another machine; says what it risks")
     p.set_defaults(func=cmd_sweep)
     p = job_command("submit", "validate the job here, then run it on a Ray cluster through the Jobs API")
     p.add_argument("--address", required=True, help="the cluster's dashboard, e.g. http://127.0.0.1:8265")
     p.add_argument("--follow", action="store_true", help="stream the logs; exit 0 only if the job succeeds")
-    p.add_argument("--insecure", action="store_true", help="allow plain http to a non-loopback address without a token")
+    p.add_argument("--insecure", action="store_true", help="allow plain http (or, with a token, Ray's gRPC without TLS) to another machine; says what it risks")
     p.set_defaults(func=cmd_submit)
     p = sub.add_parser("jobs", help="list, inspect, follow or stop jobs on a Ray cluster")
     p.add_argument("action", choices=["list", "status", "logs", "stop"])
     p.add_argument("job_id", nargs="?", help="job id (status, logs, stop)")
     p.add_argument("--address", required=True, help="the cluster's dashboard, e.g. http://127.0.0.1:8265")
     p.add_argument("--follow", action="store_true", help="logs: stream until the job ends")
+    p.add_argument("--insecure", action="store_true", help="allow plain http (or, with a token, Ray's gRPC without TLS) to another machine; says what it risks")
     p.set_defaults(func=cmd_jobs)
     p = sub.add_parser("bench", help="benchmarks that print their figures as ratios to a baseline measured in the same run")
     p.add_argument("what", choices=["overhead", "reliability", "sweep"],

@@ -6,13 +6,15 @@ package, and the entrypoint `python -m orchestrator.cli train job.yaml`. The clu
 torchvision and ray installed (cluster/ sets that up). Auth: a Ray token, when present
 (`RAY_AUTH_TOKEN`, `RAY_AUTH_TOKEN_PATH` or `~/.ray/auth_token`), is sent by Ray's client once
 `RAY_AUTH_MODE=token` is set, which this module does; the token is never read or printed here.
-Plain http to a non-loopback address without a token is refused unless --insecure.
+A token is only sent over https or to loopback: plain http to another machine is refused unless
+--insecure (`check_transport`); `train`/`sweep --address` follow the same rule (`check_cluster_address`).
 """
 
 from __future__ import annotations
 
 import asyncio
 import ipaddress
+import os
 import sys
 import tempfile
 import time
@@ -43,14 +45,44 @@ def is_loopback(address: str) -> bool:
 
 
 def check_transport(address: str, insecure: bool) -> None:
-    """Refuse plain http to another machine without a token: anyone on the path could run code."""
+    """A Jobs API address (`http(s)://HOST:PORT`) that may be used: https, or loopback (an SSH tunnel).
+
+    Plain http to another machine is refused: with a token, the token would cross the network in
+    clear (anyone on the path could then run code on the cluster); without one, anyone can. `insecure`
+    lets it through with a warning that says which of the two risks is taken.
+    """
     from orchestrator.session import auth_token_available
 
-    if insecure or address.startswith("https://") or is_loopback(address) or auth_token_available():
+    if address.startswith("https://") or is_loopback(address):
         return
-    raise SubmitError(f"--address {address}: plain http to a non-loopback address with no Ray auth token; "
-                      "use an SSH tunnel to 127.0.0.1:8265, https, a token (RAY_AUTH_TOKEN or ~/.ray/auth_token), "
+    token = auth_token_available()
+    risk = ("your Ray auth token would be sent in clear" if token
+            else "with no Ray auth token, anyone who reaches it can run code on the cluster")
+    if insecure:
+        print(f"warning: --insecure: plain http to {address}: {risk}", file=sys.stderr)
+        return
+    raise SubmitError(f"--address {address}: plain http to another machine: {risk}; use https, or an SSH tunnel "
+                      "(ssh -L 8265:127.0.0.1:8265 HEAD, then --address http://127.0.0.1:8265), "
                       "or --insecure if you accept the risk")
+
+
+def check_cluster_address(address: str | None, insecure: bool) -> None:
+    """A Ray cluster address for `train`/`sweep --address` (`HOST:PORT`, `ray://HOST:PORT`, `auto`).
+
+    Ray's gRPC carries the token in clear unless Ray's TLS is on (RAY_USE_TLS=1): with a token, only
+    loopback, `auto` (the cluster this machine belongs to) or TLS are allowed without `insecure`.
+    """
+    from orchestrator.session import auth_token_available
+
+    if (address in (None, "auto", "local") or is_loopback(address) or not auth_token_available()
+            or os.environ.get("RAY_USE_TLS", "0").lower() in ("1", "true")):
+        return
+    if insecure:
+        print(f"warning: --insecure: your Ray auth token goes to {address} in clear (RAY_USE_TLS is off)", file=sys.stderr)
+        return
+    raise SubmitError(f"--address {address}: your Ray auth token would cross the network in clear (Ray's TLS is off); "
+                      "run from a node of the cluster (--address auto), tunnel the port over SSH to 127.0.0.1, "
+                      "set RAY_USE_TLS=1 with Ray's TLS certificates, or pass --insecure if you accept the risk")
 
 
 def client(address: str):

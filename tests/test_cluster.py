@@ -1,10 +1,12 @@
 """Issue 6: cluster configs that load, and submission to a real Ray head started here."""
 
+import http.server
 import json
 import os
 import socket
 import subprocess
 import sys
+import threading
 import time
 
 import pytest
@@ -54,7 +56,61 @@ def test_plain_http_to_another_machine_without_a_token_is_refused(tmp_path, writ
     env.pop("RAY_AUTH_TOKEN_PATH", None)
     done = subprocess.run([sys.executable, "-m", "orchestrator.cli", "submit", str(job), "--address", "http://203.0.113.7:8265"],
                           capture_output=True, text=True, env=env, timeout=60)
-    assert done.returncode == 2 and "plain http to a non-loopback address" in done.stderr
+    assert done.returncode == 2 and "plain http to another machine: with no Ray auth token, anyone" in done.stderr
+
+
+class Recorder(http.server.BaseHTTPRequestHandler):
+    """Records every request's headers; answers 404 (no Jobs API here)."""
+
+    seen: list[str] = []
+
+    def do_GET(self):
+        Recorder.seen.append(f"{self.command} {self.path}\n{self.headers}")
+        self.send_error(404)
+
+    do_POST = do_GET
+
+    def log_message(self, *args):
+        pass
+
+
+@pytest.fixture
+def listener():
+    """An HTTP server on every interface that records what reaches it: (port, recorded requests)."""
+    Recorder.seen = []
+    server = http.server.ThreadingHTTPServer(("0.0.0.0", 0), Recorder)
+    threading.Thread(target=server.serve_forever, daemon=True).start()
+    yield server.server_address[1], Recorder.seen
+    server.shutdown()
+
+
+def test_a_token_never_crosses_the_network_in_clear(tmp_path, write_job, listener):
+    """With a token set, plain http to a non-loopback name (this machine's hostname, which reaches the
+    listener) is refused by submit and jobs alike, and nothing arrives; the same to 127.0.0.1 does
+    send the token, which shows the listener would have caught it."""
+    port, seen = listener
+    token = "orchestrator-test-token-" + "x" * 16
+    env = {**os.environ, "HOME": str(tmp_path), "RAY_AUTH_TOKEN": token}
+    env.pop("RAY_AUTH_MODE", None)
+    remote = f"http://{socket.gethostname()}:{port}"
+    job = write_job(tiny_job(tmp_path, "remote"))
+
+    def cli(*args):
+        return subprocess.run([sys.executable, "-m", "orchestrator.cli", *args], capture_output=True, text=True,
+                              env=env, timeout=120)
+
+    for args in (["submit", str(job), "--address", remote], ["jobs", "list", "--address", remote],
+                 ["jobs", "status", "raysubmit_1", "--address", remote], ["train", str(job), "--address", f"ray://{socket.gethostname()}:{port}"]):
+        done = cli(*args)
+        assert done.returncode == 2, (args, done.stderr[-2000:])
+        assert "auth token would" in done.stderr and token not in done.stderr + done.stdout
+    assert seen == []
+    cli("jobs", "list", "--address", f"http://127.0.0.1:{port}")        # the positive control
+    assert seen and all(f"Bearer {token}" in request for request in seen)
+    seen.clear()
+    done = cli("jobs", "list", "--address", remote, "--insecure")       # asked for: it goes, and says so
+    assert "warning: --insecure: plain http to" in done.stderr and "your Ray auth token would be sent in clear" in done.stderr
+    assert seen
 
 
 def test_a_bad_job_file_is_not_sent(tmp_path, write_job):
