@@ -1,11 +1,18 @@
 """`orchestrator sweep`: ASHA over any job-file keys with Ray Tune, each trial a TorchTrainer run.
 
-Ray 2.60's pattern: a Tune function trainable (`run_trial`, no CPU: it only drives) applies the
-sampled values to the job, re-plans it (a swept batch size moves the scaled LR), and fits a
-`TorchTrainer` whose `TuneReportCallback` hands every epoch's metrics to Tune; ASHA
-(`AsyncHyperBandScheduler`, time unit: epochs, max_t = schedule.epochs) stops the weak trials.
-Each trial's run folder is `<sweep folder>/trials/<trial_id>/`. The sweep folder gets
-`results.parquet` (one row per trial) and `best.yaml` (a complete job file).
+The sweep samples its trials itself (seeded by the job's `seed`, Tune's own variant generator over
+the `sweep.space`) and records them in `sweep.json`: trial id, swept values, and its end as Tune
+reports it (`ended`: completed or stopped by ASHA; `error`). Tune then runs them as one grid over
+those records: a Tune function trainable (`run_trial`, no CPU: it only drives) applies a trial's
+values to the job, re-plans it (a swept batch size moves the scaled LR), and fits a `TorchTrainer`
+whose `TuneReportCallback` hands every epoch's metrics to Tune; ASHA (`AsyncHyperBandScheduler`,
+time unit: epochs, max_t = schedule.epochs) stops the weak ones. Each trial's run folder is
+`<sweep folder>/trials/<trial_id>/`; the sweep folder gets `results.parquet` and `best.yaml`.
+
+`--resume` reads only JSON, YAML and weights-only checkpoints: trials that ended are kept, the
+rest run again (resuming from their own checkpoints), under a new ASHA that first learns the
+kept trials' epoch results. Tune's own saved state (`tune/`, which holds pickles) is never read:
+a file planted in shared storage cannot run code here.
 """
 
 from __future__ import annotations
@@ -15,19 +22,21 @@ import time
 from dataclasses import dataclass
 from typing import Any
 
-import yaml
 from rich.console import Console
 from rich.live import Live
 from rich.markup import escape
 from rich.table import Table
 
 from orchestrator.search import SEARCH_SPACES
-from orchestrator.spec import JobSpec, lookup, spec_to_yaml, validate_spec, with_values
-from orchestrator.storage import METRICS_FILE, SPEC_FILE, SUMMARY_FILE, RunFolder
+from orchestrator.spec import JobSpec, spec_to_yaml, validate_spec, with_values
+from orchestrator.storage import METRICS_FILE, RunFolder
 
 RESULTS_FILE = "results.parquet"
 BEST_FILE = "best.yaml"
+STATE_FILE = "sweep.json"
 TRIALS_DIR = "trials"
+TUNE_DIR = "tune"
+STATE_VERSION = 1
 TRIAL_DRIVER_MEMORY_BYTES = 256 * 2**20
 TIME_ATTR = "epochs_done"   # reported with every epoch; unlike Tune's iteration count it survives resumes
 
@@ -46,6 +55,33 @@ def tune_space(space: dict[str, dict]) -> dict[str, Any]:
     return out
 
 
+def sample_trials(spec: JobSpec) -> list[dict]:
+    """The sweep's trials: `num_samples` draws of the space (each grid expanded), seeded by the job's seed."""
+    import numpy as np
+    from ray.tune.search.variant_generator import generate_variants
+
+    rng = np.random.RandomState(spec.seed)
+    values = [resolved for _ in range(spec.sweep.num_samples)
+              for _, resolved in generate_variants(tune_space(spec.sweep.space), random_state=rng)]
+    return [{"id": f"trial_{i:04d}", "values": {k: _plain(v) for k, v in v_.items()}, "status": "pending"}
+            for i, v_ in enumerate(values)]
+
+
+def _plain(value):
+    """A sampled value as plain JSON (numpy scalars become Python numbers)."""
+    return value.item() if hasattr(value, "item") else value
+
+
+def read_state(sweep: RunFolder) -> dict | None:
+    """The sweep's own record (sweep.json), or None when there is none."""
+    if not sweep.exists(STATE_FILE):
+        return None
+    state = sweep.read_json(STATE_FILE)
+    if state.get("version") != STATE_VERSION:
+        raise RuntimeError(f"{sweep.uri}/{STATE_FILE} has version {state.get('version')}, this tool reads {STATE_VERSION}")
+    return state
+
+
 def trial_spec(base: dict, values: dict[str, Any], sweep_uri: str, trial_id: str) -> JobSpec:
     raw = with_values(base, values)
     raw["name"] = trial_id
@@ -54,18 +90,18 @@ def trial_spec(base: dict, values: dict[str, Any], sweep_uri: str, trial_id: str
 
 
 def run_trial(config: dict, base: dict, sweep_uri: str) -> None:
-    """The Tune function trainable: one job, planned and fitted as a TorchTrainer reporting to Tune."""
+    """The Tune function trainable: one trial's job, planned and fitted as a TorchTrainer reporting to Tune."""
     import ray.tune
     from ray.tune.integration.ray_train import TuneReportCallback
 
     from orchestrator.launch import build_trainer
     from orchestrator.resolve import resolve_plan
 
-    trial_id = ray.tune.get_context().get_trial_id()
-    spec = trial_spec(base, config, sweep_uri, trial_id)
+    trial = config["trial"]
+    spec = trial_spec(base, trial["values"], sweep_uri, trial["id"])
     folder = RunFolder(spec.run.storage, spec.name)
     if _status(folder, spec.schedule.epochs, None) == "completed":
-        # finished before an interruption that Tune's saved state missed: hand Tune the record, keep the run
+        # finished before an interruption that the sweep's record missed: hand Tune the record, keep the run
         rows = folder.read_rows(METRICS_FILE)
         ray.tune.report({**rows[-1], TIME_ATTR: len(rows)})
         return
@@ -92,38 +128,35 @@ class TrialRow:
     status: str
 
 
-def trial_rows(sweep: RunFolder, spec: JobSpec, statuses: dict[str, str] | None = None) -> list[TrialRow]:
-    """One row per trial from the trial run folders (and Tune's final statuses when known)."""
-    import pyarrow.fs as pafs
-
+def trial_rows(sweep: RunFolder, spec: JobSpec, trials: list[dict]) -> list[TrialRow]:
+    """One row per trial of the sweep's record, with its metrics from its run folder."""
     metric, mode = spec.sweep.metric, spec.sweep.mode
     rows = []
-    trials_root = sweep.path(TRIALS_DIR)
-    if sweep.fs.get_file_info(trials_root).type == pafs.FileType.NotFound:
-        return rows
-    for info in sweep.fs.get_file_info(pafs.FileSelector(trials_root)):
-        trial = RunFolder(sweep.uri + "/" + TRIALS_DIR, info.base_name)
-        if not trial.exists(SPEC_FILE):
-            continue
-        trial_spec_dict = yaml.safe_load(trial.read_bytes(SPEC_FILE))
-        values = {key: lookup(trial_spec_dict, key) for key in spec.sweep.space}
-        metrics = trial.read_rows(METRICS_FILE) if trial.exists(METRICS_FILE) else []
+    for trial in trials:
+        folder = RunFolder(f"{sweep.uri}/{TRIALS_DIR}", trial["id"])
+        metrics = folder.read_rows(METRICS_FILE) if folder.exists(METRICS_FILE) else []
         scores = [m[metric] for m in metrics if m.get(metric) is not None]
         best = (max(scores) if mode == "max" else min(scores)) if scores else None
-        status = _status(trial, spec.schedule.epochs, (statuses or {}).get(info.base_name))
-        rows.append(TrialRow(info.base_name, values, len(metrics), best, status))
+        status = _status(folder, spec.schedule.epochs, trial["status"], len(metrics))
+        rows.append(TrialRow(trial["id"], trial["values"], len(metrics), best, status))
     return sorted(rows, key=lambda r: (r.best is None, -(r.best or 0) if mode == "max" else (r.best or 0)))
 
 
-def _status(trial: RunFolder, epochs: int, tune_status: str | None) -> str:
-    """completed (its run folder says so) | error | stopped early (Tune ended it sooner) | running."""
-    if trial.exists(SUMMARY_FILE):
-        summary = trial.read_json(SUMMARY_FILE)
-        if summary.get("status") == "completed" and summary.get("epochs_completed") == epochs:
-            return "completed"
-    if tune_status == "error":
+def _status(trial: RunFolder, epochs: int, recorded: str | None, epochs_run: int | None = None) -> str:
+    """completed | error | stopped early (ended sooner) | running | pending.
+
+    A trial that trained every epoch is completed even when Tune ended it (ASHA stops a trial that
+    reaches max_t) before its test evaluation wrote summary.json.
+    """
+    if epochs_run is None:
+        epochs_run = len(trial.read_rows(METRICS_FILE)) if trial.exists(METRICS_FILE) else 0
+    if epochs_run >= epochs:
+        return "completed"
+    if recorded == "error":
         return "error"
-    return "stopped early" if tune_status == "ended" else "running"
+    if recorded == "ended":
+        return "stopped early"
+    return "running" if epochs_run else "pending"
 
 
 def leaderboard(rows: list[TrialRow], spec: JobSpec, title: str) -> Table:
@@ -141,38 +174,86 @@ def leaderboard(rows: list[TrialRow], spec: JobSpec, title: str) -> Table:
     return table
 
 
-def final_statuses(result_grid) -> dict[str, str]:
-    """trial id -> 'error' or 'ended', from Tune's results (trial dirs are named by id)."""
-    return {result.path.rstrip("/").rsplit("/", 1)[-1]: "error" if result.error else "ended" for result in result_grid}
+def _status_recorder(sweep: RunFolder, state: dict):
+    """A Tune callback (on the driver) that writes each trial's end into sweep.json as Tune reports it."""
+    from ray.tune import Callback
+
+    by_id = {trial["id"]: trial for trial in state["trials"]}
+
+    class RecordEnds(Callback):   # called on Tune's controller thread, one call at a time
+        def _record(self, trial, status: str) -> None:
+            by_id[trial.config["trial"]["id"]]["status"] = status
+            sweep.write_json(STATE_FILE, state)
+
+        def on_trial_complete(self, iteration, trials, trial, **info):
+            self._record(trial, "ended")
+
+        def on_trial_error(self, iteration, trials, trial, **info):
+            self._record(trial, "error")
+
+    return RecordEnds()
 
 
-def make_tuner(spec: JobSpec, sweep: RunFolder, resume: bool, console: Console):
-    """The Tuner of this sweep: restored from `<sweep>/tune` when resuming, else new with ASHA."""
-    import ray.tune
+def make_scheduler(spec: JobSpec, sweep: RunFolder, kept: list[dict]):
+    """ASHA over epochs, told the epoch results of the trials a resumed sweep keeps, so the trials that
+    run again meet the same rungs an unbroken sweep would have (this reads ASHA's private bracket)."""
+    from types import SimpleNamespace
+
     from ray.tune.schedulers import AsyncHyperBandScheduler
 
-    sweep_cfg = spec.sweep
+    cfg = spec.sweep
+    scheduler = AsyncHyperBandScheduler(time_attr=TIME_ATTR, metric=cfg.metric, mode=cfg.mode, max_t=spec.schedule.epochs,
+                                        grace_period=cfg.asha.grace_period, reduction_factor=cfg.asha.reduction_factor)
+    sign = 1.0 if cfg.mode == "max" else -1.0
+    for trial in kept:
+        folder = RunFolder(f"{sweep.uri}/{TRIALS_DIR}", trial["id"])
+        rows = folder.read_rows(METRICS_FILE) if folder.exists(METRICS_FILE) else []
+        for epochs_done, row in enumerate(rows, start=1):
+            if row.get(cfg.metric) is not None:
+                scheduler._brackets[0].on_result(SimpleNamespace(trial_id=trial["id"]), epochs_done, sign * row[cfg.metric])
+    return scheduler
+
+
+def make_tuner(spec: JobSpec, sweep: RunFolder, state: dict, to_run: list[dict]):
+    """A new Tuner over the trials to run (a grid over their records); Tune's state goes to `tune/`, never read back."""
+    import ray.tune
+
+    kept = [t for t in state["trials"] if t not in to_run]
     # A trial only drives its TorchTrainer: no CPU (the workers hold those), a little memory (Tune needs
     # a non-empty request).
     trainable = ray.tune.with_resources(ray.tune.with_parameters(run_trial, base=spec.to_dict(), sweep_uri=sweep.uri),
                                         {"CPU": 0, "memory": TRIAL_DRIVER_MEMORY_BYTES})
-    tune_dir = f"{sweep.uri}/tune"
-    if resume and ray.tune.Tuner.can_restore(tune_dir):
-        console.print(f"resuming the sweep in {tune_dir}")
-        return ray.tune.Tuner.restore(tune_dir, trainable=trainable, resume_unfinished=True, resume_errored=True,
-                                      param_space=tune_space(sweep_cfg.space))
-    scheduler = AsyncHyperBandScheduler(time_attr=TIME_ATTR, max_t=spec.schedule.epochs,
-                                        grace_period=sweep_cfg.asha.grace_period,
-                                        reduction_factor=sweep_cfg.asha.reduction_factor)
+    if sweep.exists(TUNE_DIR):
+        sweep.delete_dir(TUNE_DIR)   # a previous attempt's Tune state: never read, so not kept
     return ray.tune.Tuner(
-        trainable, param_space=tune_space(sweep_cfg.space),
-        tune_config=ray.tune.TuneConfig(metric=sweep_cfg.metric, mode=sweep_cfg.mode, scheduler=scheduler,
-                                        num_samples=sweep_cfg.num_samples,
-                                        max_concurrent_trials=sweep_cfg.max_concurrent_trials or default_concurrency(spec),
-                                        trial_dirname_creator=lambda trial: trial.trial_id,
-                                        trial_name_creator=lambda trial: trial.trial_id),
-        run_config=ray.tune.RunConfig(name="tune", storage_path=sweep.uri, verbose=0),
+        trainable, param_space={"trial": ray.tune.grid_search(to_run)},
+        tune_config=ray.tune.TuneConfig(scheduler=make_scheduler(spec, sweep, kept), num_samples=1,
+                                        max_concurrent_trials=spec.sweep.max_concurrent_trials or default_concurrency(spec),
+                                        trial_dirname_creator=lambda trial: trial.config["trial"]["id"],
+                                        trial_name_creator=lambda trial: trial.config["trial"]["id"]),
+        run_config=ray.tune.RunConfig(name=TUNE_DIR, storage_path=sweep.uri, verbose=0,
+                                      callbacks=[_status_recorder(sweep, state)]),
     )
+
+
+def open_sweep(spec: JobSpec, sweep: RunFolder, resume: bool, console: Console) -> tuple[dict, list[dict]]:
+    """(the sweep's record, the trials to run): a new record, or with --resume the saved one."""
+    state = read_state(sweep) if resume else None
+    if state is None:
+        if resume:
+            console.print(f"nothing to resume in {sweep.uri} (no {STATE_FILE}): starting the sweep")
+        state = {"version": STATE_VERSION, "name": spec.name, "seed": spec.seed, "space": spec.sweep.space,
+                 "trials": sample_trials(spec)}
+        sweep.write_json(STATE_FILE, state)
+        return state, list(state["trials"])
+    for trial in state["trials"]:   # finished before the interruption, but Tune had not said so yet
+        if _status(RunFolder(f"{sweep.uri}/{TRIALS_DIR}", trial["id"]), spec.schedule.epochs, trial["status"]) == "completed":
+            trial["status"] = "ended"
+    sweep.write_json(STATE_FILE, state)
+    to_run = [t for t in state["trials"] if t["status"] != "ended"]
+    console.print(f"resuming the sweep in {sweep.uri}: {len(state['trials']) - len(to_run)} of "
+                  f"{len(state['trials'])} trials ended, {len(to_run)} to run (each from its latest checkpoint)")
+    return state, to_run
 
 
 def run_sweep(spec: JobSpec, raw: dict, console: Console, resume: bool = False, verbose: bool = False) -> dict:
@@ -182,15 +263,22 @@ def run_sweep(spec: JobSpec, raw: dict, console: Console, resume: bool = False, 
     if not verbose:
         os.environ.setdefault("RAY_AIR_NEW_OUTPUT", "0")   # Tune's own reporter, silent at verbose=0
     sweep, sweep_cfg = RunFolder(spec.run.storage, spec.name), spec.sweep
-    tuner = make_tuner(spec, sweep, resume, console)
-    console.print(f"sweep {spec.name}: {sweep_cfg.num_samples} samples of {', '.join(sweep_cfg.space)}; ASHA over "
-                  f"{spec.schedule.epochs} epochs (grace {sweep_cfg.asha.grace_period}, reduction {sweep_cfg.asha.reduction_factor:g}); "
-                  f"{sweep_cfg.max_concurrent_trials or default_concurrency(spec)} trial(s) at once, "
-                  f"{spec.scaling.num_workers} worker(s) each")
+    state, to_run = open_sweep(spec, sweep, resume, console)
+    if to_run:
+        console.print(f"sweep {spec.name}: {len(state['trials'])} trials of {', '.join(sweep_cfg.space)}; ASHA over "
+                      f"{spec.schedule.epochs} epochs (grace {sweep_cfg.asha.grace_period}, reduction {sweep_cfg.asha.reduction_factor:g}); "
+                      f"{sweep_cfg.max_concurrent_trials or default_concurrency(spec)} trial(s) at once, "
+                      f"{spec.scaling.num_workers} worker(s) each")
+        _run_tuner(make_tuner(spec, sweep, state, to_run), sweep, spec, state, console)
+    return finish_sweep(spec, raw, sweep, trial_rows(sweep, spec, state["trials"]), console)
+
+
+def _run_tuner(tuner, sweep: RunFolder, spec: JobSpec, state: dict, console: Console) -> None:
+    """tuner.fit() in a thread while the leaderboard refreshes; Ctrl-C stops the trials."""
     outcome: dict = {}
     done = threading.Event()
 
-    def run_tuner() -> None:
+    def fit() -> None:
         try:
             outcome["grid"] = tuner.fit()
         except BaseException as exc:
@@ -198,11 +286,12 @@ def run_sweep(spec: JobSpec, raw: dict, console: Console, resume: bool = False, 
         finally:
             done.set()
 
-    threading.Thread(target=run_tuner, name="tuner", daemon=True).start()
+    threading.Thread(target=fit, name="tuner", daemon=True).start()
     try:
         with Live(leaderboard([], spec, "leaderboard"), console=console, refresh_per_second=1, transient=True) as live:
             while not done.wait(timeout=2.0):
-                live.update(leaderboard(trial_rows(sweep, spec), spec, f"leaderboard ({time.strftime('%H:%M:%S')})"))
+                live.update(leaderboard(trial_rows(sweep, spec, state["trials"]), spec,
+                                        f"leaderboard ({time.strftime('%H:%M:%S')})"))
     except KeyboardInterrupt:
         from orchestrator.session import stop_ray
 
@@ -211,8 +300,6 @@ def run_sweep(spec: JobSpec, raw: dict, console: Console, resume: bool = False, 
                                "continue with: orchestrator sweep JOB --resume") from None
     if "error" in outcome:
         raise outcome["error"]
-    rows = trial_rows(sweep, spec, final_statuses(outcome["grid"]))
-    return finish_sweep(spec, raw, sweep, rows, console)
 
 
 def finish_sweep(spec: JobSpec, raw: dict, sweep: RunFolder, rows: list[TrialRow], console: Console) -> dict:

@@ -1,5 +1,7 @@
 """A tiny real ASHA sweep: trials are TorchTrainer runs; weak ones are stopped; nothing leaks."""
 
+import json
+import pickle
 import time
 
 import pyarrow.parquet as pq
@@ -99,6 +101,9 @@ def test_an_interrupted_sweep_resumes_keeping_finished_trials(tmp_path, write_jo
     out, err = process.communicate(timeout=120)
     assert process.returncode == 130 and "--resume" in err, err[-2000:]
     before = (trials / finished[0] / "metrics.parquet").read_bytes()
+    marker = tmp_path / "pwned"
+    (tmp_path / "runs" / "resumable" / "tune").mkdir(exist_ok=True)      # planted in shared storage: runs code if unpickled
+    (tmp_path / "runs" / "resumable" / "tune" / "tuner.pkl").write_bytes(pickle.dumps(Planted(str(marker))))
 
     resumed = subprocess.run([sys.executable, "-m", "orchestrator.cli", "sweep", str(path), "--resume"], cwd=REPO,
                              capture_output=True, text=True, timeout=600)
@@ -107,3 +112,16 @@ def test_an_interrupted_sweep_resumes_keeping_finished_trials(tmp_path, write_jo
     rows = pq.read_table(tmp_path / "runs" / "resumable" / "results.parquet").to_pylist()
     assert len(rows) == 3 and all(r["status"] == "completed" for r in rows)
     assert (trials / finished[0] / "metrics.parquet").read_bytes() == before      # a finished trial is not run again
+    assert not marker.exists()                                                     # nothing read from storage was unpickled
+    state = json.loads((tmp_path / "runs" / "resumable" / "sweep.json").read_text())
+    assert [t["status"] for t in state["trials"]] == ["ended"] * 3
+
+
+class Planted:
+    """A pickle that creates a file when loaded (any code could run instead)."""
+
+    def __init__(self, path: str):
+        self.path = path
+
+    def __reduce__(self):
+        return (open, (self.path, "w"))
