@@ -71,6 +71,29 @@ def test_ray_train_two_workers_run_folder_and_resume(ray_session, tmp_path, writ
     resumed = pq.read_table(run / "metrics.parquet").to_pylist()
     assert [r["epoch"] for r in resumed] == [0, 1, 2] and resumed[:2] == rows
 
+    # a corrupt latest checkpoint (Ray hands it back too): the workers fall back to the one before
+    latest = run / "checkpoint_epoch_0002" / "checkpoint.pt"
+    latest.write_bytes(b"not a checkpoint")
+    assert main(["train", str(job), "--set", "schedule.epochs=4"]) == 0
+    out = capsys.readouterr().out
+    assert "skipped" in out and "from checkpoint_epoch_0001/checkpoint.pt (epoch 2 of 4 done" in out
+    assert [r["epoch"] for r in pq.read_table(run / "metrics.parquet").to_pylist()] == [0, 1, 2, 3]
+
+
+@pytest.mark.ray
+def test_an_error_of_the_data_on_a_worker_is_not_retried_and_exits_2(ray_session, tmp_path, write_job, capsys):
+    from test_data import make_folder
+
+    root = make_folder(tmp_path / "pics", classes=("cat", "dog"), per_class=8, size=16, splits=("train", "val"))
+    (root / "val" / "dog" / "bad.png").write_bytes(b"not a png")    # every epoch evaluates it
+    job = write_job(tiny_job(tmp_path / "runs", "badimage", data={"source": f"imagefolder:{root}", "classes": None,
+                                                                   "max_per_class": None},
+                             run={"storage": str(tmp_path / "runs"), "max_failures": 2}))
+    assert main(["train", str(job)]) == 2
+    captured = capsys.readouterr()
+    assert "error: cannot read image" in captured.err and "bad.png" in captured.err and "Traceback" not in captured.err
+    assert captured.out.count("weights: none") == 1            # one attempt: the error cannot change on a retry
+
 
 def test_diverging_run_stops_naming_epoch_and_step(tmp_path, write_job, capsys):
     job = write_job(tiny_job(tmp_path / "runs", "diverge", optim={"base_lr": 1.0e6, "base_batch_size": 8},
