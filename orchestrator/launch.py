@@ -11,11 +11,10 @@ itself (start, join, logs, auth, stop) is `session.py`'s.
 from __future__ import annotations
 
 import threading
-from dataclasses import dataclass, field
+from dataclasses import dataclass
 from typing import TYPE_CHECKING
 
 from rich.console import Console
-from rich.markup import escape
 
 from orchestrator.plan import Plan
 from orchestrator.progress import ProgressView, seconds_since_process_start
@@ -31,13 +30,12 @@ if TYPE_CHECKING:
 class OpenRun:
     folder: RunFolder
     resume_from: str | None
-    """where the checkpoint the run resumes from is (the newest that loads)"""
+    """relative path of the checkpoint the run resumes from: the newest that loads (the run's
+    workers say which newer ones they skip, and why)"""
     resume_epoch: int | None
     """last finished epoch of that checkpoint (0-based)"""
     changed_keys: list[str]
     """spec keys that differ from the run's saved spec.yaml"""
-    skipped: list[str] = field(default_factory=list)
-    """checkpoints newer than resume_from that do not load, and why"""
 
 
 def _diff_keys(old: dict, new: dict, prefix: str = "") -> list[str]:
@@ -62,19 +60,17 @@ def open_run(spec: JobSpec) -> OpenRun:
     from orchestrator.checkpoint import find_resume_point
 
     folder = RunFolder(spec.run.storage, spec.name)
-    found, skipped = find_resume_point(lambda: None, folder)
+    found, _ = find_resume_point(lambda: None, folder)
     changed = []
     if found and folder.exists(SPEC_FILE):
         changed = _diff_keys(yaml.safe_load(folder.read_bytes(SPEC_FILE)) or {}, spec.to_dict())
     if found is None:
-        return OpenRun(folder, None, None, changed, skipped)
+        return OpenRun(folder, None, None, changed)
     payload, where = found
-    return OpenRun(folder, where.removeprefix(folder.uri + "/"), payload["epoch"], changed, skipped)
+    return OpenRun(folder, where.removeprefix(folder.uri + "/"), payload["epoch"], changed)
 
 
 def say_resume(console: Console, start: OpenRun, epochs: int) -> None:
-    for line in start.skipped:
-        console.print(f"[yellow]warning:[/yellow] {escape(line)}")
     if start.resume_from is None:
         console.print(f"run folder: {start.folder.uri}")
         return

@@ -37,11 +37,14 @@ except ImportError:  # pragma: no cover - another Ray version
 
 
 def worker_error(exc: BaseException) -> BaseException | None:
-    """The lowest rank's own exception inside Ray's WorkerGroupError when it is one of ours
-    (FINAL_ERRORS or a StorageError), else None."""
+    """A worker's own exception inside Ray's WorkerGroupError when it is one of ours: the lowest rank's
+    of FINAL_ERRORS, else the lowest rank's StorageError, else None."""
     failures = getattr(exc, "worker_failures", None) or {}
-    ours = [failures[rank] for rank in sorted(failures) if isinstance(failures[rank], (*FINAL_ERRORS, StorageError))]
-    return ours[0] if ours else None
+    for kinds in (FINAL_ERRORS, StorageError):
+        ours = [failures[rank] for rank in sorted(failures) if isinstance(failures[rank], kinds)]
+        if ours:
+            return ours[0]
+    return None
 
 
 if DefaultFailurePolicy is not None:

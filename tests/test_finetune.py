@@ -3,7 +3,6 @@ per group, lambda/onecycle/poly, augmentations as written, glob freezing and gra
 
 import io
 import json
-import os
 import socket
 from types import SimpleNamespace
 

@@ -1,7 +1,6 @@
 """Issue 4: DDP equivalence, exact resume, worker failure, Ctrl-C, divergence, storage URIs."""
 
 import json
-import os
 import signal
 import subprocess
 import sys
@@ -149,7 +148,8 @@ def _ray_processes() -> int:
 
 @pytest.mark.ray
 @pytest.mark.slow
-def test_ctrl_c_stops_the_workers_and_a_rerun_resumes(tmp_path, write_job):
+@pytest.mark.parametrize("signum, code", [(signal.SIGINT, 130), (signal.SIGTERM, 143)], ids=["ctrl-c", "sigterm"])
+def test_ctrl_c_stops_the_workers_and_a_rerun_resumes(tmp_path, write_job, signum, code):
     job = write_job(tiny_job(tmp_path / "runs", "interrupt", schedule={"epochs": 12, "warmup_epochs": 1}))
     run = tmp_path / "runs" / "interrupt"
     raylets_before = _ray_processes()
@@ -159,9 +159,9 @@ def test_ctrl_c_stops_the_workers_and_a_rerun_resumes(tmp_path, write_job):
     while not list(run.glob("checkpoint_epoch_0001")) and time.time() < deadline:
         time.sleep(0.5)
     assert list(run.glob("checkpoint_epoch_0001")), "no checkpoint within 3 minutes"
-    process.send_signal(signal.SIGINT)
+    process.send_signal(signum)
     out, err = process.communicate(timeout=90)
-    assert process.returncode == 130, err[-2000:]
+    assert process.returncode == code, err[-2000:]
     assert "re-run the same command to resume" in err
     time.sleep(2)
     assert _ray_processes() == raylets_before              # the Ray it started is gone

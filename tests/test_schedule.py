@@ -1,6 +1,5 @@
 """Every schedule, step by step, with warmup; checked against torch's own schedulers too."""
 
-import math
 from types import SimpleNamespace
 
 import pytest

@@ -1,14 +1,19 @@
-"""`orchestrator bench reliability`: kill one worker mid-run, several times; count what survives.
+"""`orchestrator bench reliability`: kill a worker, corrupt a checkpoint, start a run twice; count what survives.
 
 Each run of a small 2-worker job has one worker killed once in the middle of epoch 3 of 4
 (`ORCHESTRATOR_FAULT_AT_STEP`); the figures are runs completed, epochs lost or repeated, and the
-recovery cost in seconds against a clean run measured in the same session.
+recovery cost in seconds against a clean run measured in the same session. Then each finished run's
+latest checkpoint is cut in half and the run extended by an epoch (it must resume from the one
+before and complete), and the same job is started twice at once under a new name (one must exit 2
+naming the other, the other complete with a consistent run folder).
 """
 
 from __future__ import annotations
 
 import os
 import statistics
+import subprocess
+import sys
 import tempfile
 from pathlib import Path
 
@@ -17,7 +22,7 @@ from rich.console import Console
 from rich.table import Table
 
 from orchestrator.bench.common import timed_train
-from orchestrator.storage import METRICS_FILE, SUMMARY_FILE, RunFolder
+from orchestrator.storage import CHECKPOINT_FILE, METRICS_FILE, SUMMARY_FILE, RunFolder, epoch_dir_name
 from orchestrator.worker import FAULT_MARKER, FAULT_STEP_ENV
 
 
@@ -39,6 +44,32 @@ def run_outcome(run: RunFolder, exit_code: int, epochs: int) -> dict:
     return {"completed": exit_code == 0 and run.read_json(SUMMARY_FILE)["status"] == "completed",
             "killed": run.exists(FAULT_MARKER),
             "lost": len(set(range(epochs)) - set(done)), "repeated": len(done) - len(set(done))}
+
+
+def corrupt_and_extend(job_path: Path, run: RunFolder, epochs: int, env: dict) -> bool:
+    """Cut the latest checkpoint of a finished run in half, train one more epoch: True when the re-run
+    skips it, resumes from the one before and ends with every epoch's row exactly once."""
+    latest = epoch_dir_name(epochs - 1) + "/" + CHECKPOINT_FILE
+    data = run.read_bytes(latest)
+    run.write_bytes(latest, data[: len(data) // 2])
+    done = subprocess.run([sys.executable, "-m", "orchestrator.cli", "train", str(job_path), "--set",
+                           f"schedule.epochs={epochs + 1}"], capture_output=True, text=True, env={**env, "COLUMNS": "200"})
+    rows = [r["epoch"] for r in run.read_rows(METRICS_FILE)] if run.exists(METRICS_FILE) else []
+    return (done.returncode == 0 and "skipped" in done.stdout and f"from {epoch_dir_name(epochs - 2)}" in done.stdout
+            and rows == list(range(epochs + 1)))
+
+
+def start_twice(job_path: Path, run: RunFolder, epochs: int, env: dict) -> bool:
+    """Start the same job twice at once: True when one exits 2 naming the other's lock and the other
+    completes with each epoch's row exactly once."""
+    command = [sys.executable, "-m", "orchestrator.cli", "train", str(job_path)]
+    first, second = (subprocess.Popen(command, stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True, env=env)
+                     for _ in range(2))
+    results = [(p.communicate()[1], p.returncode)[::-1] for p in (first, second)]
+    codes = sorted(code for code, _ in results)
+    refused = [err for code, err in results if code == 2]
+    rows = [r["epoch"] for r in run.read_rows(METRICS_FILE)] if run.exists(METRICS_FILE) else []
+    return codes == [0, 2] and "is in use by another run" in refused[0] and rows == list(range(epochs))
 
 
 def reliability(console: Console, runs: int = 3) -> dict:
@@ -66,16 +97,28 @@ def reliability(console: Console, runs: int = 3) -> dict:
             code, seconds = timed_train(job_file(f"faulty_{index}"), {**os.environ, FAULT_STEP_ENV: str(fault_step)})
             outcomes.append({**run_outcome(RunFolder(storage, f"faulty_{index}"), code, plan.epochs),
                              "recovery_s": seconds - clean_s})
+        for index in range(runs):
+            console.print(f"run {index + 1} of {runs}: latest checkpoint corrupted, then one more epoch ...")
+            outcomes[index]["corrupt_ok"] = corrupt_and_extend(job_file(f"faulty_{index}"), RunFolder(storage, f"faulty_{index}"),
+                                                               plan.epochs, dict(os.environ))
+            console.print(f"run {index + 1} of {runs}: the same job started twice at once ...")
+            outcomes[index]["twice_ok"] = start_twice(job_file(f"twice_{index}"), RunFolder(storage, f"twice_{index}"),
+                                                      plan.epochs, dict(os.environ))
     figures = {"runs": runs, "completed": sum(o["completed"] for o in outcomes), "killed": sum(o["killed"] for o in outcomes),
                "epochs_lost": sum(o["lost"] for o in outcomes), "epochs_repeated": sum(o["repeated"] for o in outcomes),
-               "mean_recovery_s": statistics.mean(o["recovery_s"] for o in outcomes), "clean_s": clean_s}
+               "mean_recovery_s": statistics.mean(o["recovery_s"] for o in outcomes), "clean_s": clean_s,
+               "corrupt_checkpoint_recovered": sum(o["corrupt_ok"] for o in outcomes),
+               "concurrent_start_one_writer": sum(o["twice_ok"] for o in outcomes)}
     table = Table(title="worker kill and recovery", show_header=False, title_justify="left")
     table.add_column("key", style="bold")
     table.add_column("value")
     for key, value in (("completed", f"{figures['completed']}/{runs} (a worker was killed in {figures['killed']})"),
                        ("epochs lost", str(figures["epochs_lost"])), ("epochs repeated", str(figures["epochs_repeated"])),
-                       ("mean recovery cost", f"{figures['mean_recovery_s']:.1f} s (faulty run's wall time - clean run's, {clean_s:.1f} s)")):
+                       ("mean recovery cost", f"{figures['mean_recovery_s']:.1f} s (faulty run's wall time - clean run's, {clean_s:.1f} s)"),
+                       ("corrupt latest checkpoint", f"{figures['corrupt_checkpoint_recovered']}/{runs} resumed from the one before and completed"),
+                       ("started twice at once", f"{figures['concurrent_start_one_writer']}/{runs} one exited 2, one completed")):
         table.add_row(key, value)
     console.print(table)
-    console.print(f"goal: {runs}/{runs} completed, 0 lost, 0 repeated")
+    console.print(f"goal: {runs}/{runs} completed, 0 lost, 0 repeated, {runs}/{runs} recovered from a corrupt checkpoint, "
+                  f"{runs}/{runs} with one writer")
     return figures
