@@ -5,7 +5,7 @@ import torch
 
 from orchestrator import models
 from orchestrator.models import build_architecture, build_model, head_module_names, trainability_rows
-from orchestrator.weights import LoadReport, WeightsError, load_matching
+from orchestrator.weights import WeightsError, load_matching
 from orchestrator.spec import ModelSpec
 
 MODEL_LIST = ["resnet18", "resnet50", "alexnet", "vgg16", "squeezenet1_0", "densenet121", "inception_v3", "googlenet",
