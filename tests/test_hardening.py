@@ -174,7 +174,10 @@ def test_a_second_run_on_a_held_run_folder_exits_2_naming_the_holder(tmp_path, w
     err = capsys.readouterr().err
     assert f"is in use by another run: pid {os.getpid()} on" in err
     assert sorted(p.name for p in (tmp_path / "runs" / "busy").iterdir()) == ["run.lock"]   # nothing else written
-    assert main(["sweep", str(job)]) == 2                    # a sweep of the same name too (its space is checked first)
+    sweep = local_job(tmp_path, "busy")
+    sweep["sweep"] = {"space": {"optim.base_lr": {"grid": [0.1, 0.01]}}}
+    assert main(["sweep", str(write_job(sweep, "sweep.yaml"))]) == 2      # a sweep of the same name too
+    assert "is in use by another run" in capsys.readouterr().err
 
 
 @pytest.mark.parametrize("holder, reason", [
