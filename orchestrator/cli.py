@@ -123,14 +123,15 @@ def cmd_train(args) -> int:
     from orchestrator.spec import check_references, load_spec, with_absolute_paths
 
     spec = with_absolute_paths(check_references(load_spec(args.job, args.set)))
+    if not args.local:
+        from orchestrator.submit import check_cluster_address
+
+        check_cluster_address(args.address, args.insecure)
     lock = hold_run_folder(spec, "orchestrator train")
     try:
         if args.local:
             resolved = resolve_plan(spec, 1)
         else:
-            from orchestrator.submit import check_cluster_address
-
-            check_cluster_address(args.address, args.insecure)
             # Planning (torch and torchvision imports, reading the data) overlaps Ray's start-up,
             # which must run on the main thread; the plan is still printed before any worker starts.
             from orchestrator.session import start_ray_for

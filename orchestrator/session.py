@@ -10,8 +10,10 @@ from __future__ import annotations
 
 import logging
 import os
+import signal
 import sys
 import tempfile
+import threading
 from pathlib import Path
 
 from rich.console import Console
@@ -61,7 +63,16 @@ def start_ray(address: str | None, verbose: bool, log_path: Path | None) -> None
     route_ray_logs(log_path, verbose)
     # No address: a new local Ray, as promised, rather than Ray's default of joining whatever cluster
     # runs on this machine; RAY_ADDRESS (set by Ray Jobs for an entrypoint) still counts.
+    sigterm = signal.getsignal(signal.SIGTERM)
     ray.init(address=address or os.environ.get("RAY_ADDRESS") or "local", log_to_driver=verbose, configure_logging=verbose)
+    _restore_sigterm_handler(sigterm)
+
+
+def _restore_sigterm_handler(handler) -> None:
+    """Put back the SIGTERM handler the driver had (the CLI's: stop the workers, keep the checkpoints,
+    exit 143); ray.init replaces it with its own, which exits at once (code 15, or 134 from its C++ one)."""
+    if callable(handler) and threading.current_thread() is threading.main_thread():
+        signal.signal(signal.SIGTERM, handler)
 
 
 def ray_log_path(spec: JobSpec) -> Path:
