@@ -218,7 +218,8 @@ def make_tuner(spec: JobSpec, sweep: RunFolder, state: dict, to_run: list[dict])
     """A new Tuner over the trials to run (a grid over their records); Tune's state goes to `tune/`, never read back."""
     import ray.tune
 
-    kept = [t for t in state["trials"] if t not in to_run]
+    running = {t["id"] for t in to_run}
+    kept = [t for t in state["trials"] if t["id"] not in running]
     # A trial only drives its TorchTrainer: no CPU (the workers hold those), a little memory (Tune needs
     # a non-empty request).
     trainable = ray.tune.with_resources(ray.tune.with_parameters(run_trial, base=spec.to_dict(), sweep_uri=sweep.uri),

@@ -65,9 +65,9 @@ def start_twice(job_path: Path, run: RunFolder, epochs: int, env: dict) -> bool:
     command = [sys.executable, "-m", "orchestrator.cli", "train", str(job_path)]
     first, second = (subprocess.Popen(command, stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True, env=env)
                      for _ in range(2))
-    results = [(p.communicate()[1], p.returncode)[::-1] for p in (first, second)]
-    codes = sorted(code for code, _ in results)
-    refused = [err for code, err in results if code == 2]
+    errors = [p.communicate()[1] for p in (first, second)]
+    codes = sorted(p.returncode for p in (first, second))
+    refused = [err for p, err in zip((first, second), errors) if p.returncode == 2]
     rows = [r["epoch"] for r in run.read_rows(METRICS_FILE)] if run.exists(METRICS_FILE) else []
     return codes == [0, 2] and "is in use by another run" in refused[0] and rows == list(range(epochs))
 
