@@ -24,18 +24,15 @@ err_console = Console(stderr=True, highlight=False, soft_wrap=True)
 
 
 def _user_error_types() -> tuple[type[BaseException], ...]:
-    from orchestrator.checkpoint import CheckpointError
-    from orchestrator.data import DataError, ImageReadError
-    from orchestrator.models import ModelError
-    from orchestrator.plan import PlanError
+    """Exit-2 errors: fit.FINAL_ERRORS (the job, data, weights, checkpoints: the same list the Ray
+    workers do not retry) and what only the driver raises (the spec, the run folder, the cluster)."""
+    from orchestrator.fit import FINAL_ERRORS
     from orchestrator.runlock import RunLocked
     from orchestrator.spec import SpecError
     from orchestrator.storage import RunFolderUnusable
     from orchestrator.submit import SubmitError
-    from orchestrator.weights import WeightsError
 
-    return (SpecError, PlanError, DataError, ImageReadError, WeightsError, ModelError, CheckpointError, SubmitError,
-            SubmitUsageError, RunLocked, RunFolderUnusable)
+    return (*FINAL_ERRORS, SpecError, SubmitError, SubmitUsageError, RunLocked, RunFolderUnusable)
 
 
 def _report_user_error(exc: BaseException) -> int:
