@@ -1,4 +1,5 @@
-"""The `orchestrator` command line: validate, plan, train, sweep, submit, jobs, bench.
+"""The `orchestrator` command line: validate, plan, train, sweep, submit, jobs, runs, report, export,
+evaluate, predict, bench.
 
 Every user error (bad job file, missing data, weights that do not fit) exits with code 2 and one
 line per problem, never a traceback.
@@ -28,11 +29,14 @@ def _user_error_types() -> tuple[type[BaseException], ...]:
     workers do not retry) and what only the driver raises (the spec, the run folder, the cluster)."""
     from orchestrator.fit import FINAL_ERRORS
     from orchestrator.runlock import RunLocked
+    from orchestrator.runs import RunsError
     from orchestrator.spec import SpecError
     from orchestrator.storage import RunFolderUnusable
     from orchestrator.submit import SubmitError
+    from orchestrator.trained import TrainedError
 
-    return (*FINAL_ERRORS, SpecError, SubmitError, SubmitUsageError, RunLocked, RunFolderUnusable)
+    return (*FINAL_ERRORS, SpecError, SubmitError, SubmitUsageError, RunLocked, RunFolderUnusable, TrainedError,
+            RunsError)
 
 
 def _report_user_error(exc: BaseException) -> int:
@@ -124,7 +128,10 @@ def cmd_train(args) -> int:
         from orchestrator.submit import check_cluster_address
 
         check_cluster_address(args.address, args.insecure)
+    from orchestrator.runs import spec_written_at
+
     lock = hold_run_folder(spec, "orchestrator train")
+    spec_before = spec_written_at(lock.folder)
     try:
         if args.local:
             resolved = resolve_plan(spec, 1)
@@ -139,8 +146,24 @@ def cmd_train(args) -> int:
                 resolved = planning.result()
         console.print(plan_table(resolved.plan, resolved.num_classes))
         return _train_planned(args, spec, resolved.plan)
+    except BaseException as exc:
+        _record_stop(lock.folder, exc, spec_before)
+        raise
     finally:
         lock.release()
+
+
+def _record_stop(folder, exc: BaseException, spec_before) -> None:
+    """summary.json says the run was interrupted or failed, and why (only if this attempt had started)."""
+    from orchestrator.launch import RunInterrupted
+    from orchestrator.runs import record_stop
+
+    if isinstance(exc, (KeyboardInterrupt, RunInterrupted)):
+        record_stop(folder, "interrupted", "terminated (SIGTERM)" if _interrupted_exit(exc) == 143 else "interrupted (Ctrl-C)",
+                    spec_before)
+    elif isinstance(exc, Exception):
+        first_line = (str(exc).strip().splitlines() or [type(exc).__name__])[0]
+        record_stop(folder, "failed", first_line, spec_before)
 
 
 def _train_planned(args, spec, plan) -> int:
@@ -241,6 +264,159 @@ def cmd_jobs(args) -> int:
     return 0
 
 
+def cmd_runs(args) -> int:
+    from orchestrator.runs import list_runs
+    from orchestrator.storage import strict_json
+
+    found = list_runs(args.storage)
+    if args.json:
+        print(strict_json([r.to_json() for r in found]))
+        return 0
+    if not found:
+        console.print(f"no runs in {args.storage}")
+        return 0
+    console.print(runs_table(found, args.storage))
+    return 0
+
+
+def runs_table(found, storage: str) -> Table:
+    table = Table(title=f"runs in {storage}", title_justify="left")
+    for column in ("name", "status", "epochs", "best val acc@1", "test acc@1", "wall", "updated"):
+        table.add_column(column, justify="right" if column in ("epochs", "best val acc@1", "test acc@1", "wall") else "left")
+    colour = {"running": "cyan", "completed": "green", "failed": "red", "diverged": "red", "interrupted": "yellow"}
+
+    def number(value, digits=4):
+        return "-" if value is None else f"{value:.{digits}f}"
+
+    for r in found:
+        if r.kind == "sweep":
+            name = f"{r.name} (sweep: {r.trials} trials)"
+            best = f"best {r.best_trial}: {r.best_metric} {number(r.best)}" if r.best_trial else "-"
+            epochs, val = f"{r.epochs_completed} run", best
+        else:
+            name, epochs, val = r.name, f"{r.epochs_completed}/{r.epochs or '?'}", number(r.best_val_acc1)
+        updated = (r.updated_at or "-").replace("T", " ").replace("+00:00", " UTC")
+        table.add_row(escape(name), f"[{colour.get(r.status, 'white')}]{r.status}[/]", epochs, val,
+                      number(r.test_acc1), "-" if r.wall_s is None else f"{r.wall_s:.0f} s", updated)
+    return table
+
+
+def write_outputs(folder, subdir: str, out: str | None, files: dict[str, bytes]) -> str:
+    """Write each file into `out` (a local folder) or else into the run folder's `subdir`; returns where.
+    Everything is in memory before the first write, and each file is written atomically."""
+    from pathlib import Path
+
+    from orchestrator.storage import write_atomic
+
+    if out:
+        for name, data in files.items():
+            write_atomic(Path(out) / name, data)
+        return str(Path(out).resolve())
+    for name, data in files.items():
+        folder.write_bytes(f"{subdir}/{name}", data)
+    return f"{folder.uri}/{subdir}"
+
+
+def cmd_report(args) -> int:
+    from orchestrator.report import run_report, sweep_report
+    from orchestrator.runs import folder_kind
+    from orchestrator.storage import REPORT_DIR
+    from orchestrator.trained import TrainedError, open_run_folder
+
+    folder = open_run_folder(args.run)
+    kind = folder_kind(folder)
+    if kind is None:
+        raise TrainedError(f"{folder.uri} is neither a run folder (spec.yaml) nor a sweep folder (sweep.json)")
+    files = sweep_report(folder) if kind == "sweep" else run_report(folder)
+    where = write_outputs(folder, REPORT_DIR, args.out, files)
+    console.print(f"wrote {where}/index.html and {len(files) - 1} PNG plot(s): "
+                  + ", ".join(sorted(n for n in files if n.endswith(".png"))))
+    return 0
+
+
+def cmd_export(args) -> int:
+    from pathlib import Path
+
+    from orchestrator.export import default_name, export_run
+    from orchestrator.storage import EXPORT_DIR, write_atomic
+    from orchestrator.trained import TrainedError, load_trained
+
+    trained = load_trained(args.run)
+    if trained.spec is None:
+        raise TrainedError(f"{args.run} is an exported file: export reads a run folder")
+    console.print(f"exporting {trained.where} ({trained.spec.model.arch}, {len(trained.class_names)} classes) as {args.format}")
+    result = export_run(trained, args.format, args.fold_bn)
+    if args.fold_bn:
+        console.print(f"folded {result.folded_pairs} conv+BN pairs; max abs logit difference folded vs unfolded on "
+                      f"{result.check_count} {result.check_split} images: {result.fold_diff:.2e}")
+        table = Table(title="CPU inference, this machine (median ms per batch)", title_justify="left")
+        for column in ("batch", "unfolded ms", "folded ms", "speedup"):
+            table.add_column(column, justify="right")
+        for row in result.speed:
+            table.add_row(str(row.batch), f"{row.unfolded_ms:.2f}", f"{row.folded_ms:.2f}", f"{row.speedup:.2f}x")
+        console.print(table)
+    if result.onnx_diff is not None:
+        console.print(f"onnxruntime checked: max abs logit difference ONNX vs torch {result.onnx_diff:.2e}")
+    elif args.format == "onnx":
+        console.print("[yellow]note:[/yellow] onnxruntime is not installed: the ONNX file was not run "
+                      "(pip install 'orchestrator[export]')")
+    name = default_name(trained, args.format, args.fold_bn)
+    if args.out:
+        write_atomic(Path(args.out), result.data)
+        where = str(Path(args.out).resolve())
+    else:
+        trained.folder.write_bytes(f"{EXPORT_DIR}/{name}", result.data)
+        where = f"{trained.folder.uri}/{EXPORT_DIR}/{name}"
+    console.print(f"wrote {where} ({len(result.data) / 1e6:.1f} MB)")
+    return 0
+
+
+def cmd_evaluate(args) -> int:
+    from orchestrator.evaluation import confusion_png, evaluate_split
+    from orchestrator.storage import REPORT_DIR, strict_json
+    from orchestrator.trained import TrainedError, load_trained
+
+    trained = load_trained(args.run)
+    if trained.spec is None:
+        raise TrainedError(f"{args.run} is an exported file: evaluate needs a run folder (it reads the run's data)")
+    result = evaluate_split(trained, args.data, args.split)
+    png = confusion_png(result, trained.class_names, f"{trained.spec.name}: {result.split} split of {result.source}")
+    where = write_outputs(trained.folder, REPORT_DIR, args.out, {f"confusion_{result.split}.png": png})
+    if args.json:
+        print(strict_json(result.to_json()))
+        err_console.print(f"wrote {where}/confusion_{result.split}.png")
+        return 0
+    console.print(f"{trained.where} on the {result.split} split of {result.source}: acc@1 {result.acc1:.4f}, "
+                  f"acc@5 {result.acc5:.4f} ({result.images} images)")
+    table = Table(title="per class", title_justify="left")
+    for column in ("class", "images", "acc@1"):
+        table.add_column(column, justify="left" if column == "class" else "right")
+    for i, (name, acc) in enumerate(result.per_class.items()):
+        table.add_row(escape(name), str(int(result.confusion[i].sum())), "-" if acc is None else f"{acc:.4f}")
+    console.print(table)
+    console.print(f"wrote {where}/confusion_{result.split}.png")
+    return 0
+
+
+def cmd_predict(args) -> int:
+    from orchestrator.evaluation import predict_files
+    from orchestrator.storage import strict_json
+    from orchestrator.trained import load_trained
+
+    trained = load_trained(args.run)
+    predictions = predict_files(trained, args.images, args.top_k)
+    if args.json:
+        print(strict_json([p.to_json() for p in predictions]))
+        return 0
+    table = Table(title=f"predictions of {trained.where}", title_justify="left")
+    table.add_column("image")
+    table.add_column(f"top {min(args.top_k, len(trained.class_names))} (probability)")
+    for p in predictions:
+        table.add_row(escape(p.image), ", ".join(f"{escape(c)} {prob:.3f}" for c, prob in p.top))
+    console.print(table)
+    return 0
+
+
 class SubmitUsageError(Exception):
     """A jobs command used wrongly."""
 
@@ -302,6 +478,33 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--follow", action="store_true", help="logs: stream until the job ends")
     p.add_argument("--insecure", action="store_true", help="allow plain http (or, with a token, Ray's gRPC without TLS) to another machine; says what it risks")
     p.set_defaults(func=cmd_jobs)
+    p = sub.add_parser("runs", help="one row per run and sweep folder in a storage: status, epochs, accuracy, time")
+    p.add_argument("storage", nargs="?", default="./runs", help="run.storage to list (path or URI; default ./runs)")
+    p.add_argument("--json", action="store_true", help="print the rows as JSON")
+    p.set_defaults(func=cmd_runs)
+    p = sub.add_parser("report", help="PNG plots and one self-contained HTML page of a run or a sweep")
+    p.add_argument("run", metavar="RUN_OR_SWEEP", help="run or sweep folder (path or URI)")
+    p.add_argument("--out", help="local folder to write to (default: the run folder's report/)")
+    p.set_defaults(func=cmd_report)
+    p = sub.add_parser("export", help="the run's best weights as ONNX, a torch.export program or safetensors")
+    p.add_argument("run", help="run folder (path or URI)")
+    p.add_argument("--format", choices=["onnx", "pt2", "safetensors"], default="onnx", help="file format (default onnx)")
+    p.add_argument("--fold-bn", action="store_true", help="fold every conv+BatchNorm pair, check it on the run's images, time it")
+    p.add_argument("--out", help="file to write (default: the run folder's export/NAME[_folded].FORMAT)")
+    p.set_defaults(func=cmd_export)
+    p = sub.add_parser("evaluate", help="acc@1/@5, per-class accuracy and a confusion matrix of a run's model on a split")
+    p.add_argument("run", help="run folder (path or URI)")
+    p.add_argument("--data", metavar="SOURCE", help="another data.source with the run's classes (default: the run's data)")
+    p.add_argument("--split", choices=["test", "val", "train"], default="test")
+    p.add_argument("--json", action="store_true", help='print {"acc1", "acc5", "per_class", "images"}')
+    p.add_argument("--out", help="local folder for the confusion matrix PNG (default: the run folder's report/)")
+    p.set_defaults(func=cmd_evaluate)
+    p = sub.add_parser("predict", help="classify image files with a run's model (or an exported .safetensors/.onnx)")
+    p.add_argument("run", help="run folder, or a file written by orchestrator export")
+    p.add_argument("images", nargs="+", metavar="IMAGE")
+    p.add_argument("--top-k", type=int, default=3, help="classes to show per image (default 3)")
+    p.add_argument("--json", action="store_true", help='print [{"image", "top": [{"class", "prob"}]}]')
+    p.set_defaults(func=cmd_predict)
     p = sub.add_parser("bench", help="benchmarks that print their figures as ratios to a baseline measured in the same run")
     p.add_argument("what", choices=["overhead", "reliability", "sweep"],
                    help="overhead: Ray Train and --local vs a plain PyTorch loop, per epoch and at start-up; "

@@ -24,6 +24,7 @@ from torch import nn
 from orchestrator import checkpoint as ckpt
 from orchestrator import progress
 from orchestrator.data import DataError, ImageReadError, Splits, eval_loader, load_splits, make_dataset, train_loader
+from orchestrator.eventlog import EventLog
 from orchestrator.loop import DivergenceError, StepSettings, Trainee, evaluate, train_one_epoch
 from orchestrator.metrics import epoch_row, improved
 from orchestrator.models import (BuiltModel, ModelError, build_model, frozen_norm_layers, set_trainable,
@@ -78,6 +79,8 @@ class Run:
     """time.perf_counter() when this process began the run"""
     unfreeze: list[tuple[int, list[str]]]
     """(epoch, parameter names that start training at it)"""
+    events: EventLog | None = None
+    """TensorBoard event files (rank 0)"""
 
     def step_settings(self) -> StepSettings:
         schedules = {g.name: group_schedule(self.spec.schedule, g.schedule) for g in self.plan.param_groups}
@@ -125,20 +128,28 @@ def fit(spec: JobSpec, plan: Plan, env: WorkerEnv) -> dict:
                eval_loader(make_dataset(splits.val, spec.data, False, "val"), spec.data, EVAL_BATCH_SIZE, env.rank,
                            env.world_size))
     _start(run, resume_point)
-    diverged = None
-    for epoch in range(run.state.next_epoch, plan.epochs):
-        _apply_epoch_changes(run, trainee, epoch)
-        try:
-            row = _run_epoch(run, trainee, loaders, epoch)
-        except DivergenceError as exc:
-            diverged = str(exc)
-            break
-        _save_epoch(run, trainee, row)
+    try:
+        diverged = _train_epochs(run, trainee, loaders)
+    finally:
+        if run.events:
+            run.events.close()
     summary = _finish(run, splits, trainee.model, diverged)
     if env.rank == 0:
         folder.write_json(SUMMARY_FILE, summary)
         env.emit(progress.Summary(summary))
     return summary
+
+
+def _train_epochs(run: Run, trainee: Trainee, loaders) -> str | None:
+    """The remaining epochs, each saved; returns the divergence message that stopped them, or None."""
+    for epoch in range(run.state.next_epoch, run.plan.epochs):
+        _apply_epoch_changes(run, trainee, epoch)
+        try:
+            row = _run_epoch(run, trainee, loaders, epoch)
+        except DivergenceError as exc:
+            return str(exc)
+        _save_epoch(run, trainee, row)
+    return None
 
 
 def _announce(env: WorkerEnv, splits: Splits, built: BuiltModel, spec: JobSpec) -> None:
@@ -165,6 +176,7 @@ def _start(run: Run, resume_point: tuple[dict, str] | None) -> None:
         run.folder.write_json(PLAN_FILE, run.plan.to_dict())
         if resume_point is not None:
             run.folder.write_rows(METRICS_FILE, run.state.rows)
+        run.events = EventLog(run.folder, run.state.step)
 
 
 def _make_trainee(run: Run, built: BuiltModel, payload: dict | None) -> Trainee:
@@ -227,7 +239,7 @@ def _run_epoch(run: Run, trainee: Trainee, loaders, epoch: int) -> dict:
     if env.rank == 0:
         env.emit(start)
     settings = run.step_settings()
-    stats = train_one_epoch(trainee, train, settings, epoch, state.step, _on_step(run, start))
+    stats = train_one_epoch(trainee, train, settings, epoch, state.step, _on_step(run, start, trainee))
     val_stats = evaluate(trainee.model, val, env.device, settings.amp, settings.channels_last)
     state.step += plan.steps_per_epoch
     if val_stats.images and not math.isfinite(val_stats.loss):   # every rank sees the all-reduced loss
@@ -237,17 +249,20 @@ def _run_epoch(run: Run, trainee: Trainee, loaders, epoch: int) -> dict:
     return epoch_row(epoch, state.step, lrs, stats, val_stats, state.wall_s + time.perf_counter() - run.started)
 
 
-def _on_step(run: Run, start: progress.EpochStart):
-    """Progress events on rank 0 and the env's step hook on every rank, as one on_step callback."""
+def _on_step(run: Run, start: progress.EpochStart, trainee: Trainee):
+    """Progress events and TensorBoard scalars on rank 0 and the env's step hook on every rank, as one
+    on_step callback."""
     env = run.env
     reporter = progress.step_reporter(env.emit, start, run.state.step, run.plan.global_batch_size) if env.rank == 0 else None
-    if env.step_hook is None:
-        return reporter
+    names = [group["name"] for group in trainee.optimizer.param_groups]
 
     def on_step(step: int, loss: float, lrs: list[float]) -> None:
         if reporter:
             reporter(step, loss, lrs)
-        env.step_hook(step)
+        if run.events:
+            run.events.step(step, loss, dict(zip(names, lrs)))
+        if env.step_hook:
+            env.step_hook(step)
 
     return on_step
 
@@ -268,6 +283,7 @@ def _save_epoch(run: Run, trainee: Trainee, row: dict) -> None:
     env.report(row, data, row["epoch"])
     if env.rank == 0:
         run.folder.write_rows(METRICS_FILE, state.rows)
+        run.events.epoch(row)
         env.emit(progress.EpochEnd(row, is_best))
 
 

@@ -67,6 +67,22 @@ def _pid_alive(pid: int) -> bool:
     return True
 
 
+def read_holder(folder: RunFolder) -> Holder | None:
+    """Who holds the folder's lock (maybe a stale holder: see `stale_because`), or None when unlocked."""
+    try:
+        return Holder(**json.loads(folder.read_bytes(LOCK_FILE)))
+    except FileNotFoundError:
+        return None
+    except (ValueError, TypeError, KeyError, OSError):   # a lock half-written by a run that died: stale
+        return Holder("?", -1, "?", 0.0, 0.0, "")
+
+
+def live_holder(folder: RunFolder) -> Holder | None:
+    """The holder of the folder's lock while it still holds it (a run is writing there now), else None."""
+    holder = read_holder(folder)
+    return holder if holder is not None and holder.stale_because() is None else None
+
+
 class RunLock:
     """`with RunLock(folder, "train"):` holds the folder's lock; `notes` say what was taken over or swept."""
 
@@ -83,12 +99,7 @@ class RunLock:
         return Holder(socket.gethostname(), os.getpid(), self.command, now, now, self.token)
 
     def _read(self) -> Holder | None:
-        try:
-            return Holder(**json.loads(self.folder.read_bytes(LOCK_FILE)))
-        except FileNotFoundError:
-            return None
-        except (ValueError, TypeError, KeyError, OSError):   # a lock half-written by a run that died: stale
-            return Holder("?", -1, "?", 0.0, 0.0, "")
+        return read_holder(self.folder)
 
     def acquire(self) -> RunLock:
         self._created_folder = not self.folder.exists("")

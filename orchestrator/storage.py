@@ -4,7 +4,10 @@ Writes are atomic where the filesystem allows it (write a temp file, then rename
 replace whole objects anyway). Owns the layout: `spec.yaml`, `plan.json`, `metrics.parquet`,
 `summary.json`, `model.safetensors`, `checkpoint_epoch_NNNN/checkpoint.pt` (the latest
 `run.keep_checkpoints`), `checkpoint_best/checkpoint.pt`, `workers.json` (where each rank ran) and
-`ray.log` (Ray's own log lines). Every module names these files through the constants here.
+`ray.log` (Ray's own log lines), `run.lock`, `tensorboard/` (event files), and what later commands
+write: `report/` (report, evaluate) and `export/`. A sweep's folder holds `sweep.json`,
+`results.parquet`, `best.yaml` and `trials/<trial id>/` (each a run folder). Every module names
+these files through the constants here.
 """
 
 from __future__ import annotations
@@ -33,6 +36,13 @@ BEST_CHECKPOINT = f"{BEST_DIR}/{CHECKPOINT_FILE}"
 WORKERS_FILE = "workers.json"
 RAY_LOG_FILE = "ray.log"
 LOCK_FILE = "run.lock"
+TENSORBOARD_DIR = "tensorboard"
+REPORT_DIR = "report"
+EXPORT_DIR = "export"
+SWEEP_STATE_FILE = "sweep.json"
+SWEEP_RESULTS_FILE = "results.parquet"
+SWEEP_BEST_FILE = "best.yaml"
+SWEEP_TRIALS_DIR = "trials"
 EPOCH_DIR_PATTERN = re.compile(r"^checkpoint_epoch_(\d+)$")
 TEMP_PATTERN = re.compile(r"\.tmp-[0-9a-f]{8}$")
 """temporary files of an atomic write (`<name>.tmp-<8 hex>`); left only by a write that died"""

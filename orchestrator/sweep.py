@@ -19,7 +19,6 @@ from __future__ import annotations
 
 import threading
 import time
-from dataclasses import dataclass
 from typing import Any
 
 from rich.console import Console
@@ -27,14 +26,17 @@ from rich.live import Live
 from rich.markup import escape
 from rich.table import Table
 
+from orchestrator.runs import TrialRow, trial_status
+from orchestrator.runs import trial_rows as sweep_trial_rows
 from orchestrator.search import SEARCH_SPACES
 from orchestrator.spec import JobSpec, spec_to_yaml, validate_spec, with_values
-from orchestrator.storage import METRICS_FILE, RunFolder
+from orchestrator.storage import (METRICS_FILE, SWEEP_BEST_FILE, SWEEP_RESULTS_FILE, SWEEP_STATE_FILE, SWEEP_TRIALS_DIR,
+                                  RunFolder)
 
-RESULTS_FILE = "results.parquet"
-BEST_FILE = "best.yaml"
-STATE_FILE = "sweep.json"
-TRIALS_DIR = "trials"
+RESULTS_FILE = SWEEP_RESULTS_FILE
+BEST_FILE = SWEEP_BEST_FILE
+STATE_FILE = SWEEP_STATE_FILE
+TRIALS_DIR = SWEEP_TRIALS_DIR
 TUNE_DIR = "tune"
 STATE_VERSION = 1
 TRIAL_DRIVER_MEMORY_BYTES = 256 * 2**20
@@ -100,7 +102,7 @@ def run_trial(config: dict, base: dict, sweep_uri: str) -> None:
     trial = config["trial"]
     spec = trial_spec(base, trial["values"], sweep_uri, trial["id"])
     folder = RunFolder(spec.run.storage, spec.name)
-    if _status(folder, spec.schedule.epochs, None) == "completed":
+    if trial_status(folder, spec.schedule.epochs, None) == "completed":
         # finished before an interruption that the sweep's record missed: hand Tune the record, keep the run
         rows = folder.read_rows(METRICS_FILE)
         ray.tune.report({**rows[-1], TIME_ATTR: len(rows)})
@@ -119,44 +121,9 @@ def default_concurrency(spec: JobSpec) -> int:
     return max(1, int(total.get("CPU", 1) // (spec.scaling.num_workers * spec.scaling.cpus_per_worker)))
 
 
-@dataclass
-class TrialRow:
-    trial_id: str
-    values: dict[str, Any]
-    epochs_run: int
-    best: float | None
-    status: str
-
-
 def trial_rows(sweep: RunFolder, spec: JobSpec, trials: list[dict]) -> list[TrialRow]:
-    """One row per trial of the sweep's record, with its metrics from its run folder."""
-    metric, mode = spec.sweep.metric, spec.sweep.mode
-    rows = []
-    for trial in trials:
-        folder = RunFolder(f"{sweep.uri}/{TRIALS_DIR}", trial["id"])
-        metrics = folder.read_rows(METRICS_FILE) if folder.exists(METRICS_FILE) else []
-        scores = [m[metric] for m in metrics if m.get(metric) is not None]
-        best = (max(scores) if mode == "max" else min(scores)) if scores else None
-        status = _status(folder, spec.schedule.epochs, trial["status"], len(metrics))
-        rows.append(TrialRow(trial["id"], trial["values"], len(metrics), best, status))
-    return sorted(rows, key=lambda r: (r.best is None, -(r.best or 0) if mode == "max" else (r.best or 0)))
-
-
-def _status(trial: RunFolder, epochs: int, recorded: str | None, epochs_run: int | None = None) -> str:
-    """completed | error | stopped early (ended sooner) | running | pending.
-
-    A trial that trained every epoch is completed even when Tune ended it (ASHA stops a trial that
-    reaches max_t) before its test evaluation wrote summary.json.
-    """
-    if epochs_run is None:
-        epochs_run = len(trial.read_rows(METRICS_FILE)) if trial.exists(METRICS_FILE) else 0
-    if epochs_run >= epochs:
-        return "completed"
-    if recorded == "error":
-        return "error"
-    if recorded == "ended":
-        return "stopped early"
-    return "running" if epochs_run else "pending"
+    """One row per trial of the sweep's record, best first, with its metrics from its run folder."""
+    return sweep_trial_rows(sweep, trials, spec.sweep.metric, spec.sweep.mode, spec.schedule.epochs)
 
 
 def leaderboard(rows: list[TrialRow], spec: JobSpec, title: str) -> Table:
@@ -248,7 +215,7 @@ def open_sweep(spec: JobSpec, sweep: RunFolder, resume: bool, console: Console) 
         sweep.write_json(STATE_FILE, state)
         return state, list(state["trials"])
     for trial in state["trials"]:   # finished before the interruption, but Tune had not said so yet
-        if _status(RunFolder(f"{sweep.uri}/{TRIALS_DIR}", trial["id"]), spec.schedule.epochs, trial["status"]) == "completed":
+        if trial_status(RunFolder(f"{sweep.uri}/{TRIALS_DIR}", trial["id"]), spec.schedule.epochs, trial["status"]) == "completed":
             trial["status"] = "ended"
     sweep.write_json(STATE_FILE, state)
     to_run = [t for t in state["trials"] if t["status"] != "ended"]

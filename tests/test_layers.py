@@ -11,12 +11,13 @@ LAYERS = [
     {"spec", "storage", "metrics"},                                           # the job and the run folder
     {"runlock"},                                                              # one writer per run folder
     {"plan", "schedule", "search"},                                           # pure functions of the spec
-    {"data", "weights", "models", "optim", "loop", "checkpoint", "progress"},  # torch, no Ray
+    {"data", "weights", "models", "optim", "loop", "checkpoint", "progress", "eventlog"},  # torch, no Ray
     {"resolve", "fit"},                                                       # the driver's plan, a worker's run
+    {"runs", "trained", "evaluation", "export", "report"},                    # after training: read back, no Ray
     {"session", "worker", "launch", "sweep", "submit"},                       # Ray glue
     {"cli", "bench"},                                                         # entry points
 ]
-CORE = set().union(*LAYERS[:4])
+CORE = set().union(*LAYERS[:4], LAYERS[5])
 LAYER = {name: i for i, names in enumerate(LAYERS) for name in names}
 
 

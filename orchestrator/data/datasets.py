@@ -91,6 +91,13 @@ def check_augmentation(entry, index: int) -> None:
         raise ValueError(f"entry {index} ({name}): {exc}") from None
 
 
+def eval_transform(image_size: int, mean, std) -> v2.Compose:
+    """The evaluation transform of a run, from its data keys alone (what `predict` applies to a file):
+    uint8 CHW -> resize the short side to image_size, center crop, scale to [0, 1], normalise."""
+    return v2.Compose([v2.Resize(image_size, antialias=True), v2.CenterCrop(image_size),
+                       v2.ToDtype(torch.float32, scale=True), v2.Normalize(mean=list(mean), std=list(std))])
+
+
 def build_transform(data: DataSpec, train: bool, pre_sized: bool) -> v2.Compose:
     """uint8 CHW tensor -> normalised float tensor of image_size x image_size.
 
@@ -98,6 +105,8 @@ def build_transform(data: DataSpec, train: bool, pre_sized: bool) -> v2.Compose:
     random_resized_crop makes the size (or the images are already sized).
     """
     size = data.image_size
+    if not train and not pre_sized:
+        return eval_transform(size, data.mean, data.std)
     entries = [augmentation_entry(entry) for entry in data.augment] if train else []
     steps: list[torch.nn.Module] = []
     if "random_resized_crop" not in [name for name, _ in entries] and not pre_sized:
