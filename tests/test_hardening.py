@@ -303,3 +303,5 @@ def test_sigterm_stops_a_run_keeping_its_checkpoints_and_says_how_to_resume(tmp_
     assert process.returncode == 143, err[-2000:]
     assert "interrupted" in err and "re-run the same command to resume" in err and "Traceback" not in err
     assert not (run / "run.lock").exists() and list(run.glob("checkpoint_epoch_*/checkpoint.pt"))
+    summary = json.loads((run / "summary.json").read_text())
+    assert summary["status"] == "interrupted" and "SIGTERM" in summary["message"]

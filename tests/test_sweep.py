@@ -45,6 +45,16 @@ def test_asha_stops_weak_trials_and_best_yaml_trains_the_best(ray_session, tmp_p
     trial_rows = pq.read_table(folder / "trials" / best_row["trial_id"] / "metrics.parquet").to_pylist()
     assert max(r["val_acc1"] for r in trial_rows) == best_row["best_val_acc1"]
     assert "ASHA used" in out and "epochs of the 12" in out
+
+    # after the sweep (issue 14): `runs` shows it with its trials and best; `report` draws every trial
+    assert main(["runs", str(tmp_path / "runs"), "--json"]) == 0
+    listed = json.loads(capsys.readouterr().out)
+    assert [(r["name"], r["kind"], r["status"], r["trials"]) for r in listed] == [("tiny_sweep", "sweep", "completed", 4)]
+    assert listed[0]["best_trial"] == best_row["trial_id"] and listed[0]["best"] == best_row["best_val_acc1"]
+    assert main(["report", str(folder)]) == 0
+    page = (folder / "report" / "index.html").read_text()
+    assert (folder / "report" / "trials.png").is_file() and page.count("data:image/png;base64,") == 1
+    assert all(r["trial_id"] in page for r in rows) and "stopped early" in page
     deadline = time.time() + 30                                      # no placement group left holding CPUs
     while ray_session.available_resources().get("CPU", 0) < ray_session.cluster_resources()["CPU"] and time.time() < deadline:
         time.sleep(1)

@@ -63,6 +63,7 @@ def test_ray_train_two_workers_run_folder_and_resume(ray_session, tmp_path, writ
     assert plan["world_size"] == 2 and plan["global_batch_size"] == 16 and plan["steps_per_epoch"] == 4
     rows = check_run_folder(run, epochs=2, steps_per_epoch=4)   # 72 images // (8 x 2 workers)
     assert rows[0]["images_per_s"] > 0
+    assert len(list((run / "tensorboard").glob("events.out.tfevents.*"))) == 1   # rank 0 alone writes events
     capsys.readouterr()
 
     assert main(["train", str(job), "--set", "schedule.epochs=3"]) == 0
@@ -93,6 +94,8 @@ def test_an_error_of_the_data_on_a_worker_is_not_retried_and_exits_2(ray_session
     captured = capsys.readouterr()
     assert "error: cannot read image" in captured.err and "bad.png" in captured.err and "Traceback" not in captured.err
     assert captured.out.count("weights: none") == 1            # one attempt: the error cannot change on a retry
+    summary = json.loads((tmp_path / "runs" / "badimage" / "summary.json").read_text())
+    assert summary["status"] == "failed" and "bad.png" in summary["message"]
 
 
 def test_diverging_run_stops_naming_epoch_and_step(tmp_path, write_job, capsys):
