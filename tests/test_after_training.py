@@ -292,3 +292,36 @@ def test_confusion_matrix_counts_rows_by_true_class(run):
     labels = load_splits(read_run_spec(load_trained(str(run)).folder).data, 0).test.labels
     assert result.confusion.sum(axis=1).tolist() == np.bincount(labels, minlength=3).tolist()
     assert result.acc1 == pytest.approx(np.trace(result.confusion) / result.images)
+
+
+def test_event_files_reach_object_storage_at_every_epoch_and_a_resume_purges_the_lost_steps(tmp_path):
+    """EventLog on a filesystem that is not local disk (a pyarrow SubTreeFileSystem standing in for S3:
+    the same RunFolder.write_bytes path): files are staged locally and copied out at each epoch's end."""
+    import pyarrow.fs as pafs
+    from tensorboard.backend.event_processing.event_accumulator import EventAccumulator
+
+    from orchestrator.eventlog import EventLog
+    from orchestrator.storage import RunFolder
+
+    (tmp_path / "bucket").mkdir()
+    folder = RunFolder(str(tmp_path / "bucket"), "run")
+    folder.fs, folder.root = pafs.SubTreeFileSystem(str(tmp_path / "bucket"), pafs.LocalFileSystem()), "run"
+    assert not folder.is_local
+    first = EventLog(folder, 0)
+    for step in range(6):                                  # epoch 0 = steps 0-2, then 3 steps of epoch 1
+        first.step(step, 1.0, {"rest": 0.1})
+        if step == 2:
+            first.epoch({"step": 3, "val_acc1": 0.5})
+            assert list((tmp_path / "bucket" / "run" / "tensorboard").glob("events.out.tfevents.*"))
+    first.writer.flush()
+    first._copy_out()                                      # killed in epoch 1: steps 4-6 were logged
+    resumed = EventLog(folder, 3)                          # resumed from the checkpoint after step 3
+    for step in range(3, 6):
+        resumed.step(step, 2.0, {"rest": 0.1})
+    resumed.epoch({"step": 6, "val_acc1": 0.75})
+    resumed.close()
+    events = EventAccumulator(str(tmp_path / "bucket" / "run" / "tensorboard"))
+    events.Reload()
+    losses = [(e.step, e.value) for e in events.Scalars("step/train_loss_rank0")]
+    assert losses == [(1, 1.0), (2, 1.0), (3, 1.0), (4, 2.0), (5, 2.0), (6, 2.0)]   # the lost attempt's 4-6 purged
+    assert [(e.step, e.value) for e in events.Scalars("epoch/val_acc1")] == [(3, 0.5), (6, 0.75)]
