@@ -282,7 +282,8 @@ def cmd_runs(args) -> int:
 def runs_table(found, storage: str) -> Table:
     table = Table(title=f"runs in {storage}", title_justify="left")
     for column in ("name", "status", "epochs", "best val acc@1", "test acc@1", "wall", "updated"):
-        table.add_column(column, justify="right" if column in ("epochs", "best val acc@1", "test acc@1", "wall") else "left")
+        table.add_column(column, justify="right" if column in ("epochs", "best val acc@1", "test acc@1", "wall") else "left",
+                         no_wrap=column in ("status", "wall", "updated"), overflow="fold")
     colour = {"running": "cyan", "completed": "green", "failed": "red", "diverged": "red", "interrupted": "yellow"}
 
     def number(value, digits=4):
@@ -295,10 +296,16 @@ def runs_table(found, storage: str) -> Table:
             epochs, val = f"{r.epochs_completed} run", best
         else:
             name, epochs, val = r.name, f"{r.epochs_completed}/{r.epochs or '?'}", number(r.best_val_acc1)
-        updated = (r.updated_at or "-").replace("T", " ").replace("+00:00", " UTC")
+        updated = _local_time(r.updated_at)
         table.add_row(escape(name), f"[{colour.get(r.status, 'white')}]{r.status}[/]", epochs, val,
                       number(r.test_acc1), "-" if r.wall_s is None else f"{r.wall_s:.0f} s", updated)
     return table
+
+
+def _local_time(iso: str | None) -> str:
+    import datetime as dt
+
+    return dt.datetime.fromisoformat(iso).astimezone().strftime("%Y-%m-%d %H:%M") if iso else "-"
 
 
 def write_outputs(folder, subdir: str, out: str | None, files: dict[str, bytes]) -> str:

@@ -187,7 +187,13 @@ def export_run(trained: Trained, fmt: str, fold_bn: bool) -> Exported:
     """The exported bytes of a run's model, every check passed (ExportError otherwise)."""
     if fmt not in FORMATS:
         raise ExportError(f"--format: unknown format {fmt!r}; valid: {', '.join(FORMATS)}")
-    images, split = check_images(trained)
+    try:
+        images, split = check_images(trained)
+    except ExportError:
+        if fold_bn:                       # a fold is only trusted once checked on the run's own images
+            raise
+        size = trained.preprocess.image_size
+        images, split = torch.randn(8, 3, size, size, generator=torch.Generator().manual_seed(0)), "random (data not readable here)"
     model = trained.model
     with torch.no_grad():
         reference = model(images)
