@@ -528,12 +528,24 @@ class Terminated(KeyboardInterrupt):
     """SIGTERM (what `kill`, schedulers and Kubernetes send): handled as Ctrl-C is, exit 143."""
 
 
+_received_sigterm = threading.Event()
+"""set by the SIGTERM handler: the exit code says SIGTERM (143) even when a library (Ray's get, say)
+caught the Terminated it raised and raised a KeyboardInterrupt of its own"""
+
+
 def _raise_terminated(signum, frame) -> None:
+    _received_sigterm.set()
     raise Terminated()
 
 
 def _interrupted_exit(exc: BaseException) -> int:
-    return 143 if isinstance(exc, Terminated) or isinstance(exc.__context__, Terminated) else 130
+    """143 after SIGTERM, 130 after Ctrl-C."""
+    seen = exc
+    while seen is not None:
+        if isinstance(seen, Terminated):
+            return 143
+        seen = seen.__context__
+    return 143 if _received_sigterm.is_set() else 130
 
 
 def main(argv: list[str] | None = None) -> int:
@@ -543,6 +555,7 @@ def main(argv: list[str] | None = None) -> int:
 
     args = build_parser().parse_args(argv)
     on_main_thread = threading.current_thread() is threading.main_thread()
+    _received_sigterm.clear()
     previous = signal.signal(signal.SIGTERM, _raise_terminated) if on_main_thread else None
     try:
         return args.func(args)
@@ -552,7 +565,7 @@ def main(argv: list[str] | None = None) -> int:
         err_console.print(str(exc), markup=False)
         return _interrupted_exit(exc)
     except KeyboardInterrupt as exc:
-        err_console.print("interrupted" if not isinstance(exc, Terminated) else "terminated (SIGTERM)")
+        err_console.print("terminated (SIGTERM)" if _interrupted_exit(exc) == 143 else "interrupted")
         return _interrupted_exit(exc)
     except StorageError as exc:
         err_console.print(f"[red]error:[/red] {escape(str(exc))}")

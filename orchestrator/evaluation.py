@@ -116,6 +116,8 @@ def predict_files(trained: Trained, paths: list[str], top_k: int) -> list[Predic
     names the first file that does not decode, before anything is predicted."""
     from orchestrator.data.datasets import decode_image
 
+    if top_k < 1:
+        raise TrainedError(f"--top-k: {top_k}; give at least 1")
     transform = trained.preprocess.transform()
     images = torch.stack([transform(decode_image(path, path)) for path in paths])
     k = min(top_k, len(trained.class_names))
