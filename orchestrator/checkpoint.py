@@ -1,7 +1,7 @@
 """The checkpoint: its schema, writing it, finding the one to resume from and restoring from it.
 
 A checkpoint is one versioned dict, serialised with torch.save and read with weights_only=True.
-Keys: version, model (unwrapped from DDP, CPU tensors), optimizer, optimizer_name (the name of
+Keys: version, model (unwrapped from DDP, CPU tensors), ema (AveragedModel's state dict, or None), optimizer, optimizer_name (the name of
 the optimizer in use: SWATS changes it), swats, scaler, epoch (the last finished epoch, 0-based),
 step (optimizer steps done), metric_history (for plateau), best, rows (the metric rows so far),
 wall_s (seconds of training so far), rng (states of torch, numpy and random on rank 0), spec, plan.
@@ -71,6 +71,7 @@ def encode(trainee: Trainee, state: TrainingState, spec: JobSpec, plan: Plan) ->
         "epoch": state.rows[-1]["epoch"], "step": state.step, "metric_history": state.metric_history,
         "rows": state.rows, "best": state.best, "wall_s": state.rows[-1]["wall_s"], "rng": rng_state(),
         "spec": spec.to_dict(), "plan": plan.to_dict(),
+        "ema": {k: v.detach().cpu() for k, v in trainee.ema.state_dict().items()} if trainee.ema is not None else None,
     }
     buffer = io.BytesIO()
     torch.save(payload, buffer)
@@ -151,9 +152,24 @@ def load_model_state(model: torch.nn.Module, state: dict, where: str) -> None:
         raise CheckpointError(f"checkpoint {where} does not fit the model: {'; '.join(problems)}")
 
 
+def evaluated_weights(payload: dict) -> dict:
+    """The weights a checkpoint's run evaluated: its EMA's (without AveragedModel's `module.` prefix and
+    counter) when it kept one, else the model's."""
+    ema = payload.get("ema")
+    if not ema:
+        return payload["model"]
+    return {k.removeprefix("module."): v for k, v in ema.items() if k.startswith("module.")}
+
+
 def restore_trainee(trainee: Trainee, payload: dict, spec: JobSpec) -> None:
-    """Optimizer (switched by SWATS if it had been), SWATS tracker and GradScaler as the checkpoint left them."""
+    """Optimizer (switched by SWATS if it had been), SWATS tracker, GradScaler and EMA as the checkpoint left them."""
     from orchestrator.optim import switch_to_sgd
+
+    if trainee.ema is not None:
+        if payload.get("ema"):
+            trainee.ema.load_state_dict(payload["ema"])
+        else:   # the EMA was switched on for the resumed part: it starts from the weights as they are
+            trainee.ema.update_parameters(trainee.model)
 
     if trainee.swats and payload.get("swats"):
         trainee.swats.load_state_dict(payload["swats"])

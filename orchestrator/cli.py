@@ -55,7 +55,21 @@ def cmd_validate(args) -> int:
     return 0
 
 
-def plan_table(plan, num_classes: int) -> Table:
+def recipe(spec) -> dict:
+    """The recipe keys a job sets away from plain SGD-style training (what changes the numbers beyond the plan)."""
+    model, data = spec.model, spec.data
+    found = {"optimizer": spec.optim.name}
+    if spec.optim.name == "lars":
+        found["trust_coeff"] = spec.optim.trust_coeff
+    for key, value in (("label_smoothing", spec.loss.label_smoothing), ("mixup_alpha", data.mixup_alpha),
+                       ("cutmix_alpha", data.cutmix_alpha), ("ema_decay", model.ema_decay),
+                       ("zero_init_residual", model.zero_init_residual), ("eval_resize", data.eval_resize)):
+        if value:
+            found[key] = value
+    return found
+
+
+def plan_table(plan, num_classes: int, spec=None) -> Table:
     table = Table(title="plan", show_header=False, title_justify="left")
     table.add_column("key", style="bold")
     table.add_column("value")
@@ -70,6 +84,8 @@ def plan_table(plan, num_classes: int) -> Table:
         ("warmup", f"{plan.warmup_steps} steps ({plan.warmup_epochs:g} epochs)"),
         ("total", f"{plan.total_steps} steps ({plan.epochs} epochs)"),
     ]
+    if spec is not None:
+        rows.append(("recipe", ", ".join(f"{k} {v}" for k, v in recipe(spec).items())))
     for key, value in rows:
         table.add_row(key, value)
     return table
@@ -97,9 +113,9 @@ def cmd_plan(args) -> int:
     if args.json:
         from orchestrator.storage import strict_json
 
-        print(strict_json({**plan.to_dict(), "num_classes": resolved.num_classes}))
+        print(strict_json({**plan.to_dict(), "num_classes": resolved.num_classes, "recipe": recipe(spec)}))
         return 0
-    console.print(plan_table(plan, resolved.num_classes))
+    console.print(plan_table(plan, resolved.num_classes, spec))
     console.print(groups_table(plan))
     if resolved.splits is None:
         console.print(f"[dim]note: data not readable here; planned with data.num_train_samples {plan.num_train_samples}[/dim]")
@@ -144,7 +160,7 @@ def cmd_train(args) -> int:
                 planning = pool.submit(resolve_plan, spec, spec.scaling.num_workers)
                 start_ray_for(spec, args.address, args.verbose)
                 resolved = planning.result()
-        console.print(plan_table(resolved.plan, resolved.num_classes))
+        console.print(plan_table(resolved.plan, resolved.num_classes, spec))
         return _train_planned(args, spec, resolved.plan)
     except BaseException as exc:
         _record_stop(lock.folder, exc, spec_before)

@@ -25,7 +25,7 @@ from orchestrator import checkpoint as ckpt
 from orchestrator import progress
 from orchestrator.data import DataError, ImageReadError, Splits, eval_loader, load_splits, make_dataset, train_loader
 from orchestrator.eventlog import EventLog
-from orchestrator.loop import DivergenceError, StepSettings, Trainee, evaluate, train_one_epoch
+from orchestrator.loop import DivergenceError, StepSettings, Trainee, evaluate, make_ema, train_one_epoch
 from orchestrator.metrics import epoch_row, improved
 from orchestrator.models import (BuiltModel, ModelError, build_model, frozen_norm_layers, set_trainable,
                                  trainability_rows)
@@ -90,7 +90,8 @@ class Run:
 
         scaling = self.spec.scaling
         return StepSettings(self.plan.steps_per_epoch, self.plan.grad_accum_steps, multiplier, self.env.device,
-                            scaling.amp, scaling.channels_last, self.spec.optim.grad_clip_norm)
+                            scaling.amp, scaling.channels_last, self.spec.optim.grad_clip_norm,
+                            self.spec.loss.label_smoothing)
 
 
 def seed_epoch(seed: int, epoch: int, rank: int) -> int:
@@ -124,7 +125,8 @@ def fit(spec: JobSpec, plan: Plan, env: WorkerEnv) -> dict:
         ckpt.load_model_state(built.model, payload["model"], where)
         run.state = ckpt.TrainingState.from_payload(payload)
     trainee = _make_trainee(run, built, payload)
-    loaders = (train_loader(make_dataset(splits.train, spec.data, True, "train"), spec.data, plan, env.rank, spec.seed),
+    loaders = (train_loader(make_dataset(splits.train, spec.data, True, "train"), spec.data, plan, env.rank, spec.seed,
+                            splits.num_classes),
                eval_loader(make_dataset(splits.val, spec.data, False, "val"), spec.data, EVAL_BATCH_SIZE, env.rank,
                            env.world_size))
     _start(run, resume_point)
@@ -133,7 +135,7 @@ def fit(spec: JobSpec, plan: Plan, env: WorkerEnv) -> dict:
     finally:
         if run.events:
             run.events.close()
-    summary = _finish(run, splits, trainee.model, diverged)
+    summary = _finish(run, splits, trainee.evaluated, diverged)
     if env.rank == 0:
         folder.write_json(SUMMARY_FILE, summary)
         env.emit(progress.Summary(summary))
@@ -191,11 +193,12 @@ def _make_trainee(run: Run, built: BuiltModel, payload: dict | None) -> Trainee:
     model.to(run.env.device)
     if spec.scaling.channels_last:
         model.to(memory_format=torch.channels_last)
+    ema = make_ema(model, spec.model.ema_decay) if spec.model.ema_decay is not None else None
     trainee = Trainee(
         model, build_optimizer(model, run.plan.param_groups, spec.optim), optimizer_name=spec.optim.name,
         swats=SwatsTracker(spec.optim.betas[1]) if spec.optim.switch_to_sgd_at_epoch is not None else None,
         scaler=torch.amp.GradScaler("cuda") if spec.scaling.amp == "fp16" else None, frozen=frozen,
-        eval_modules=[] if spec.model.train_bn else frozen_norm_layers(model))
+        eval_modules=[] if spec.model.train_bn else frozen_norm_layers(model), ema=ema)
     if payload is not None:
         ckpt.restore_trainee(trainee, payload, spec)
     trainee.wrapped = run.env.wrap_model(model)
@@ -240,7 +243,7 @@ def _run_epoch(run: Run, trainee: Trainee, loaders, epoch: int) -> dict:
         env.emit(start)
     settings = run.step_settings()
     stats = train_one_epoch(trainee, train, settings, epoch, state.step, _on_step(run, start, trainee))
-    val_stats = evaluate(trainee.model, val, env.device, settings.amp, settings.channels_last)
+    val_stats = evaluate(trainee.evaluated, val, env.device, settings.amp, settings.channels_last)
     state.step += plan.steps_per_epoch
     if val_stats.images and not math.isfinite(val_stats.loss):   # every rank sees the all-reduced loss
         raise DivergenceError(epoch, state.step, val_stats.loss, what="validation loss")
@@ -290,6 +293,9 @@ def _save_epoch(run: Run, trainee: Trainee, row: dict) -> None:
 def _finish(run: Run, splits: Splits, model: nn.Module, diverged: str | None) -> dict:
     """Evaluate the best checkpoint on the test split (all ranks) and build the summary.
 
+    `model`: the evaluated model (the EMA when model.ema_decay is set), loaded with the best checkpoint's
+    evaluated weights, then written to model.safetensors.
+
     Evaluation runs on the unwrapped model: DDP's forward may broadcast buffers, and shards of
     unequal length would leave one rank waiting.
     """
@@ -307,7 +313,7 @@ def _finish(run: Run, splits: Splits, model: nn.Module, diverged: str | None) ->
     if diverged or not state.rows:
         return summary
     if run.folder.exists(BEST_CHECKPOINT):
-        ckpt.load_model_state(model, ckpt.read(run.folder, BEST_CHECKPOINT)["model"], BEST_CHECKPOINT)
+        ckpt.load_model_state(model, ckpt.evaluated_weights(ckpt.read(run.folder, BEST_CHECKPOINT)), BEST_CHECKPOINT)
     if splits.test is not None:
         test_set = make_dataset(splits.test, spec.data, False, "test")
         test = evaluate(model, eval_loader(test_set, spec.data, EVAL_BATCH_SIZE, run.env.rank, run.env.world_size),

@@ -72,6 +72,8 @@ class StepSettings:
     amp: str = "none"
     channels_last: bool = False
     grad_clip_norm: float | None = None
+    label_smoothing: float = 0.0
+    """of the training cross-entropy (loss.label_smoothing)"""
 
 
 @dataclass
@@ -90,6 +92,13 @@ class Trainee:
     """parameter names still frozen"""
     eval_modules: list[nn.Module] = field(default_factory=list)
     """modules kept in eval mode while training (frozen BatchNorm when model.train_bn is false)"""
+    ema: torch.optim.swa_utils.AveragedModel | None = None
+    """exponential moving average of the weights and buffers, updated after every optimizer step"""
+
+    @property
+    def evaluated(self) -> nn.Module:
+        """The model evaluated, checkpointed as best and exported: the EMA when kept, else the model."""
+        return self.ema.module if self.ema is not None else self.model
 
     @property
     def tracking_swats(self) -> bool:
@@ -103,12 +112,13 @@ def autocast(device: torch.device, amp: str):
     return torch.autocast(device_type=device.type, dtype=torch.bfloat16 if amp == "bf16" else torch.float16)
 
 
-def classification_loss(output, labels: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
-    """(loss with aux heads weighted in, main logits)."""
+def classification_loss(output, labels: torch.Tensor, label_smoothing: float = 0.0) -> tuple[torch.Tensor, torch.Tensor]:
+    """(loss with aux heads weighted in, main logits). `labels`: class indices, or class probabilities
+    (N, classes) as MixUp/CutMix make them."""
     logits, aux = model_output_logits(output)
-    loss = F.cross_entropy(logits, labels)
+    loss = F.cross_entropy(logits, labels, label_smoothing=label_smoothing)
     for aux_logits in aux:
-        loss = loss + AUX_LOSS_WEIGHT * F.cross_entropy(aux_logits, labels)
+        loss = loss + AUX_LOSS_WEIGHT * F.cross_entropy(aux_logits, labels, label_smoothing=label_smoothing)
     return loss, logits
 
 
@@ -163,7 +173,7 @@ def train_one_epoch(trainee: Trainee, loader, settings: StepSettings, epoch: int
             sync = contextlib.nullcontext() if last or not hasattr(model, "no_sync") else model.no_sync()
             with sync:
                 with autocast(settings.device, settings.amp):
-                    loss, _ = classification_loss(model(batch_images), labels)
+                    loss, _ = classification_loss(model(batch_images), labels, settings.label_smoothing)
                 scaled = loss / accum
                 (trainee.scaler.scale(scaled) if trainee.scaler else scaled).backward()
             step_loss += float(loss.detach())
@@ -210,6 +220,15 @@ def _optimizer_step(trainee: Trainee, grad_clip_norm: float | None) -> None:
         optimizer.step()
     if swats:
         swats.after_step(optimizer)
+    if trainee.ema is not None:
+        trainee.ema.update_parameters(trainee.model)
+
+
+def make_ema(model: nn.Module, decay: float) -> torch.optim.swa_utils.AveragedModel:
+    """torch's AveragedModel as an EMA of parameters and buffers (BN statistics), as torchvision's recipe."""
+    from torch.optim.swa_utils import AveragedModel, get_ema_multi_avg_fn
+
+    return AveragedModel(model, multi_avg_fn=get_ema_multi_avg_fn(decay), use_buffers=True)
 
 
 @torch.no_grad()

@@ -161,6 +161,21 @@ def init_module(module: nn.Module, scheme: str) -> None:
         nn.init.zeros_(module.bias)
 
 
+def zero_last_bn_of_blocks(model: nn.Module, not_loaded: set[str]) -> list[str]:
+    """Zero the gamma of the last BatchNorm in every torchvision residual block (bn2 of a BasicBlock, bn3 of a
+    Bottleneck) whose weight was not loaded from model.weights, so each block starts as the identity
+    (Goyal et al. 2017, section 5.1). Returns the zeroed BatchNorm names."""
+    from torchvision.models.resnet import BasicBlock, Bottleneck
+
+    zeroed = []
+    for name, module in model.named_modules():
+        last = "bn3" if isinstance(module, Bottleneck) else "bn2" if isinstance(module, BasicBlock) else None
+        if last and f"{name}.{last}.weight" in not_loaded:
+            nn.init.zeros_(getattr(module, last).weight)
+            zeroed.append(f"{name}.{last}")
+    return zeroed
+
+
 def init_new_layers(model: nn.Module, missing: list[str], scheme: str) -> list[str]:
     """Initialise every module none of whose parameters were loaded. Returns their names."""
     missing_set = set(missing)
@@ -265,6 +280,8 @@ def build_model(spec: ModelSpec, num_classes: int, image_size: int, class_names:
         missing = (report.missing + report.new_head + [name for name, _, _ in report.skipped_shape]
                    + [name for name, _, _ in report.skipped_dtype])
     renewed = init_new_layers(model, missing, spec.head_init)
+    if spec.zero_init_residual:
+        zero_last_bn_of_blocks(model, set(missing))
     frozen = freeze_targets(model, spec.freeze, head) if spec.freeze else []
     set_trainable(model, frozen, False)
     return BuiltModel(model, head, frozen, unfreeze_steps(model, spec, frozen, head), report, renewed)

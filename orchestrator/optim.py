@@ -5,7 +5,7 @@ optimizer is one entry here.
 Every torch param group carries `name`, `lr_mult` and `base_lr` (its peak LR); `apply_lr` writes
 `base_lr x multiplier` into each group before every step, so the LR lives in the schedule, not in
 hidden optimizer state. Norm-layer weights and biases (1-D tensors) get `norm_bias_weight_decay`.
-SWATS (Keskar & Socher 2017): while Adam runs, `SwatsTracker` estimates the SGD learning rate from
+LARS and LAMB come from timm. SWATS (Keskar & Socher 2017): while Adam runs, `SwatsTracker` estimates the SGD learning rate from
 the projection of each Adam step on its gradient; `switch_to_sgd` swaps the optimizer.
 """
 
@@ -28,9 +28,22 @@ OPTIMIZERS: dict[str, Callable[[list[dict], OptimSpec], torch.optim.Optimizer]] 
     "rmsprop": lambda groups, o: torch.optim.RMSprop(groups, lr=0.0, momentum=o.momentum, eps=o.eps),
     "adagrad": lambda groups, o: torch.optim.Adagrad(groups, lr=0.0, eps=o.eps),
     "adadelta": lambda groups, o: torch.optim.Adadelta(groups, lr=0.0, eps=o.eps),
+    "lars": lambda groups, o: _timm_optimizer("Lars")(groups, lr=0.0, momentum=o.momentum, nesterov=o.nesterov,
+                                                      trust_coeff=o.trust_coeff),
+    "lamb": lambda groups, o: _timm_optimizer("Lamb")(groups, lr=0.0, betas=o.betas, eps=o.eps, max_grad_norm=None),
 }
 """optim.name -> builder(torch param groups carrying lr and weight_decay, optim spec); the spec's
 validation reads this"""
+
+
+def _timm_optimizer(name: str) -> type[torch.optim.Optimizer]:
+    """timm's LARS (You et al. 2017) or LAMB (You et al. 2019). A parameter group whose weight decay is 0
+    (norm weights and biases, by norm_bias_weight_decay's default) gets neither weight decay nor the
+    trust ratio (timm's always_adapt=False), as the papers do; LAMB's gradient clipping is left to
+    optim.grad_clip_norm."""
+    import timm.optim
+
+    return getattr(timm.optim, name)
 
 
 def grouped_parameters(model: nn.Module, groups: list[PlanGroup]) -> list[list[tuple[str, nn.Parameter]]]:

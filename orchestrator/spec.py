@@ -50,8 +50,11 @@ class _Section(BaseModel):
 
 
 class SyntheticSpec(_Section):
-    """Random images for benchmarks and tests (`data.source: synthetic`)."""
+    """Generated images for benchmarks and tests (`data.source: synthetic`)."""
 
+    kind: Literal["patterns", "glyphs"] = "patterns"
+    """patterns: a random pattern per class plus noise (easy); glyphs: a letter per class drawn at a random
+    size, angle, place and colour on clutter, with noise (learnable, not trivial)"""
     num_classes: int = Field(10, ge=2)
     train_samples: int = Field(512, ge=1)
     val_samples: int = Field(128, ge=0)
@@ -75,6 +78,13 @@ class DataSpec(_Section):
     """few-shot: at most this many training images per class (seeded choice)"""
     num_train_samples: int | None = Field(None, ge=1)
     """training-set size for planning when the data is not on this machine"""
+    eval_resize: int | None = Field(None, ge=8, le=4096)
+    """evaluation: resize the short side to this many pixels, then center-crop image_size (256 -> 224 as in
+    the ImageNet recipes); None: resize straight to image_size"""
+    mixup_alpha: float = Field(0.0, ge=0)
+    """MixUp's Beta(alpha, alpha) on training batches (torchvision v2 MixUp); 0 = off"""
+    cutmix_alpha: float = Field(0.0, ge=0)
+    """CutMix's Beta(alpha, alpha) (torchvision v2 CutMix); 0 = off; with mixup too, one of them per batch"""
     mean: tuple[float, float, float] = (0.485, 0.456, 0.406)
     std: tuple[float, float, float] = (0.229, 0.224, 0.225)
     synthetic: SyntheticSpec = Field(default_factory=SyntheticSpec)
@@ -138,6 +148,12 @@ class ModelSpec(_Section):
     """frozen BatchNorm layers still update their running statistics (fastai's train_bn); false: eval mode"""
     dropout: float | None = Field(None, ge=0, lt=1)
     """classifier dropout for architectures that take one (alexnet, vgg, squeezenet, mobilenet, efficientnet, ...); None = its default"""
+    zero_init_residual: bool = False
+    """zero the last BatchNorm gamma of every residual block that got no weights (Goyal et al. 2017): each
+    block starts as the identity; torchvision ResNet, ResNeXt and Wide ResNet"""
+    ema_decay: float | None = Field(None, gt=0, lt=1)
+    """keep an exponential moving average of the weights (and BN statistics), updated every optimizer step;
+    it is what is evaluated each epoch, checkpointed as best, tested and exported; None = off"""
 
     _known_init = registered("head_init", "models", "HEAD_INITS")
 
@@ -159,6 +175,12 @@ class ModelSpec(_Section):
         if isinstance(value, int) and value < 2:
             raise ValueError("must be >= 2 or 'auto'")
         return value
+
+
+class LossSpec(_Section):
+    label_smoothing: float = Field(0.0, ge=0, lt=1)
+    """training cross-entropy against (1 - e) one-hot + e / classes (Szegedy et al. 2016); validation loss
+    stays the plain cross-entropy"""
 
 
 class ParamGroupSpec(_Section):
@@ -191,6 +213,8 @@ class OptimSpec(_Section):
     """SWATS: switch adam/adamw to SGD at this epoch, LR estimated from the Adam steps"""
     grad_clip_norm: float | None = Field(None, gt=0)
     """clip the global gradient norm to this value; None = no clipping"""
+    trust_coeff: float = Field(0.001, gt=0)
+    """lars: the trust coefficient eta of the layer-wise LR (You et al. 2017)"""
 
     _known_optimizer = registered("name", "optim", "OPTIMIZERS")
 
@@ -281,6 +305,7 @@ class JobSpec(_Section):
     """numpy takes seeds in [0, 2**32)"""
     data: DataSpec = Field(default_factory=DataSpec)
     model: ModelSpec = Field(default_factory=ModelSpec)
+    loss: LossSpec = Field(default_factory=LossSpec)
     optim: OptimSpec = Field(default_factory=OptimSpec)
     schedule: ScheduleSpec = Field(default_factory=ScheduleSpec)
     scaling: ScalingSpec = Field(default_factory=ScalingSpec)
@@ -415,8 +440,8 @@ def _check_group_schedules(spec: JobSpec) -> list[str]:
 def _check_optim(spec: JobSpec) -> list[str]:
     optim, sched = spec.optim, spec.schedule
     problems = []
-    if optim.nesterov and (optim.name != "sgd" or optim.momentum <= 0):
-        problems.append("optim.nesterov: needs optim.name sgd with momentum > 0")
+    if optim.nesterov and (optim.name not in ("sgd", "lars") or optim.momentum <= 0):
+        problems.append("optim.nesterov: needs optim.name sgd or lars with momentum > 0")
     if optim.switch_to_sgd_at_epoch is not None:
         if optim.name not in ("adam", "adamw"):
             problems.append(f"optim.switch_to_sgd_at_epoch: switches from adam/adamw to SGD, but optim.name is {optim.name!r}")
@@ -448,7 +473,14 @@ def _check_model(spec: JobSpec) -> list[str]:
             problems.append(f"model.unfreeze: at_epoch {at[-1]} must be before schedule.epochs ({epochs})")
     if "backbone" in model.freeze and len(model.freeze) > 1:
         problems.append("model.freeze: [backbone] already freezes everything but the head; list it alone")
+    if model.zero_init_residual and not model.arch.startswith(ZERO_INIT_RESIDUAL_FAMILIES):
+        problems.append(f"model.zero_init_residual: {model.arch} has no torchvision residual blocks to zero; "
+                        f"it applies to {', '.join(f + '*' for f in ZERO_INIT_RESIDUAL_FAMILIES)}")
     return problems
+
+
+ZERO_INIT_RESIDUAL_FAMILIES = ("resnet", "resnext", "wide_resnet")
+"""torchvision families built of BasicBlock/Bottleneck, whose constructor takes zero_init_residual"""
 
 
 def _check_data(spec: JobSpec) -> list[str]:
@@ -465,6 +497,9 @@ def _check_data(spec: JobSpec) -> list[str]:
     names = [augmentation_entry(entry)[0] for entry in data.augment]
     if "random_resized_crop" in names and "random_crop" in names:
         problems.append("data.augment: choose one of random_resized_crop and random_crop")
+    if data.eval_resize is not None and data.eval_resize < data.image_size:
+        problems.append(f"data.eval_resize: {data.eval_resize} is smaller than data.image_size ({data.image_size}); "
+                        "the center crop of image_size is taken from the resized image")
     return problems
 
 

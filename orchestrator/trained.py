@@ -39,18 +39,22 @@ class Preprocess:
     """side of the square input, pixels"""
     mean: tuple[float, float, float]
     std: tuple[float, float, float]
+    resize: int | None = None
+    """short side resized to this before the center crop (data.eval_resize); None: to image_size"""
 
     def to_metadata(self) -> dict[str, str]:
-        return {"image_size": str(self.image_size), "mean": json.dumps(list(self.mean)), "std": json.dumps(list(self.std))}
+        return {"image_size": str(self.image_size), "mean": json.dumps(list(self.mean)), "std": json.dumps(list(self.std)),
+                "eval_resize": json.dumps(self.resize)}
 
     @classmethod
     def from_metadata(cls, meta: dict[str, str]) -> "Preprocess":
-        return cls(int(meta["image_size"]), tuple(json.loads(meta["mean"])), tuple(json.loads(meta["std"])))
+        return cls(int(meta["image_size"]), tuple(json.loads(meta["mean"])), tuple(json.loads(meta["std"])),
+                   json.loads(meta.get("eval_resize", "null")))
 
     def transform(self):
         from orchestrator.data.datasets import eval_transform
 
-        return eval_transform(self.image_size, self.mean, self.std)
+        return eval_transform(self.image_size, self.mean, self.std, self.resize)
 
 
 @dataclass
@@ -115,7 +119,7 @@ def _run_state_dict(folder: RunFolder, source: str) -> tuple[dict[str, torch.Ten
 
     data = folder.read_bytes(source)
     if source != WEIGHTS_FILE:
-        return ckpt.decode(data, f"{folder.uri}/{source}")["model"], None
+        return ckpt.evaluated_weights(ckpt.decode(data, f"{folder.uri}/{source}")), None
     try:
         state = load(data)
     except (SafetensorError, ValueError) as exc:
@@ -146,7 +150,7 @@ def load_run(folder: RunFolder) -> Trained:
     model = build_architecture(spec.model.arch, len(class_names), spec.data.image_size, spec.model.dropout)
     ckpt.load_model_state(model, state, f"{folder.uri}/{source}")
     model.eval()
-    preprocess = Preprocess(spec.data.image_size, tuple(spec.data.mean), tuple(spec.data.std))
+    preprocess = Preprocess(spec.data.image_size, tuple(spec.data.mean), tuple(spec.data.std), spec.data.eval_resize)
     return Trained(f"{folder.uri}/{source}", class_names, preprocess, torch_logits(model, spec.scaling.amp),
                    model, spec, folder)
 

@@ -91,10 +91,11 @@ def check_augmentation(entry, index: int) -> None:
         raise ValueError(f"entry {index} ({name}): {exc}") from None
 
 
-def eval_transform(image_size: int, mean, std) -> v2.Compose:
+def eval_transform(image_size: int, mean, std, resize: int | None = None) -> v2.Compose:
     """The evaluation transform of a run, from its data keys alone (what `predict` applies to a file):
-    uint8 CHW -> resize the short side to image_size, center crop, scale to [0, 1], normalise."""
-    return v2.Compose([v2.Resize(image_size, antialias=True), v2.CenterCrop(image_size),
+    uint8 CHW -> resize the short side to `resize` (data.eval_resize; default image_size), center crop
+    image_size, scale to [0, 1], normalise."""
+    return v2.Compose([v2.Resize(resize or image_size, antialias=True), v2.CenterCrop(image_size),
                        v2.ToDtype(torch.float32, scale=True), v2.Normalize(mean=list(mean), std=list(std))])
 
 
@@ -105,8 +106,8 @@ def build_transform(data: DataSpec, train: bool, pre_sized: bool) -> v2.Compose:
     random_resized_crop makes the size (or the images are already sized).
     """
     size = data.image_size
-    if not train and not pre_sized:
-        return eval_transform(size, data.mean, data.std)
+    if not train and (not pre_sized or data.eval_resize is not None):
+        return eval_transform(size, data.mean, data.std, data.eval_resize)
     entries = [augmentation_entry(entry) for entry in data.augment] if train else []
     steps: list[torch.nn.Module] = []
     if "random_resized_crop" not in [name for name, _ in entries] and not pre_sized:
@@ -215,12 +216,36 @@ class GlobalBatchSampler(torch.utils.data.Sampler):
                 yield from order[start:start + self.batch]
 
 
-def train_loader(dataset: Dataset, data: DataSpec, plan: Plan, rank: int, seed: int) -> DataLoader:
-    """This rank's micro-batches of the plan's global batches, reshuffled by `sampler.set_epoch`."""
+class MixBatches:
+    """collate_fn: stack a batch, then MixUp or CutMix it (torchvision v2; one of them per batch when both
+    are on). Labels become class probabilities (N, classes). Draws from torch's RNG, seeded per epoch."""
+
+    def __init__(self, data: DataSpec, num_classes: int):
+        mixers = []
+        if data.mixup_alpha > 0:
+            mixers.append(v2.MixUp(alpha=data.mixup_alpha, num_classes=num_classes))
+        if data.cutmix_alpha > 0:
+            mixers.append(v2.CutMix(alpha=data.cutmix_alpha, num_classes=num_classes))
+        self.mix = mixers[0] if len(mixers) == 1 else v2.RandomChoice(mixers)
+
+    def __call__(self, batch):
+        from torch.utils.data import default_collate
+
+        return self.mix(*default_collate(batch))
+
+
+def train_loader(dataset: Dataset, data: DataSpec, plan: Plan, rank: int, seed: int,
+                 num_classes: int | None = None) -> DataLoader:
+    """This rank's micro-batches of the plan's global batches, reshuffled by `sampler.set_epoch`; mixed
+    by MixUp/CutMix when data.mixup_alpha or data.cutmix_alpha is set (needs `num_classes`)."""
     sampler = GlobalBatchSampler(len(dataset), plan.per_worker_batch_size, plan.world_size, rank, plan.grad_accum_steps, seed)
     generator = torch.Generator().manual_seed(seed + rank)
+    mixing = data.mixup_alpha > 0 or data.cutmix_alpha > 0
+    if mixing and num_classes is None:
+        raise ValueError("train_loader: MixUp/CutMix need num_classes")
     return DataLoader(dataset, batch_size=plan.per_worker_batch_size, sampler=sampler, drop_last=True,
-                      num_workers=data.loader_workers, worker_init_fn=seed_worker, generator=generator)
+                      num_workers=data.loader_workers, worker_init_fn=seed_worker, generator=generator,
+                      collate_fn=MixBatches(data, num_classes) if mixing else None)
 
 
 def eval_loader(dataset: Dataset, data: DataSpec, batch_size: int, rank: int, world_size: int) -> DataLoader:

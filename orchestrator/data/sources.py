@@ -10,6 +10,7 @@ images per class. Missing folders and empty sources raise `DataError` naming the
 
 from __future__ import annotations
 
+import functools
 from collections.abc import Callable
 from dataclasses import dataclass, field
 from importlib import resources
@@ -93,10 +94,59 @@ def _digits(data: DataSpec, seed: int) -> tuple[list[str], dict[str, Split], lis
     return [str(i) for i in range(10)], splits, []
 
 
+GLYPHS = "ABCDEFGHJKLMNPQRSTUVWXYZ23456789"
+"""glyph classes, in label order: letters and digits that no rotation turns into one another (no I, O, 0, 1)"""
+
+
+def draw_glyph(char: str, size: int, rng: np.random.Generator) -> np.ndarray:
+    """(size, size, 3) uint8: `char` at a random size (35-75% of the side), angle (+-35 degrees), place and
+    colour over a random background with 3 clutter strokes, then gaussian pixel noise (sigma 20)."""
+    from PIL import Image, ImageDraw, ImageFont
+
+    canvas = 2 * size                                    # drawn at 2x, then downsampled: antialiased edges
+    background = tuple(int(v) for v in rng.integers(0, 256, 3))
+    image = Image.new("RGB", (canvas, canvas), background)
+    draw = ImageDraw.Draw(image)
+    for _ in range(3):
+        points = [tuple(int(v) for v in rng.integers(0, canvas, 2)) for _ in range(2)]
+        draw.line(points, fill=tuple(int(v) for v in rng.integers(0, 256, 3)), width=max(1, canvas // 24))
+    colour = tuple(int((b + 128 + v) % 256) for b, v in zip(background, rng.integers(-60, 60, 3)))   # contrasting
+    glyph = Image.new("L", (canvas, canvas), 0)
+    font = ImageFont.load_default(size=int(canvas * rng.uniform(0.35, 0.75)))
+    ImageDraw.Draw(glyph).text((canvas / 2, canvas / 2), char, fill=255, font=font, anchor="mm")
+    glyph = glyph.rotate(float(rng.uniform(-35, 35)), resample=Image.BILINEAR,
+                         translate=tuple(float(v) for v in rng.uniform(-canvas / 6, canvas / 6, 2)))
+    image.paste(Image.new("RGB", (canvas, canvas), colour), (0, 0), glyph)
+    pixels = np.asarray(image.resize((size, size), Image.BILINEAR), dtype=np.float32)
+    return np.clip(pixels + rng.normal(0, 20, pixels.shape), 0, 255).astype(np.uint8)
+
+
+@functools.lru_cache(maxsize=6)
+def _glyph_images(seed: int, split_index: int, count: int, num_classes: int, size: int) -> np.ndarray:
+    """The images of one glyph split (cached: a benchmark trains many runs on the same data in one process)."""
+    rng = np.random.default_rng([seed, split_index])
+    images = np.stack([draw_glyph(GLYPHS[label], size, rng) for label in np.arange(count) % num_classes])
+    images.setflags(write=False)
+    return images
+
+
+def _glyph_split(seed: int, split_index: int, count: int, num_classes: int, size: int) -> Split:
+    return Split("array", _glyph_images(seed, split_index, count, num_classes, size),
+                 np.arange(count, dtype=np.int64) % num_classes)
+
+
 def _synthetic(data: DataSpec, seed: int) -> tuple[list[str], dict[str, Split], list[str]]:
-    """Per-class random patterns plus noise: learnable, reproducible, any size."""
+    """`patterns`: per-class random patterns plus noise (learnable, reproducible, any size); `glyphs`: a
+    drawn character per class (`draw_glyph`), hard enough that a small model stays well under 100%."""
     syn, size = data.synthetic, data.image_size
     rng = np.random.default_rng(seed)
+    if syn.kind == "glyphs":
+        if syn.num_classes > len(GLYPHS):
+            raise DataError(f"data.synthetic.num_classes: glyphs has {len(GLYPHS)} classes at most ({GLYPHS})")
+        splits = {name: _glyph_split(seed, index, count, syn.num_classes, size)
+                  for index, (name, count) in enumerate((("train", syn.train_samples), ("val", syn.val_samples),
+                                                        ("test", syn.test_samples))) if count}
+        return list(GLYPHS[:syn.num_classes]), splits, []
     patterns = rng.integers(0, 256, (syn.num_classes, size, size, 3), dtype=np.uint8)
     splits = {}
     for name, count in (("train", syn.train_samples), ("val", syn.val_samples), ("test", syn.test_samples)):
