@@ -448,7 +448,7 @@ def cmd_bench(args) -> int:
     if args.what == "overhead":
         from orchestrator.bench.overhead import overhead
 
-        overhead(console, epochs=args.epochs, repeats=args.repeats)
+        overhead(console, epochs=args.epochs or 6, repeats=args.repeats)
     elif args.what == "reliability":
         from orchestrator.bench.reliability import reliability
 
@@ -457,6 +457,11 @@ def cmd_bench(args) -> int:
         from orchestrator.bench.sweep import sweep_bench
 
         sweep_bench(console)
+    elif args.what == "large-batch":
+        from orchestrator.bench.large_batch import EPOCHS, large_batch
+
+        large_batch(err_console if args.json else console, seeds=args.seeds, epochs=args.epochs or EPOCHS,
+                    as_json=args.json, plot=args.plot, images=args.images)
     return 0
 
 
@@ -529,12 +534,18 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--json", action="store_true", help='print [{"image", "top": [{"class", "prob"}]}]')
     p.set_defaults(func=cmd_predict)
     p = sub.add_parser("bench", help="benchmarks that print their figures as ratios to a baseline measured in the same run")
-    p.add_argument("what", choices=["overhead", "reliability", "sweep"],
+    p.add_argument("what", choices=["overhead", "reliability", "sweep", "large-batch"],
                    help="overhead: Ray Train and --local vs a plain PyTorch loop, per epoch and at start-up; "
                         "reliability: kill a worker mid-run R times, count completed runs, epochs lost or repeated; "
-                        "sweep: the same 16 configurations under ASHA and at full budget")
+                        "sweep: the same 16 configurations under ASHA and at full budget; "
+                        "large-batch: a miniature of Goyal et al.'s table, batch B0 to 64 x B0 with linear scaling, warmup, LARS")
     p.add_argument("--runs", type=int, default=3, help="reliability: runs with a killed worker")
-    p.add_argument("--epochs", type=int, default=6, help="epochs per measured run (the first is left out of the median)")
+    p.add_argument("--epochs", type=int, default=None, help="epochs per measured run (overhead: 6, the first left out "
+                                                                  "of the median; large-batch: 8)")
+    p.add_argument("--seeds", type=int, default=2, help="large-batch: seeds per row")
+    p.add_argument("--images", type=int, default=10_240, help="large-batch: training images (val a tenth, test a fifth)")
+    p.add_argument("--json", action="store_true", help='large-batch: print {"rows": [...]} (progress goes to stderr)')
+    p.add_argument("--plot", default="large_batch.png", help="large-batch: where to write the error-vs-batch PNG")
     p.add_argument("--repeats", type=int, default=2, help="start-up rounds, cold and warm (the best is kept)")
     p.set_defaults(func=cmd_bench)
     return parser

@@ -99,26 +99,26 @@ GLYPHS = "ABCDEFGHJKLMNPQRSTUVWXYZ23456789"
 
 
 def draw_glyph(char: str, size: int, rng: np.random.Generator) -> np.ndarray:
-    """(size, size, 3) uint8: `char` at a random size (35-75% of the side), angle (+-35 degrees), place and
-    colour over a random background with 3 clutter strokes, then gaussian pixel noise (sigma 20)."""
+    """(size, size, 3) uint8: `char` at a random size (50-90% of the side), angle (+-25 degrees), place and
+    colour (light on dark) over a random background with 2 thin clutter strokes, then gaussian pixel noise (sigma 12)."""
     from PIL import Image, ImageDraw, ImageFont
 
     canvas = 2 * size                                    # drawn at 2x, then downsampled: antialiased edges
-    background = tuple(int(v) for v in rng.integers(0, 256, 3))
+    background = tuple(int(v) for v in rng.integers(0, 110, 3))     # dark, any hue
     image = Image.new("RGB", (canvas, canvas), background)
     draw = ImageDraw.Draw(image)
-    for _ in range(3):
+    for _ in range(2):
         points = [tuple(int(v) for v in rng.integers(0, canvas, 2)) for _ in range(2)]
-        draw.line(points, fill=tuple(int(v) for v in rng.integers(0, 256, 3)), width=max(1, canvas // 24))
-    colour = tuple(int((b + 128 + v) % 256) for b, v in zip(background, rng.integers(-60, 60, 3)))   # contrasting
+        draw.line(points, fill=tuple(int(v) for v in rng.integers(40, 200, 3)), width=max(1, canvas // 32))
+    colour = tuple(int(v) for v in rng.integers(150, 256, 3))       # light, any hue
     glyph = Image.new("L", (canvas, canvas), 0)
-    font = ImageFont.load_default(size=int(canvas * rng.uniform(0.35, 0.75)))
+    font = ImageFont.load_default(size=int(canvas * rng.uniform(0.5, 0.9)))
     ImageDraw.Draw(glyph).text((canvas / 2, canvas / 2), char, fill=255, font=font, anchor="mm")
-    glyph = glyph.rotate(float(rng.uniform(-35, 35)), resample=Image.BILINEAR,
-                         translate=tuple(float(v) for v in rng.uniform(-canvas / 6, canvas / 6, 2)))
+    glyph = glyph.rotate(float(rng.uniform(-25, 25)), resample=Image.BILINEAR,
+                         translate=tuple(float(v) for v in rng.uniform(-canvas / 8, canvas / 8, 2)))
     image.paste(Image.new("RGB", (canvas, canvas), colour), (0, 0), glyph)
     pixels = np.asarray(image.resize((size, size), Image.BILINEAR), dtype=np.float32)
-    return np.clip(pixels + rng.normal(0, 20, pixels.shape), 0, 255).astype(np.uint8)
+    return np.clip(pixels + rng.normal(0, 12, pixels.shape), 0, 255).astype(np.uint8)
 
 
 @functools.lru_cache(maxsize=6)
