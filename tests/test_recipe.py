@@ -207,3 +207,30 @@ def test_glyphs_are_seeded_sized_and_labelled():
     assert np.bincount(first.train.labels).tolist() == [10] * 5
     with pytest.raises(Exception, match="glyphs has 32 classes at most"):
         load_splits(DataSpec(source="synthetic", synthetic={"kind": "glyphs", "num_classes": 40}), 0)
+
+
+# bench large-batch: its rows and its --json contract (tiny: 1 epoch of 1,024 images, one seed)
+
+def test_the_large_batch_table_has_the_papers_rows():
+    from orchestrator.bench.large_batch import B0, configs, job
+
+    rows = [(c.global_batch_size, c.warmup_epochs > 0, c.optimizer) for c in configs()]
+    assert rows == [(B0, False, "sgd"), (4 * B0, True, "sgd"), (16 * B0, True, "sgd"), (64 * B0, True, "sgd"),
+                    (64 * B0, False, "sgd"), (64 * B0, True, "lars")]
+    for config in configs():
+        spec = validate_spec(job(config, 0, "/tmp/x"))
+        plan = make_plan(spec, spec.data.synthetic.train_samples, 1)
+        assert plan.global_batch_size == config.global_batch_size
+        assert plan.scaled_lr == pytest.approx(0.4 * config.global_batch_size / 256)     # linear scaling
+        assert plan.steps_per_epoch >= 10                                                # >= 10 steps at 64 x B0
+
+
+@pytest.mark.slow
+def test_bench_large_batch_json(tmp_path, capsys):
+    assert main(["bench", "large-batch", "--json", "--seeds", "1", "--epochs", "1", "--images", "1024",
+                 "--plot", str(tmp_path / "lb.png")]) == 0
+    rows = json.loads(capsys.readouterr().out)["rows"]
+    assert len(rows) == 6 and (tmp_path / "lb.png").is_file()
+    assert {"global_batch_size", "scaled_lr", "warmup_epochs", "optimizer", "test_acc1"} <= set(rows[0])
+    assert [r["optimizer"] for r in rows] == ["sgd"] * 5 + ["lars"]
+    assert all(r["test_acc1"] is not None and 0 <= r["test_acc1"] <= 1 for r in rows)

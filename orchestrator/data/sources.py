@@ -125,9 +125,7 @@ def draw_glyph(char: str, size: int, rng: np.random.Generator) -> np.ndarray:
 def _glyph_images(seed: int, split_index: int, count: int, num_classes: int, size: int) -> np.ndarray:
     """The images of one glyph split (cached: a benchmark trains many runs on the same data in one process)."""
     rng = np.random.default_rng([seed, split_index])
-    images = np.stack([draw_glyph(GLYPHS[label], size, rng) for label in np.arange(count) % num_classes])
-    images.setflags(write=False)
-    return images
+    return np.stack([draw_glyph(GLYPHS[label], size, rng) for label in np.arange(count) % num_classes])
 
 
 def _glyph_split(seed: int, split_index: int, count: int, num_classes: int, size: int) -> Split:
