@@ -113,7 +113,8 @@ def fit(spec: JobSpec, plan: Plan, env: WorkerEnv) -> dict:
     if len(splits.train) != plan.num_train_samples:
         raise PlanError(f"data: the workers read {len(splits.train)} training images, the plan was made for "
                         f"{plan.num_train_samples}; set data.num_train_samples: {len(splits.train)} (or drop it)")
-    built = build_model(spec.model, resolve_num_classes(spec, splits), spec.data.image_size, splits.class_names)
+    num_classes = resolve_num_classes(spec, splits)
+    built = build_model(spec.model, num_classes, spec.data.image_size, splits.class_names)
     _announce(env, splits, built, spec)
     resume_point, skipped = ckpt.find_resume_point(env.restore, folder)
     for line in skipped:
@@ -126,7 +127,7 @@ def fit(spec: JobSpec, plan: Plan, env: WorkerEnv) -> dict:
         run.state = ckpt.TrainingState.from_payload(payload)
     trainee = _make_trainee(run, built, payload)
     loaders = (train_loader(make_dataset(splits.train, spec.data, True, "train"), spec.data, plan, env.rank, spec.seed,
-                            splits.num_classes),
+                            num_classes),
                eval_loader(make_dataset(splits.val, spec.data, False, "val"), spec.data, EVAL_BATCH_SIZE, env.rank,
                            env.world_size))
     _start(run, resume_point)

@@ -110,7 +110,9 @@ def _without(key: str, prefix: str) -> str:
 def state_dict_of(payload, where: str) -> dict[str, torch.Tensor]:
     """The tensors of a loaded payload: a state_dict, one of our checkpoints, or {'state_dict': ...}."""
     if isinstance(payload, dict) and isinstance(payload.get("model"), dict):
-        payload = payload["model"]  # one of our checkpoints
+        from orchestrator.checkpoint import evaluated_weights
+
+        payload = evaluated_weights(payload)  # one of our checkpoints: the weights it evaluated (its EMA, when kept)
     elif isinstance(payload, dict) and isinstance(payload.get("state_dict"), dict):
         payload = payload["state_dict"]
     if not isinstance(payload, dict) or not all(isinstance(v, torch.Tensor) for v in payload.values()):
