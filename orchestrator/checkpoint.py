@@ -1,8 +1,9 @@
 """The checkpoint: its schema, writing it, finding the one to resume from and restoring from it.
 
 A checkpoint is one versioned dict, serialised with torch.save and read with weights_only=True.
-Keys: version, model (unwrapped from DDP, CPU tensors), ema (AveragedModel's state dict, or None), optimizer, optimizer_name (the name of
-the optimizer in use: SWATS changes it), swats, scaler, epoch (the last finished epoch, 0-based),
+Keys: version, model (unwrapped from DDP, CPU tensors), ema (AveragedModel's state dict, or None),
+optimizer, optimizer_name (the name of the optimizer in use: SWATS changes it), swats, scaler,
+epoch (the last finished epoch, 0-based),
 step (optimizer steps done), metric_history (for plateau), best, rows (the metric rows so far),
 wall_s (seconds of training so far), rng (states of torch, numpy and random on rank 0), spec, plan.
 `encode` writes them and `TrainingState.from_payload` / `restore_trainee` read them: nowhere else.

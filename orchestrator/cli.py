@@ -458,8 +458,12 @@ def cmd_bench(args) -> int:
 
         sweep_bench(console)
     elif args.what == "large-batch":
-        from orchestrator.bench.large_batch import EPOCHS, large_batch
+        from orchestrator.bench.large_batch import EPOCHS, WARMUP_EPOCHS, large_batch
+        from orchestrator.spec import SpecError
 
+        if args.epochs is not None and args.epochs <= WARMUP_EPOCHS:
+            raise SpecError([f"--epochs: {args.epochs}; large-batch warms up over {WARMUP_EPOCHS:g} epoch(s), "
+                             f"so give at least {WARMUP_EPOCHS + 1:g}"])
         large_batch(err_console if args.json else console, seeds=args.seeds, epochs=args.epochs or EPOCHS,
                     as_json=args.json, plot=args.plot, images=args.images)
     return 0

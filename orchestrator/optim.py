@@ -5,7 +5,8 @@ optimizer is one entry here.
 Every torch param group carries `name`, `lr_mult` and `base_lr` (its peak LR); `apply_lr` writes
 `base_lr x multiplier` into each group before every step, so the LR lives in the schedule, not in
 hidden optimizer state. Norm-layer weights and biases (1-D tensors) get `norm_bias_weight_decay`.
-LARS and LAMB come from timm. SWATS (Keskar & Socher 2017): while Adam runs, `SwatsTracker` estimates the SGD learning rate from
+LARS and LAMB come from timm.
+SWATS (Keskar & Socher 2017): while Adam runs, `SwatsTracker` estimates the SGD learning rate from
 the projection of each Adam step on its gradient; `switch_to_sgd` swaps the optimizer.
 """
 

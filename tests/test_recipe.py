@@ -227,7 +227,9 @@ def test_the_large_batch_table_has_the_papers_rows():
 
 @pytest.mark.slow
 def test_bench_large_batch_json(tmp_path, capsys):
-    assert main(["bench", "large-batch", "--json", "--seeds", "1", "--epochs", "1", "--images", "1024",
+    assert main(["bench", "large-batch", "--epochs", "1"]) == 2        # shorter than its warmup: refused at once
+    assert "--epochs: 1" in capsys.readouterr().err
+    assert main(["bench", "large-batch", "--json", "--seeds", "1", "--epochs", "2", "--images", "1024",
                  "--plot", str(tmp_path / "lb.png")]) == 0
     rows = json.loads(capsys.readouterr().out)["rows"]
     assert len(rows) == 6 and (tmp_path / "lb.png").is_file()
