@@ -324,16 +324,24 @@ def _local_time(iso: str | None) -> str:
     return dt.datetime.fromisoformat(iso).astimezone().strftime("%Y-%m-%d %H:%M") if iso else "-"
 
 
+def write_local(path, data: bytes) -> None:
+    """write_atomic, with a failure as one line (StorageError, exit 1) instead of a traceback."""
+    from orchestrator.storage import StorageError, write_atomic
+
+    try:
+        write_atomic(path, data)
+    except OSError as exc:
+        raise StorageError(f"cannot write {path}: {exc.strerror or exc}") from None
+
+
 def write_outputs(folder, subdir: str, out: str | None, files: dict[str, bytes]) -> str:
     """Write each file into `out` (a local folder) or else into the run folder's `subdir`; returns where.
     Everything is in memory before the first write, and each file is written atomically."""
     from pathlib import Path
 
-    from orchestrator.storage import write_atomic
-
     if out:
         for name, data in files.items():
-            write_atomic(Path(out) / name, data)
+            write_local(Path(out) / name, data)
         return str(Path(out).resolve())
     for name, data in files.items():
         folder.write_bytes(f"{subdir}/{name}", data)
@@ -361,7 +369,7 @@ def cmd_export(args) -> int:
     from pathlib import Path
 
     from orchestrator.export import default_name, export_run
-    from orchestrator.storage import EXPORT_DIR, write_atomic
+    from orchestrator.storage import EXPORT_DIR
     from orchestrator.trained import TrainedError, load_trained
 
     trained = load_trained(args.run)
@@ -385,8 +393,9 @@ def cmd_export(args) -> int:
                       "(pip install 'orchestrator[export]')")
     name = default_name(trained, args.format, args.fold_bn)
     if args.out:
-        write_atomic(Path(args.out), result.data)
-        where = str(Path(args.out).resolve())
+        target = Path(args.out) / name if Path(args.out).is_dir() else Path(args.out)
+        write_local(target, result.data)
+        where = str(target.resolve())
     else:
         trained.folder.write_bytes(f"{EXPORT_DIR}/{name}", result.data)
         where = f"{trained.folder.uri}/{EXPORT_DIR}/{name}"
