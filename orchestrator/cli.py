@@ -406,12 +406,10 @@ def cmd_export(args) -> int:
 def cmd_evaluate(args) -> int:
     from orchestrator.evaluation import confusion_png, evaluate_split
     from orchestrator.storage import REPORT_DIR, strict_json
-    from orchestrator.trained import TrainedError, load_trained
+    from orchestrator.trained import load_trained
 
     trained = load_trained(args.run)
-    if trained.spec is None:
-        raise TrainedError(f"{args.run} is an exported file: evaluate needs a run folder (it reads the run's data)")
-    result = evaluate_split(trained, args.data, args.split)
+    result = evaluate_split(trained, args.data, args.split)   # an exported file: exit 2, it has no data to read
     png = confusion_png(result, trained.class_names, f"{trained.spec.name}: {result.split} split of {result.source}")
     where = write_outputs(trained.folder, REPORT_DIR, args.out, {f"confusion_{result.split}.png": png})
     if args.json:
