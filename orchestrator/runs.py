@@ -17,6 +17,7 @@ from dataclasses import asdict, dataclass
 import pyarrow.fs as pafs
 import yaml
 
+from orchestrator.metrics import improved
 from orchestrator.runlock import live_holder
 from orchestrator.storage import (LOCK_FILE, METRICS_FILE, SPEC_FILE, SUMMARY_FILE, SWEEP_RESULTS_FILE, SWEEP_STATE_FILE,
                                   SWEEP_TRIALS_DIR, RunFolder, StorageError, absolute_storage)
@@ -145,10 +146,11 @@ def trial_rows(sweep: RunFolder, trials: list[dict], metric: str, mode: str, epo
     """One row per trial of the sweep's record (sweep.json's trials), best first, from its run folder's metrics."""
     rows = []
     for trial in trials:
-        metrics = read_metrics(trial_folder(sweep, trial["id"]))
+        folder = trial_folder(sweep, trial["id"])
+        metrics = read_metrics(folder)
         scores = [m[metric] for m in metrics if m.get(metric) is not None]
         best = (max(scores) if mode == "max" else min(scores)) if scores else None
-        status = trial_status(trial_folder(sweep, trial["id"]), epochs, trial.get("status"), len(metrics))
+        status = trial_status(folder, epochs, trial.get("status"), len(metrics))
         rows.append(TrialRow(trial["id"], trial["values"], len(metrics), best, status))
     return sorted(rows, key=lambda r: (r.best is None, -(r.best or 0) if mode == "max" else (r.best or 0)))
 
@@ -227,8 +229,10 @@ def record_stop(folder: RunFolder, status: str, message: str, spec_before) -> bo
 def _write_stop(folder: RunFolder, status: str, message: str) -> None:
     rows = read_metrics(folder)
     spec = _spec_dict(folder)
-    scored = [r for r in rows if r.get("val_acc1") is not None]
-    best = max(scored, key=lambda r: r["val_acc1"]) if scored else None
+    best = None
+    for row in rows:   # the best epoch as training chooses it (metrics.improved: acc@1, then lower loss)
+        if row.get("val_acc1") is not None and improved(best, row):
+            best = row
     folder.write_json(SUMMARY_FILE, {
         "name": folder.name, "status": status, "message": message, "epochs_completed": len(rows),
         "epochs": (spec.get("schedule") or {}).get("epochs"), "wall_s": rows[-1]["wall_s"] if rows else None,
