@@ -4,7 +4,8 @@ The head is found without a per-family table: the model is built on the meta dev
 counts and the parameters whose shapes differ are the head (fc, classifier[-1], heads.head,
 squeezenet's conv, inception's AuxLogits.fc, googlenet's aux heads). Reading and matching
 pretrained weights is `weights.py`'s job; `build_model` puts the pieces together. `HEAD_INITS` is
-the registry of `model.head_init` values. Imports no Ray.
+the registry of `model.head_init` values (their names also in `catalog.HEAD_INIT_NAMES`, which the
+spec's validation reads). Imports no Ray.
 """
 
 from __future__ import annotations
@@ -144,7 +145,7 @@ HEAD_INITS: dict[str, Callable[[nn.Module], None] | None] = {
     "xavier_normal": lambda m: nn.init.xavier_normal_(m.weight),
     "xavier_uniform": lambda m: nn.init.xavier_uniform_(m.weight),
 }
-"""model.head_init -> the init of a new conv/linear weight; the spec's validation reads this"""
+"""model.head_init -> the init of a new conv/linear weight (names: catalog.HEAD_INIT_NAMES)"""
 
 
 def init_module(module: nn.Module, scheme: str) -> None:

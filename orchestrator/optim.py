@@ -1,7 +1,7 @@
 """Optimizers over the trainable parameters, grouped as the plan says, plus SWATS.
 
-`OPTIMIZERS` is the registry of `optim.name` values (the spec's validation reads it); adding an
-optimizer is one entry here.
+`OPTIMIZERS` is the registry of `optim.name` values; adding an optimizer is one entry here and its
+name in `catalog.OPTIMIZER_NAMES`, which the spec's validation reads (a test holds them equal).
 Every torch param group carries `name`, `lr_mult` and `base_lr` (its peak LR); `apply_lr` writes
 `base_lr x multiplier` into each group before every step, so the LR lives in the schedule, not in
 hidden optimizer state. Norm-layer weights and biases (1-D tensors) get `norm_bias_weight_decay`.
@@ -33,8 +33,8 @@ OPTIMIZERS: dict[str, Callable[[list[dict], OptimSpec], torch.optim.Optimizer]] 
                                                       trust_coeff=o.trust_coeff),
     "lamb": lambda groups, o: _timm_optimizer("Lamb")(groups, lr=0.0, betas=o.betas, eps=o.eps, max_grad_norm=None),
 }
-"""optim.name -> builder(torch param groups carrying lr and weight_decay, optim spec); the spec's
-validation reads this"""
+"""optim.name -> builder(torch param groups carrying lr and weight_decay, optim spec); names:
+catalog.OPTIMIZER_NAMES"""
 
 
 def _timm_optimizer(name: str) -> type[torch.optim.Optimizer]:

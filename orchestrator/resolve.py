@@ -16,7 +16,7 @@ from orchestrator.models import (build_on_meta, check_input_size, freeze_targets
                                  unfreeze_steps)
 from orchestrator.optim import param_group_sizes
 from orchestrator.plan import GroupSize, Plan, PlanGroup, make_plan
-from orchestrator.spec import JobSpec
+from orchestrator.spec import JobSpec, check_transforms
 
 
 @dataclass
@@ -49,6 +49,7 @@ def count_group_sizes(spec: JobSpec, groups: list[PlanGroup], num_classes: int) 
 
 def resolve_plan(spec: JobSpec, world_size: int, splits: Splits | None = None) -> Resolved:
     """The plan for this spec at this world size, from the data or, when it is out of reach, the spec."""
+    check_transforms(spec)
     stand_ins = spec.data.num_train_samples is not None and spec.model.num_classes != "auto"
     if splits is None:
         try:

@@ -92,7 +92,7 @@ class DataSpec(_Section):
     @field_validator("augment")
     @classmethod
     def _known_augmentations(cls, entries: list) -> list:
-        from orchestrator.data.datasets import check_augmentation
+        from orchestrator.data.augment import check_augmentation
 
         for index, entry in enumerate(entries):
             check_augmentation(entry, index)
@@ -131,7 +131,7 @@ class ModelSpec(_Section):
     """null | DEFAULT | torchvision weight name | .pth/.pt/.safetensors file | run folder"""
     num_classes: int | Literal["auto"] = "auto"
     head_init: str = "kaiming_normal"
-    """init of new layers: a name of models.HEAD_INITS"""
+    """init of new layers: a name of models.HEAD_INITS (catalog.HEAD_INIT_NAMES)"""
     keep_head: bool = False
     """keep the source weights' classifier head (continue on the same classes); false: the head is new"""
     weights_prefix: str | None = None
@@ -155,11 +155,15 @@ class ModelSpec(_Section):
     """keep an exponential moving average of the weights (and BN statistics), updated every optimizer step;
     it is what is evaluated each epoch, checkpointed as best, tested and exported; None = off"""
 
-    _known_init = registered("head_init", "models", "HEAD_INITS")
+    _known_init = registered("head_init", "catalog", "HEAD_INIT_NAMES")
 
     @field_validator("arch")
     @classmethod
     def _known_arch(cls, arch: str) -> str:
+        from orchestrator.catalog import ARCH_NAMES
+
+        if arch in ARCH_NAMES:
+            return arch
         from orchestrator.models import classification_models
 
         names = classification_models()
@@ -195,7 +199,7 @@ class ParamGroupSpec(_Section):
 
 class OptimSpec(_Section):
     name: str = "sgd"
-    """a name of optim.OPTIMIZERS"""
+    """a name of optim.OPTIMIZERS (catalog.OPTIMIZER_NAMES)"""
     base_lr: float = Field(0.1, gt=0)
     """the LR at base_batch_size images per optimizer step"""
     base_batch_size: int = Field(256, ge=1)
@@ -216,7 +220,7 @@ class OptimSpec(_Section):
     trust_coeff: float = Field(0.001, gt=0)
     """lars: the trust coefficient eta of the layer-wise LR (You et al. 2017)"""
 
-    _known_optimizer = registered("name", "optim", "OPTIMIZERS")
+    _known_optimizer = registered("name", "catalog", "OPTIMIZER_NAMES")
 
 
 class ScheduleSpec(_Section):
@@ -492,7 +496,7 @@ def _check_data(spec: JobSpec) -> list[str]:
             problems.append(f"data.classes: synthetic labels are 0..{data.synthetic.num_classes - 1} (got {bad})")
     if data.classes is not None and len(set(data.classes)) < 2:
         problems.append("data.classes: keep at least two distinct classes")
-    from orchestrator.data.datasets import augmentation_entry
+    from orchestrator.data.augment import augmentation_entry
 
     names = [augmentation_entry(entry)[0] for entry in data.augment]
     if "random_resized_crop" in names and "random_crop" in names:
@@ -616,6 +620,20 @@ def check_references(spec: JobSpec) -> JobSpec:
         problem = weights_problem(spec.model.weights, spec.model.arch)
         if problem:
             raise SpecError([problem])
+    return spec
+
+
+def check_transforms(spec: JobSpec) -> JobSpec:
+    """The spec, or SpecError naming each data.augment entry whose transform refuses its values.
+
+    Builds each transform once (imports torchvision, ~3 s here): kept out of `validate_spec` so that
+    checking a job file stays light; `resolve_plan`, `validate` and `submit` run it.
+    """
+    from orchestrator.data.augment import check_augmentation_values
+
+    problems = check_augmentation_values(spec.data.augment)
+    if problems:
+        raise SpecError(problems)
     return spec
 
 

@@ -15,7 +15,7 @@ from orchestrator.cli import main
 from orchestrator.data.datasets import build_transform
 from orchestrator.models import FreezeError, ModelError, build_architecture, build_model, freeze_targets, head_module_names
 from orchestrator.schedule import lr_multiplier
-from orchestrator.spec import DataSpec, ModelSpec, ScheduleSpec, SpecError, validate_spec
+from orchestrator.spec import DataSpec, ModelSpec, ScheduleSpec, SpecError, check_transforms, validate_spec
 from orchestrator.weights import WeightsError
 
 from conftest import tiny_job
@@ -315,5 +315,6 @@ def test_the_standard_policies_run(policy):
     ("flip_h", "unknown augmentation 'flip_h'"),
 ])
 def test_bad_augmentation_entries_name_the_entry(entry, expected):
+    """Names and argument names when the job file is read; values once each transform is built (check_transforms)."""
     with pytest.raises(SpecError, match=f"data.augment: {expected}"):
-        validate_spec({"data": {"augment": [entry]}})
+        check_transforms(validate_spec({"data": {"augment": [entry]}}))

@@ -147,3 +147,27 @@ def test_local_paths_become_absolute_for_the_workers(tmp_path, monkeypatch):
     assert resolved.run.storage == str(tmp_path / "runs")
     assert with_absolute_paths(validate_spec({"model": {"weights": "IMAGENET1K_V1"}, "run": {"storage": "s3://b/runs"}})).model.weights == "IMAGENET1K_V1"
     assert with_absolute_paths(validate_spec({"run": {"storage": "s3://b/runs"}})).run.storage == "s3://b/runs"
+
+
+def test_the_catalog_names_what_the_registries_build():
+    """The spec validates names from catalog.py (no torch); the registries that build them hold the same names."""
+    from orchestrator import catalog, models, optim
+
+    assert set(catalog.HEAD_INIT_NAMES) == set(models.HEAD_INITS)
+    assert set(catalog.OPTIMIZER_NAMES) == set(optim.OPTIMIZERS)
+    assert set(catalog.ARCH_NAMES) <= set(models.classification_models())
+
+
+def test_reading_a_job_file_imports_no_torch():
+    """Every command reads its job file first; `train` then imports torch while Ray starts, not before it."""
+    import subprocess
+    import sys
+
+    from conftest import REPO
+
+    code = ("import sys; import orchestrator.cli; from orchestrator.spec import load_spec; "
+            "load_spec('jobs/quickstart.yaml', ['data.augment=[hflip, {name: color_jitter, brightness: 0.2}]']); "
+            "print('torch' in sys.modules, 'torchvision' in sys.modules, 'ray' in sys.modules)")
+    done = subprocess.run([sys.executable, "-c", code], cwd=REPO, capture_output=True, text=True, timeout=120)
+    assert done.returncode == 0, done.stderr[-2000:]
+    assert done.stdout.strip().splitlines()[-1] == "False False False"

@@ -1,7 +1,7 @@
 """Datasets, augmentation presets and seeded loaders over the splits of `data.sources`.
 
 Images become uint8 CHW tensors, pass the augmentations named in `data.augment` (training only;
-`AUGMENTATIONS` is their registry, read by the spec's validation),
+`data.augment`'s registry, torch-free for the spec's validation),
 then are resized to `image_size`, scaled to [0, 1] and normalised. In-memory sources are resized
 once up front. An image that cannot be decoded raises `ImageReadError` with its path.
 Loaders shard by rank: training with `GlobalBatchSampler` (every optimizer step sees the plan's
@@ -11,10 +11,8 @@ global batch, the same images at any world size; set_epoch reshuffles), evaluati
 
 from __future__ import annotations
 
-import inspect
 import io
 import random
-from collections.abc import Callable
 
 import numpy as np
 import torch
@@ -23,7 +21,8 @@ from torchvision.transforms import v2
 
 from orchestrator.data.sources import Split
 from orchestrator.plan import Plan
-from orchestrator.spec import DataSpec, did_you_mean, one_of
+from orchestrator.data.augment import AUGMENTATIONS, FLOAT_ONLY, augmentation_entry
+from orchestrator.spec import DataSpec
 
 
 class ImageReadError(Exception):
@@ -38,57 +37,6 @@ class RandomRotate90(torch.nn.Module):
 
     def __repr__(self) -> str:
         return "RandomRotate90()"
-
-
-AUGMENTATIONS: dict[str, Callable[..., torch.nn.Module]] = {
-    "hflip": lambda size, p=0.5: v2.RandomHorizontalFlip(p),
-    "vflip": lambda size, p=0.5: v2.RandomVerticalFlip(p),
-    "rotate90": lambda size: RandomRotate90(),
-    "rotate": lambda size, degrees=15: v2.RandomRotation(degrees),
-    "color_jitter": lambda size, brightness=0.4, contrast=0.4, saturation=0.4, hue=0.0: v2.ColorJitter(
-        brightness=brightness, contrast=contrast, saturation=saturation, hue=hue),
-    "random_resized_crop": lambda size, scale=(0.35, 1.0), ratio=(3 / 4, 4 / 3): v2.RandomResizedCrop(
-        size, scale=tuple(scale), ratio=tuple(ratio), antialias=True),
-    "random_crop": lambda size, padding=None: v2.RandomCrop(size, padding=max(1, size // 8) if padding is None else padding),
-    "blur": lambda size, kernel_size=3, sigma=(0.1, 1.5), p=0.5: v2.RandomApply(
-        [v2.GaussianBlur(kernel_size=kernel_size, sigma=tuple(sigma))], p=p),
-    "gaussian_noise": lambda size, sigma=0.05: v2.GaussianNoise(mean=0.0, sigma=sigma),
-    "random_erasing": lambda size, p=0.5, scale=(0.02, 0.33): v2.RandomErasing(p=p, scale=tuple(scale)),
-    "randaugment": lambda size, num_ops=2, magnitude=9: v2.RandAugment(num_ops=num_ops, magnitude=magnitude),
-    "trivialaugment": lambda size: v2.TrivialAugmentWide(),
-    "autoaugment": lambda size, policy="imagenet": v2.AutoAugment(v2.AutoAugmentPolicy[policy.upper()]),
-}
-"""data.augment names -> builder(image_size, **the entry's arguments); the spec's validation reads this"""
-FLOAT_ONLY = ("gaussian_noise",)
-"""augmentations of float images: the conversion to float moves before the first of them"""
-
-
-def augmentation_entry(entry: str | dict) -> tuple[str, dict]:
-    """(name, arguments) of a data.augment entry: a name, or a mapping with `name` and the arguments."""
-    if isinstance(entry, str):
-        return entry, {}
-    arguments = dict(entry)
-    return arguments.pop("name", None), arguments
-
-
-def check_augmentation(entry, index: int) -> None:
-    """ValueError saying what is wrong with data.augment entry `index`: not a name or mapping, an unknown
-    name, or arguments its builder does not take (it is built once, at 32 px, to find out)."""
-    if not isinstance(entry, (str, dict)):
-        raise ValueError(f"entry {index} must be a name or a mapping with a name (got {entry!r})")
-    name, arguments = augmentation_entry(entry)
-    if not isinstance(name, str):
-        raise ValueError(f"entry {index} has no name (e.g. {{name: color_jitter, brightness: 0.2}})")
-    one_of(name, list(AUGMENTATIONS), "augmentation")
-    takes = [p for p in inspect.signature(AUGMENTATIONS[name]).parameters if p != "size"]
-    unknown = [key for key in arguments if key not in takes]
-    if unknown:
-        raise ValueError(f"entry {index} ({name}): takes no {', '.join(map(repr, unknown))}"
-                         f"{did_you_mean(unknown[0], takes)}; its arguments: {', '.join(takes) or 'none'}")
-    try:
-        AUGMENTATIONS[name](32, **arguments)
-    except (TypeError, ValueError, KeyError) as exc:
-        raise ValueError(f"entry {index} ({name}): {exc}") from None
 
 
 def eval_transform(image_size: int, mean, std, resize: int | None = None) -> v2.Compose:
