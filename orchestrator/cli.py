@@ -1,5 +1,5 @@
 """The `orchestrator` command line: validate, plan, train, sweep, submit, jobs, runs, report, export,
-evaluate, predict, bench.
+evaluate, predict, find-lr, up, down, bench.
 
 Every user error (bad job file, missing data, weights that do not fit) exits with code 2 and one
 line per problem, never a traceback.
@@ -28,6 +28,8 @@ def _user_error_types() -> tuple[type[BaseException], ...]:
     """Exit-2 errors: fit.FINAL_ERRORS (the job, data, weights, checkpoints: the same list the Ray
     workers do not retry) and what only the driver raises (the spec, the run folder, the cluster)."""
     from orchestrator.fit import FINAL_ERRORS
+    from orchestrator.local_cluster import ClusterError
+    from orchestrator.lr_range import RangeTestError
     from orchestrator.runlock import RunLocked
     from orchestrator.runs import RunsError
     from orchestrator.spec import SpecError
@@ -36,7 +38,7 @@ def _user_error_types() -> tuple[type[BaseException], ...]:
     from orchestrator.trained import TrainedError
 
     return (*FINAL_ERRORS, SpecError, SubmitError, SubmitUsageError, RunLocked, RunFolderUnusable, TrainedError,
-            RunsError)
+            RunsError, RangeTestError, ClusterError)
 
 
 def _report_user_error(exc: BaseException) -> int:
@@ -47,9 +49,9 @@ def _report_user_error(exc: BaseException) -> int:
 
 
 def cmd_validate(args) -> int:
-    from orchestrator.spec import check_references, load_spec
+    from orchestrator.spec import check_references, check_transforms, load_spec
 
-    spec = check_references(load_spec(args.job, args.set))
+    spec = check_transforms(check_references(load_spec(args.job, args.set)))
     console.print(f"{args.job}: ok (name {spec.name}, {spec.model.arch}, {spec.optim.name}, "
                   f"{spec.schedule.name} over {spec.schedule.epochs} epochs)")
     return 0
@@ -136,32 +138,40 @@ def hold_run_folder(spec, command: str):
 
 
 def cmd_train(args) -> int:
-    from orchestrator.resolve import resolve_plan
     from orchestrator.spec import check_references, load_spec, with_absolute_paths
 
     spec = with_absolute_paths(check_references(load_spec(args.job, args.set)))
     if not args.local:
+        from orchestrator.local_cluster import resolve_address
         from orchestrator.submit import check_cluster_address
 
+        args.address = resolve_address(args.address)
         check_cluster_address(args.address, args.insecure)
     from orchestrator.runs import spec_written_at
 
     lock = hold_run_folder(spec, "orchestrator train")
     spec_before = spec_written_at(lock.folder)
     try:
+        # torch and torchvision (~3 s) are imported here, before Ray starts: a driver run as a Ray job loses
+        # its working directory when ray.init registers the job (Ray extracts the job's working_dir again),
+        # and torch's import resolves paths against it.
+        from orchestrator.resolve import resolve_plan
+
         if args.local:
             resolved = resolve_plan(spec, 1)
         else:
-            # Planning (torch and torchvision imports, reading the data) overlaps Ray's start-up,
-            # which must run on the main thread; the plan is still printed before any worker starts.
+            # Planning (reading the data, the model on the meta device) overlaps Ray's start-up, which
+            # must run on the main thread; the plan is still printed before any worker starts.
             from orchestrator.session import start_ray_for
 
             with ThreadPoolExecutor(max_workers=1) as pool:
                 planning = pool.submit(resolve_plan, spec, spec.scaling.num_workers)
+                if args.address:
+                    console.print(f"[dim]joining the Ray cluster at {escape(args.address)}[/dim]")
                 start_ray_for(spec, args.address, args.verbose)
                 resolved = planning.result()
         console.print(plan_table(resolved.plan, resolved.num_classes, spec))
-        return _train_planned(args, spec, resolved.plan)
+        return _train_planned(args, spec, resolved)
     except BaseException as exc:
         _record_stop(lock.folder, exc, spec_before)
         raise
@@ -182,14 +192,15 @@ def _record_stop(folder, exc: BaseException, spec_before) -> None:
         record_stop(folder, "failed", first_line, spec_before)
 
 
-def _train_planned(args, spec, plan) -> int:
+def _train_planned(args, spec, resolved) -> int:
     from orchestrator.launch import open_run, say_resume, train_local, train_on_ray
     from orchestrator.progress import summary_table
 
+    plan = resolved.plan
     start = open_run(spec)
     say_resume(console, start, plan.epochs)
     if args.local:
-        summary, first_step_s = train_local(spec, plan, console)
+        summary, first_step_s = train_local(spec, plan, console, resolved.splits)
     else:
         summary, first_step_s = train_on_ray(spec, plan, console)
     console.print(summary_table(summary))
@@ -215,8 +226,10 @@ def cmd_sweep(args) -> int:
     from orchestrator.search import validate_space
     from orchestrator.sweep import run_sweep
 
+    from orchestrator.local_cluster import resolve_address
     from orchestrator.submit import check_cluster_address
 
+    args.address = resolve_address(args.address)
     check_cluster_address(args.address, args.insecure)
     raw = apply_overrides(read_job_file(args.job), args.set)
     spec = with_absolute_paths(check_references(validate_spec(raw)))
@@ -236,9 +249,11 @@ def cmd_sweep(args) -> int:
 
 def cmd_submit(args) -> int:
     from orchestrator import submit
-    from orchestrator.spec import load_spec
+    from orchestrator.local_cluster import resolve_dashboard
+    from orchestrator.spec import check_transforms, load_spec
 
-    spec = load_spec(args.job, args.set)                    # a bad job file: exit 2, nothing sent
+    spec = check_transforms(load_spec(args.job, args.set))  # a bad job file: exit 2, nothing sent
+    args.address = resolve_dashboard(args.address)
     warning = submit.remote_storage_warning(spec)
     if warning:
         err_console.print(f"[yellow]warning:[/yellow] {escape(warning)}")
@@ -252,7 +267,9 @@ def cmd_submit(args) -> int:
 
 def cmd_jobs(args) -> int:
     from orchestrator import submit
+    from orchestrator.local_cluster import resolve_dashboard
 
+    args.address = resolve_dashboard(args.address)
     submit.check_transport(args.address, args.insecure)
     jobs = submit.client(args.address)
     if args.action == "list":
@@ -447,6 +464,65 @@ def cmd_predict(args) -> int:
     return 0
 
 
+def cmd_find_lr(args) -> int:
+    from pathlib import Path
+
+    from rich.progress import BarColumn, MofNCompleteColumn, Progress, TextColumn
+
+    from orchestrator.lr_range import range_plot, range_test, table_rows
+    from orchestrator.spec import check_references, load_spec
+    from orchestrator.storage import strict_json
+
+    spec = check_references(load_spec(args.job, args.set))
+    out = Path(args.out or f"find_lr_{spec.name}.png")
+    show = err_console if args.json else console
+    with Progress(TextColumn("LR range test"), BarColumn(), MofNCompleteColumn(), TextColumn("{task.description}"),
+                  console=show, transient=True) as bar:
+        task = bar.add_task("", total=args.steps)
+        test = range_test(spec, args.steps, args.start_lr, args.end_lr,
+                          on_step=lambda step, lr, loss: bar.update(task, completed=step + 1,
+                                                                     description=f"lr {lr:.3g} loss {loss:.4f}"))
+    write_local(out, range_plot(test, f"LR range test of {spec.name}"))
+    if args.json:
+        print(strict_json(test.to_json()))
+        err_console.print(f"wrote {out.resolve()}")
+        return 0
+    table = Table(title=f"LR range test of {spec.name}: global batch {test.global_batch_size} "
+                        f"({test.micro_batches_per_step} micro-batches of {spec.scaling.per_worker_batch_size} per step); {test.stopped}",
+                  title_justify="left")
+    for column in ("lr", "loss", "smoothed loss"):
+        table.add_column(column, justify="right")
+    for lr, loss, smoothed in table_rows(test):
+        table.add_row(f"{lr:.3g}", f"{loss:.4f}", f"{smoothed:.4f}")
+    console.print(table)
+    console.print(f"smoothed loss lowest at lr {test.min_loss_lr:.3g}; suggested lr {test.suggested_lr:.3g} at global batch "
+                  f"{test.global_batch_size} = base_lr {test.suggested_base_lr:.3g} at base_batch_size "
+                  f"{test.base_batch_size} ({test.lr_scaling} scaling; the job has {spec.optim.base_lr:g})")
+    console.print(f"wrote {out.resolve()}")
+    console.print(f"use it: orchestrator train {args.job} --set optim.base_lr={test.suggested_base_lr:.3g}")
+    return 0
+
+
+def cmd_up(args) -> int:
+    from orchestrator.local_cluster import up
+
+    console.print("starting a local Ray cluster (ray start --head, token auth, loopback only) ...")
+    info, started = up(args.workers, args.cpus, args.port, args.dashboard_port)
+    nodes = f"head + {info.workers} worker node(s)" if info.workers else "one node"
+    console.print(f"{'up' if started else 'already up'}: {nodes}, {info.cpus} CPUs; GCS {info.address}, "
+                  f"dashboard and Jobs API {info.dashboard}; Ray's files in {info.folder}")
+    console.print("use it: orchestrator train JOB --address auto  (also sweep, submit, jobs); stop it: orchestrator down")
+    return 0
+
+
+def cmd_down(args) -> int:
+    from orchestrator.local_cluster import down
+
+    folder, stopped = down()
+    console.print(f"stopped the cluster under {folder} ({stopped} processes)" if stopped else f"no cluster running under {folder}")
+    return 0
+
+
 class SubmitUsageError(Exception):
     """A jobs command used wrongly."""
 
@@ -462,8 +538,20 @@ def cmd_bench(args) -> int:
         reliability(console, runs=args.runs)
     elif args.what == "sweep":
         from orchestrator.bench.sweep import sweep_bench
+        from orchestrator.storage import strict_json
 
-        sweep_bench(console)
+        figures = sweep_bench(err_console if args.json else console)
+        if args.json:
+            print(strict_json({key: figures[key] for key in ("epochs_ratio", "wall_ratio", "best_gap_points")}))
+    elif args.what == "startup":
+        from orchestrator.bench.startup import KEYS, print_startup, startup
+        from orchestrator.storage import strict_json
+
+        figures = startup(err_console if args.json else console, repeats=args.repeats)
+        if args.json:
+            print(strict_json({key: figures[key] for key in KEYS}))
+        else:
+            print_startup(console, figures)
     elif args.what == "large-batch":
         from orchestrator.bench.large_batch import EPOCHS, WARMUP_EPOCHS, large_batch
         from orchestrator.spec import SpecError
@@ -495,25 +583,26 @@ def build_parser() -> argparse.ArgumentParser:
     p.set_defaults(func=cmd_plan)
     p = job_command("train", "train the job: Ray Train DDP workers, or --local in this process")
     p.add_argument("--local", action="store_true", help="run the same loop in this process (world size 1, no Ray)")
-    p.add_argument("--address", help="Ray cluster to run on (e.g. auto, ray://HOST:10001); default: start a local Ray")
+    p.add_argument("--address", help="Ray cluster to run on: auto (the cluster `orchestrator up` started, else Ray's auto), "
+                                     "HOST:PORT, ray://HOST:10001; default: start a local Ray")
     p.add_argument("--verbose", action="store_true", help="show Ray's own logs instead of writing them to the run folder")
     p.add_argument("--insecure", action="store_true", help="allow plain http (or, with a token, Ray's gRPC without TLS) to another machine; says what it risks")
     p.set_defaults(func=cmd_train)
     p = job_command("sweep", "ASHA sweep over the job's sweep.space with Ray Tune; leaderboard, results.parquet, best.yaml")
     p.add_argument("--resume", action="store_true", help="continue an interrupted sweep of the same name")
-    p.add_argument("--address", help="Ray cluster to run on; default: start a local Ray")
+    p.add_argument("--address", help="Ray cluster to run on (auto: the one `orchestrator up` started); default: start a local Ray")
     p.add_argument("--verbose", action="store_true", help="show Ray's own logs")
     p.add_argument("--insecure", action="store_true", help="allow plain http (or, with a token, Ray's gRPC without TLS) to another machine; says what it risks")
     p.set_defaults(func=cmd_sweep)
     p = job_command("submit", "validate the job here, then run it on a Ray cluster through the Jobs API")
-    p.add_argument("--address", required=True, help="the cluster's dashboard, e.g. http://127.0.0.1:8265")
+    p.add_argument("--address", required=True, help="the cluster's dashboard, e.g. http://127.0.0.1:8265 (auto: `orchestrator up`'s)")
     p.add_argument("--follow", action="store_true", help="stream the logs; exit 0 only if the job succeeds")
     p.add_argument("--insecure", action="store_true", help="allow plain http (or, with a token, Ray's gRPC without TLS) to another machine; says what it risks")
     p.set_defaults(func=cmd_submit)
     p = sub.add_parser("jobs", help="list, inspect, follow or stop jobs on a Ray cluster")
     p.add_argument("action", choices=["list", "status", "logs", "stop"])
     p.add_argument("job_id", nargs="?", help="job id (status, logs, stop)")
-    p.add_argument("--address", required=True, help="the cluster's dashboard, e.g. http://127.0.0.1:8265")
+    p.add_argument("--address", required=True, help="the cluster's dashboard, e.g. http://127.0.0.1:8265 (auto: `orchestrator up`'s)")
     p.add_argument("--follow", action="store_true", help="logs: stream until the job ends")
     p.add_argument("--insecure", action="store_true", help="allow plain http (or, with a token, Ray's gRPC without TLS) to another machine; says what it risks")
     p.set_defaults(func=cmd_jobs)
@@ -544,20 +633,41 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--top-k", type=int, default=3, help="classes to show per image (default 3)")
     p.add_argument("--json", action="store_true", help='print [{"image", "top": [{"class", "prob"}]}]')
     p.set_defaults(func=cmd_predict)
+    p = sub.add_parser("up", help="start a warm local Ray cluster (token auth, loopback) for --address auto")
+    p.add_argument("--workers", type=int, default=0,
+                   help="worker nodes besides the head (default 0: one node does the work; N: a head with no CPUs + N nodes)")
+    p.add_argument("--cpus", type=int, default=None, help="CPUs for Ray to schedule, all nodes together (default: all)")
+    p.add_argument("--port", type=int, default=6380, help="GCS port on 127.0.0.1 (default 6380; a free one if taken)")
+    p.add_argument("--dashboard-port", type=int, default=8265, help="dashboard and Jobs API port (default 8265; a free one if taken)")
+    p.set_defaults(func=cmd_up)
+    p = sub.add_parser("down", help="stop the cluster `orchestrator up` started (nothing else)")
+    p.set_defaults(func=cmd_down)
+    p = job_command("find-lr", "LR range test on one process at the job's global batch; suggests optim.base_lr")
+    p.add_argument("--steps", type=int, default=100, help="optimizer steps of the exponential ramp (default 100)")
+    p.add_argument("--start-lr", type=float, default=1e-6, help="LR at the first step (default 1e-6)")
+    p.add_argument("--end-lr", type=float, default=10.0, help="LR at the last step (default 10)")
+    p.add_argument("--out", help="PNG to write (default ./find_lr_NAME.png)")
+    p.add_argument("--json", action="store_true",
+                   help='print {"suggested_lr", "suggested_base_lr", "min_loss_lr", "global_batch_size", ..., "points"}')
+    p.set_defaults(func=cmd_find_lr)
     p = sub.add_parser("bench", help="benchmarks that print their figures as ratios to a baseline measured in the same run")
-    p.add_argument("what", choices=["overhead", "reliability", "sweep", "large-batch"],
+    p.add_argument("what", choices=["overhead", "reliability", "sweep", "large-batch", "startup"],
                    help="overhead: Ray Train and --local vs a plain PyTorch loop, per epoch and at start-up; "
                         "reliability: kill a worker mid-run R times, count completed runs, epochs lost or repeated; "
                         "sweep: the same 16 configurations under ASHA and at full budget; "
-                        "large-batch: a miniature of Goyal et al.'s table, batch B0 to 64 x B0 with linear scaling, warmup, LARS")
+                        "large-batch: a miniature of Goyal et al.'s table, batch B0 to 64 x B0 with linear scaling, warmup, LARS; "
+                        "startup: seconds to the first step of a plain script, --local, and bare TorchTrainer vs ours on a new "
+                        "and on a warm Ray")
     p.add_argument("--runs", type=int, default=3, help="reliability: runs with a killed worker")
     p.add_argument("--epochs", type=int, default=None, help="epochs per measured run (overhead: 6, the first left out "
                                                                   "of the median; large-batch: 8)")
     p.add_argument("--seeds", type=int, default=2, help="large-batch: seeds per row")
     p.add_argument("--images", type=int, default=10_240, help="large-batch: training images (val a tenth, test a fifth)")
-    p.add_argument("--json", action="store_true", help='large-batch: print {"rows": [...]} (progress goes to stderr)')
+    p.add_argument("--json", action="store_true", help='print the figures as JSON (progress goes to stderr): large-batch '
+                   '{"rows": [...]}; startup {"plain_s", "local_s", "bare_fresh_s", "ours_fresh_s", "bare_warm_s", "ours_warm_s"}; '
+                   'sweep {"epochs_ratio", "wall_ratio", "best_gap_points"}')
     p.add_argument("--plot", default="large_batch.png", help="large-batch: where to write the error-vs-batch PNG")
-    p.add_argument("--repeats", type=int, default=2, help="start-up rounds, cold and warm (the best is kept)")
+    p.add_argument("--repeats", type=int, default=2, help="overhead, startup: start-up rounds, cold and warm (the best is kept)")
     p.set_defaults(func=cmd_bench)
     return parser
 

@@ -60,6 +60,9 @@ class WorkerEnv:
     """called on every rank after each optimizer step with the step number (fault injection)"""
     on_start: Callable[[], None] = lambda: None
     """called on every rank once the run is known to start (data, model, weights and checkpoint all loaded)"""
+    on_epoch_end: Callable[[dict], None] = lambda row: None
+    """called on every rank with the epoch's metric row once everything of the epoch is written (checkpoint,
+    metrics.parquet): a sweep trial reports to Tune here, where being stopped loses nothing"""
 
     def log(self, text: str) -> None:
         if self.rank == 0:
@@ -103,13 +106,15 @@ def seed_epoch(seed: int, epoch: int, rank: int) -> int:
     return value
 
 
-def fit(spec: JobSpec, plan: Plan, env: WorkerEnv) -> dict:
-    """Train per spec and plan; returns the summary (also written to summary.json by rank 0)."""
+def fit(spec: JobSpec, plan: Plan, env: WorkerEnv, splits: Splits | None = None) -> dict:
+    """Train per spec and plan; returns the summary (also written to summary.json by rank 0).
+
+    `splits`: the data as the driver read it for the plan (in-process runs), else read here."""
     folder = RunFolder(spec.run.storage, spec.name)
     if spec.run.deterministic:
         torch.use_deterministic_algorithms(True)
     torch.manual_seed(spec.seed)   # the same initial weights on every rank
-    splits = load_splits(spec.data, spec.seed)
+    splits = splits if splits is not None else load_splits(spec.data, spec.seed)
     if len(splits.train) != plan.num_train_samples:
         raise PlanError(f"data: the workers read {len(splits.train)} training images, the plan was made for "
                         f"{plan.num_train_samples}; set data.num_train_samples: {len(splits.train)} (or drop it)")
@@ -289,6 +294,7 @@ def _save_epoch(run: Run, trainee: Trainee, row: dict) -> None:
         run.folder.write_rows(METRICS_FILE, state.rows)
         run.events.epoch(row)
         env.emit(progress.EpochEnd(row, is_best))
+    env.on_epoch_end(row)
 
 
 def _finish(run: Run, splits: Splits, model: nn.Module, diverged: str | None) -> dict:

@@ -98,13 +98,14 @@ def local_env(spec: JobSpec, emit) -> WorkerEnv:
                      restore=lambda: None, emit=emit)
 
 
-def train_local(spec: JobSpec, plan: Plan, console: Console) -> tuple[dict, float | None]:
-    """`fit` in this process, world size 1: (summary, seconds from process start to the first step)."""
+def train_local(spec: JobSpec, plan: Plan, console: Console, splits=None) -> tuple[dict, float | None]:
+    """`fit` in this process, world size 1, on `splits` when the plan was made from them: (summary,
+    seconds from process start to the first step)."""
     from orchestrator.fit import fit
 
     try:
         with ProgressView(console) as view:
-            summary = fit(spec, plan, local_env(spec, view.handle))
+            summary = fit(spec, plan, local_env(spec, view.handle), splits)
     except KeyboardInterrupt:
         raise RunInterrupted(RunFolder(spec.run.storage, spec.name)) from None
     return summary, seconds_since_process_start(view.first_step_at)
@@ -189,7 +190,7 @@ def train_on_ray(spec: JobSpec, plan: Plan, console: Console) -> tuple[dict, flo
         raise RunInterrupted(folder) from None
     thread.join()
     if "error" in outcome:
-        from orchestrator.worker import worker_error
+        from orchestrator.failure_policy import worker_error
 
         raise worker_error(outcome["error"]) or outcome["error"]
     return view.summary or folder.read_json(SUMMARY_FILE), seconds_since_process_start(view.first_step_at)

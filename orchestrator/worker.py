@@ -8,10 +8,8 @@ to the driver through a `ray.util.queue.Queue`. `ORCHESTRATOR_FAULT_AT_STEP` (an
 after that optimizer step, to test recovery.
 
 `Trainer` is a TorchTrainer that does not retry `fit.FINAL_ERRORS` (a corrupt image, weights that do
-not fit: a retry gives the same error); other failures get `run.max_failures` restarts as before.
-Ray 2.60 has no public hook for this, so it passes its own failure policy to the controller through
-a private method; where that Ray internal is missing, it is a plain TorchTrainer (retries included).
-`worker_error(exc)` finds the worker's own exception in Ray's error, for the driver to show as one line.
+not fit: a retry gives the same error); other failures get `run.max_failures` restarts as before
+(the policy and why it lives apart: `failure_policy.py`).
 """
 
 from __future__ import annotations
@@ -24,39 +22,16 @@ from pathlib import Path
 import torch
 from ray.train.torch import TorchTrainer
 
-from orchestrator.fit import FINAL_ERRORS, WorkerEnv, fit
-from orchestrator.storage import StorageError
+from orchestrator.failure_policy import FinalErrorsPolicy
+from orchestrator.fit import WorkerEnv, fit
 from orchestrator.plan import Plan
 from orchestrator.spec import JobSpec
 from orchestrator.storage import CHECKPOINT_FILE, WORKERS_FILE, RunFolder, epoch_dir_name, write_atomic
 
-try:   # Ray internals: see the module docstring
-    from ray.train.v2._internal.execution.failure_handling import DefaultFailurePolicy, FailureDecision
-except ImportError:  # pragma: no cover - another Ray version
-    DefaultFailurePolicy = None
-
-
-def worker_error(exc: BaseException) -> BaseException | None:
-    """A worker's own exception inside Ray's WorkerGroupError when it is one of ours: the lowest rank's
-    of FINAL_ERRORS, else the lowest rank's StorageError, else None."""
-    failures = getattr(exc, "worker_failures", None) or {}
-    for kinds in (FINAL_ERRORS, StorageError):
-        ours = [failures[rank] for rank in sorted(failures) if isinstance(failures[rank], kinds)]
-        if ours:
-            return ours[0]
-    return None
-
-
-if DefaultFailurePolicy is not None:
-    class FinalErrorsPolicy(DefaultFailurePolicy):
-        """Ray's default policy, except that an error of the job, data or weights is raised at once."""
-
-        def make_decision(self, training_failed_error):
-            if isinstance(worker_error(training_failed_error), FINAL_ERRORS):
-                return FailureDecision.RAISE
-            return super().make_decision(training_failed_error)
-
+if FinalErrorsPolicy is not None:
     class Trainer(TorchTrainer):
+        """A TorchTrainer whose controller does not retry the job's own errors (see failure_policy)."""
+
         def _initialize_and_run_controller(self, **controller_init_kwargs):
             controller_init_kwargs["failure_policy"] = FinalErrorsPolicy(self.run_config.failure_config)
             return super()._initialize_and_run_controller(**controller_init_kwargs)

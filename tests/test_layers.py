@@ -8,13 +8,13 @@ import pytest
 PACKAGE = Path(__file__).resolve().parents[1] / "orchestrator"
 
 LAYERS = [
-    {"spec", "storage", "metrics"},                                           # the job and the run folder
+    {"spec", "catalog", "storage", "metrics"},                                # the job and the run folder
     {"runlock"},                                                              # one writer per run folder
     {"plan", "schedule", "search"},                                           # pure functions of the spec
     {"data", "weights", "models", "optim", "loop", "checkpoint", "progress", "eventlog"},  # torch, no Ray
-    {"resolve", "fit"},                                                       # the driver's plan, a worker's run
+    {"resolve", "fit", "lr_range"},                                           # the driver's plan, a worker's run, an LR probe
     {"runs", "trained", "evaluation", "export", "report"},                    # after training: read back, no Ray
-    {"session", "worker", "launch", "sweep", "submit"},                       # Ray glue
+    {"session", "failure_policy", "worker", "launch", "sweep", "submit", "local_cluster"},  # Ray glue
     {"cli", "bench"},                                                         # entry points
 ]
 CORE = set().union(*LAYERS[:4], LAYERS[5])

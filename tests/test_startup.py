@@ -1,0 +1,140 @@
+"""Issue 15: a warm local cluster (`up`/`down`, `--address auto`), the LR range test, what stays light."""
+
+import json
+import os
+import subprocess
+import sys
+import tempfile
+import time
+from pathlib import Path
+
+import pytest
+
+from orchestrator.cli import main
+from orchestrator.lr_range import base_lr_for, ramp_lr, smooth, smoothing_beta, suggest_index
+
+from conftest import REPO, tiny_job
+
+
+def lr_job(storage, name: str = "findlr") -> dict:
+    """`bench sweep`'s job: 5 digit classes, 40 images each, 16 px, ResNet-18, batch 32, 1 worker, 9 epochs cosine."""
+    from orchestrator.bench.sweep import sweep_bench_job
+
+    job = sweep_bench_job(str(storage), name, 9, 9)
+    job.pop("sweep")
+    return job
+
+
+GOOD_BASE_LR = (0.003, 0.1)
+"""base_lr (at base_batch_size 256) that trains lr_job to within 1.5 points of the best validation accuracy,
+as a grid sweep of it found (`orchestrator sweep`, optim.base_lr {grid: [0.0003, 0.001, 0.003, 0.01, 0.03,
+0.1, 0.3, 1, 3]}, no early stopping; best val_acc1 of each): 0.713 at 0.0003, 0.902 at 0.001, 0.972 at
+0.003, 0.986 at 0.01 (the best), 0.972 at 0.03 and at 0.1, then 0.874, 0.846, 0.594"""
+
+
+def test_ramp_smoothing_and_scaling_are_what_they_say():
+    assert ramp_lr(0, 100, 1e-6, 10) == pytest.approx(1e-6)
+    assert ramp_lr(99, 100, 1e-6, 10) == pytest.approx(10)
+    assert ramp_lr(33, 100, 1e-6, 10) / ramp_lr(32, 100, 1e-6, 10) == pytest.approx(1e7 ** (1 / 99))
+    assert smoothing_beta(100) == pytest.approx(0.9) and smoothing_beta(20) == pytest.approx(0.8)
+    assert smooth([2.0, 2.0, 2.0], 0.9) == pytest.approx([2.0, 2.0, 2.0])          # bias-corrected: no ramp-up from 0
+    assert suggest_index([9, 9, 9, 9, 9, 9, 5, 4, 6, 7, 8, 9]) == 7
+    assert suggest_index([0.1] + [9] * 5 + [5, 4, 6, 7, 8, 9]) == 7                  # the first steps do not count
+    assert base_lr_for(0.05, 64, 256, "linear") == pytest.approx(0.2)
+    assert base_lr_for(0.05, 64, 256, "sqrt") == pytest.approx(0.1)
+    assert base_lr_for(0.05, 64, 256, "none") == pytest.approx(0.05)
+
+
+def test_find_lr_suggests_a_base_lr_the_sweep_finds_good(tmp_path, write_job, capsys):
+    job = write_job(lr_job(tmp_path / "runs"))
+    out_png = tmp_path / "range.png"
+    assert main(["find-lr", str(job), "--json", "--out", str(out_png)]) == 0          # the default 100 steps
+    found = json.loads(capsys.readouterr().out)
+    assert set(found) >= {"suggested_lr", "suggested_base_lr", "min_loss_lr", "global_batch_size", "points"}
+    assert found["global_batch_size"] == 32
+    assert GOOD_BASE_LR[0] <= found["suggested_base_lr"] <= GOOD_BASE_LR[1], found["suggested_base_lr"]
+    assert found["suggested_base_lr"] == pytest.approx(found["suggested_lr"] * 256 / 32)
+    points = found["points"]
+    assert 20 <= len(points) <= 100 and points[0]["lr"] == pytest.approx(1e-6)
+    assert all(a["lr"] < b["lr"] for a, b in zip(points, points[1:]))
+    assert out_png.read_bytes()[:8] == b"\x89PNG\r\n\x1a\n"
+    assert not (tmp_path / "runs").exists()                     # a probe, not a run: nothing in run storage
+
+
+def test_find_lr_holds_the_global_batch_of_several_workers_by_accumulating(tmp_path, write_job, capsys):
+    job = lr_job(tmp_path / "runs")
+    job["scaling"].update(num_workers=4, per_worker_batch_size=8, grad_accum_steps=2)
+    path = write_job(job)
+    assert main(["find-lr", str(path), "--steps", "20", "--end-lr", "1", "--out", str(tmp_path / "r.png")]) == 0
+    out = capsys.readouterr().out
+    assert "global batch 64 (8 micro-batches of 8 per step)" in out
+    assert "--set optim.base_lr=" in out and "base_lr" in out
+
+
+@pytest.mark.parametrize("args, expected", [
+    (["--steps", "5"], "--steps: 5; the range test needs at least 20 steps"),
+    (["--start-lr", "1", "--end-lr", "0.1"], "need 0 < start < end"),
+])
+def test_find_lr_refuses_what_it_cannot_run(tmp_path, write_job, capsys, args, expected):
+    path = write_job(lr_job(tmp_path / "runs"))
+    assert main(["find-lr", str(path), *args, "--out", str(tmp_path / "r.png")]) == 2
+    assert expected in capsys.readouterr().err
+
+
+def test_find_lr_refuses_missing_data_and_a_model_with_nothing_to_train(tmp_path, write_job, capsys):
+    missing = write_job(lr_job(tmp_path / "runs") | {"data": {"source": f"imagefolder:{tmp_path / 'nope'}"}}, "missing.yaml")
+    assert main(["find-lr", str(missing)]) == 2
+    assert "does not exist" in capsys.readouterr().err
+    frozen = lr_job(tmp_path / "runs")
+    frozen["model"]["freeze"] = ["conv1", "bn1", "layer1", "layer2", "layer3", "layer4", "fc"]
+    assert main(["find-lr", str(write_job(frozen, "frozen.yaml"))]) == 2
+    assert "nothing would train" in capsys.readouterr().err
+
+
+def test_the_train_controller_unpickles_nothing_heavy():
+    """The failure policy goes to Ray Train's controller process: importing it must not import torch (~3 s there)."""
+    code = "import sys; import orchestrator.failure_policy; print('torch' in sys.modules, 'orchestrator.fit' in sys.modules)"
+    done = subprocess.run([sys.executable, "-c", code], cwd=REPO, capture_output=True, text=True, timeout=120)
+    assert done.returncode == 0 and done.stdout.split() == ["False", "False"], done.stderr[-2000:]
+
+
+def _cluster_processes(folder: Path) -> list[str]:
+    return subprocess.run(["pgrep", "-f", f"{folder}/session_"], capture_output=True, text=True).stdout.split()
+
+
+@pytest.mark.ray
+@pytest.mark.slow
+def test_up_then_train_with_address_auto_then_down(tmp_path, write_job):
+    folder = Path(tempfile.mkdtemp(prefix="oc-", dir="/tmp"))     # short: Ray's socket paths live under it
+    env = {**os.environ, "ORCHESTRATOR_CLUSTER_DIR": str(folder)}
+
+    def cli(*args, timeout=300):
+        return subprocess.run([sys.executable, "-m", "orchestrator.cli", *args], cwd=REPO, capture_output=True,
+                              text=True, env=env, timeout=timeout)
+
+    try:
+        up = cli("up", "--port", "0", "--dashboard-port", "0")
+        assert up.returncode == 0, up.stdout + up.stderr
+        info = json.loads((folder / "cluster.json").read_text())
+        assert info["address"].startswith("127.0.0.1:") and info["dashboard"].startswith("http://127.0.0.1:")
+        assert "up: one node" in up.stdout and "--address auto" in up.stdout
+        again = cli("up")
+        assert again.returncode == 0 and "already up" in again.stdout and json.loads((folder / "cluster.json").read_text()) == info
+
+        job = write_job(tiny_job(tmp_path / "runs", "warm", schedule={"epochs": 1, "warmup_epochs": 0}))
+        trained = cli("train", str(job), "--address", "auto", timeout=600)
+        assert trained.returncode == 0, trained.stdout[-3000:] + trained.stderr[-3000:]
+        assert f"joining the Ray cluster at {info['address']}" in trained.stdout
+        summary = json.loads((tmp_path / "runs" / "warm" / "summary.json").read_text())
+        assert summary["status"] == "completed" and summary["epochs_completed"] == 1
+        assert _cluster_processes(folder), "the cluster went down with the run"
+    finally:
+        down = cli("down")
+    assert down.returncode == 0 and "stopped the cluster" in down.stdout, down.stdout + down.stderr
+    time.sleep(1)
+    assert _cluster_processes(folder) == [] and not (folder / "cluster.json").exists()
+    port = info["address"].rsplit(":", 1)[1]                       # Ray Client's server does not name the folder
+    assert subprocess.run(["pgrep", "-f", f"ray.util.client.server --address=[0-9.]*:{port} "]).returncode == 1
+    assert "no cluster running" in cli("down").stdout
+    nothing = cli("submit", str(job), "--address", "auto")
+    assert nothing.returncode == 2 and "no cluster started by `orchestrator up` is running" in nothing.stderr
