@@ -1,11 +1,13 @@
-"""`orchestrator sweep`: ASHA over any job-file keys with Ray Tune, each trial a TorchTrainer run.
+"""`orchestrator sweep`: ASHA over any job-file keys with Ray Tune; a one-worker trial runs the loop in its
+own Tune actor, a multi-worker trial is a TorchTrainer run.
 
 The sweep samples its trials itself (seeded by the job's `seed`, Tune's own variant generator over
 the `sweep.space`) and records them in `sweep.json`: trial id, swept values, and its end as Tune
 reports it (`ended`: completed or stopped by ASHA; `error`). Tune then runs them as one grid over
-those records: a Tune function trainable (`run_trial`, no CPU: it only drives) applies a trial's
-values to the job, re-plans it (a swept batch size moves the scaled LR), and fits a `TorchTrainer`
-whose `TuneReportCallback` hands every epoch's metrics to Tune; ASHA (`AsyncHyperBandScheduler`,
+those records: a Tune function trainable (`run_trial`) applies a trial's values to the job,
+re-plans it (a swept batch size moves the scaled LR), and either runs `fit` itself (one worker: no
+worker group to start; the trial holds the worker's CPUs, and its actor takes the next trial) or
+fits a `TorchTrainer` whose `TuneReportCallback` hands every epoch's metrics to Tune; ASHA (`AsyncHyperBandScheduler`,
 time unit: epochs, max_t = schedule.epochs) stops the weak ones. Each trial's run folder is
 `<sweep folder>/trials/<trial_id>/`; the sweep folder gets `results.parquet` and `best.yaml`.
 
@@ -92,11 +94,10 @@ def trial_spec(base: dict, values: dict[str, Any], sweep_uri: str, trial_id: str
 
 
 def run_trial(config: dict, base: dict, sweep_uri: str) -> None:
-    """The Tune function trainable: one trial's job, planned and fitted as a TorchTrainer reporting to Tune."""
+    """The Tune function trainable: one trial's job, planned and fitted. One worker: the loop runs right
+    here, in the trial's process (`fit_in_trial`); more: a TorchTrainer whose TuneReportCallback reports."""
     import ray.tune
-    from ray.tune.integration.ray_train import TuneReportCallback
 
-    from orchestrator.launch import build_trainer
     from orchestrator.resolve import resolve_plan
 
     trial = config["trial"]
@@ -108,7 +109,61 @@ def run_trial(config: dict, base: dict, sweep_uri: str) -> None:
         ray.tune.report({**rows[-1], TIME_ATTR: len(rows)})
         return
     plan = resolve_plan(spec, spec.scaling.num_workers).plan
+    if plan.world_size == 1:
+        fit_in_trial(spec, plan)
+        return
+    from ray.tune.integration.ray_train import TuneReportCallback
+
+    from orchestrator.launch import build_trainer
+
     build_trainer(spec, plan, callbacks=[TuneReportCallback()]).fit()
+
+
+def fit_in_trial(spec: JobSpec, plan) -> None:
+    """A one-worker trial: `fit` in this Tune trial's process, as `train --local` runs it (checkpoints into
+    the trial's run folder, resume from its latest), each epoch's row reported to Tune. No worker group
+    to start: the trial holds the worker's CPUs (and GPU) itself (`trial_resources`)."""
+    import ray.tune
+    import torch
+
+    from orchestrator.fit import fit
+    from orchestrator.launch import local_env
+
+    torch.set_num_threads(max(1, int(spec.scaling.cpus_per_worker)))
+    env = local_env(spec, emit=lambda event: None)
+    last: list[dict] = []
+
+    def report(row: dict) -> None:
+        # Tune ends this thread inside report() when it stops the trial (ASHA, or max_t at the last epoch),
+        # so each epoch is reported once all of it is written, and the last one after the test evaluation
+        # and summary.
+        metrics = {**row, TIME_ATTR: row["epoch"] + 1}
+        if metrics[TIME_ATTR] < plan.epochs:
+            ray.tune.report(metrics)
+        else:
+            last.append(metrics)
+
+    env.on_epoch_end = report
+    fit(spec, plan, env)
+    if last:
+        ray.tune.report(last[-1])
+
+
+def trial_resources(base: dict, sweep_uri: str):
+    """Tune's resource request per trial: a one-worker trial holds its worker's CPUs (and GPU); a trial
+    that drives a TorchTrainer needs no CPU (its workers hold those), a little memory (Tune wants a
+    non-empty request)."""
+    from ray.tune import PlacementGroupFactory
+
+    def request(config: dict) -> PlacementGroupFactory:
+        trial = config["trial"]
+        scaling = trial_spec(base, trial["values"], sweep_uri, trial["id"]).scaling
+        if scaling.num_workers == 1:
+            bundle = {"CPU": scaling.cpus_per_worker, **({"GPU": 1} if scaling.use_gpu else {})}
+        else:
+            bundle = {"CPU": 0, "memory": TRIAL_DRIVER_MEMORY_BYTES}
+        return PlacementGroupFactory([bundle])
+    return request
 
 
 def default_concurrency(spec: JobSpec) -> int:
@@ -141,14 +196,17 @@ def leaderboard(rows: list[TrialRow], spec: JobSpec, title: str) -> Table:
     return table
 
 
-def _status_recorder(sweep: RunFolder, state: dict):
-    """A Tune callback (on the driver) that writes each trial's end into sweep.json as Tune reports it."""
+def _status_recorder(sweep: RunFolder, state: dict, interrupted: Interruption):
+    """A Tune callback (on the driver) that writes each trial's end into sweep.json as Tune reports it;
+    after an interruption, trials that Tune stops stay unfinished (a resume runs them on)."""
     from ray.tune import Callback
 
     by_id = {trial["id"]: trial for trial in state["trials"]}
 
     class RecordEnds(Callback):   # called on Tune's controller thread, one call at a time
         def _record(self, trial, status: str) -> None:
+            if interrupted.is_set():
+                return
             by_id[trial.config["trial"]["id"]]["status"] = status
             sweep.write_json(STATE_FILE, state)
 
@@ -181,16 +239,54 @@ def make_scheduler(spec: JobSpec, sweep: RunFolder, kept: list[dict]):
     return scheduler
 
 
-def make_tuner(spec: JobSpec, sweep: RunFolder, state: dict, to_run: list[dict]):
-    """A new Tuner over the trials to run (a grid over their records); Tune's state goes to `tune/`, never read back."""
+class Interruption:
+    """A flag set at Ctrl-C, read by Tune's stopper and callback. It pickles as a fresh, unset flag
+    (Tune writes its run config, stopper and callbacks included, to tuner.pkl; that file is never read back)."""
+
+    def __init__(self) -> None:
+        self._event = threading.Event()
+
+    def set(self) -> None:
+        self._event.set()
+
+    def is_set(self) -> bool:
+        return self._event.is_set()
+
+    def __getstate__(self) -> dict:
+        return {}
+
+    def __setstate__(self, state: dict) -> None:
+        self._event = threading.Event()
+
+
+def _stop_all_when(interrupted: Interruption):
+    """A Tune stopper that ends every trial once `interrupted` is set (Tune's own Ctrl-C handling
+    works only when fit() runs on the main thread, and ours runs in a thread)."""
+    from ray.tune import Stopper
+
+    class StopAllWhenInterrupted(Stopper):
+        def __call__(self, trial_id, result) -> bool:
+            return False
+
+        def stop_all(self) -> bool:
+            return interrupted.is_set()
+
+    return StopAllWhenInterrupted()
+
+
+def make_tuner(spec: JobSpec, sweep: RunFolder, state: dict, to_run: list[dict], interrupted: Interruption):
+    """A new Tuner over the trials to run (a grid over their records); Tune's state goes to `tune/`, never
+    read back. Setting `interrupted` stops every trial and ends fit()."""
     import ray.tune
 
     running = {t["id"] for t in to_run}
     kept = [t for t in state["trials"] if t["id"] not in running]
-    # A trial only drives its TorchTrainer: no CPU (the workers hold those), a little memory (Tune needs
-    # a non-empty request).
-    trainable = ray.tune.with_resources(ray.tune.with_parameters(run_trial, base=spec.to_dict(), sweep_uri=sweep.uri),
-                                        {"CPU": 0, "memory": TRIAL_DRIVER_MEMORY_BYTES})
+    base = spec.to_dict()
+    trainable = ray.tune.with_resources(ray.tune.with_parameters(run_trial, base=base, sweep_uri=sweep.uri),
+                                        trial_resources(base, sweep.uri))
+    # One-worker trials run in their Tune actor: a finished or stopped trial's actor (imports done, data cached)
+    # takes the next trial. A trial driving a TorchTrainer gets a fresh actor.
+    in_trial = all(trial_spec(base, t["values"], sweep.uri, t["id"]).scaling.num_workers == 1 for t in to_run)
     if sweep.exists(TUNE_DIR):
         sweep.delete_dir(TUNE_DIR)   # a previous attempt's Tune state: never read, so not kept
     return ray.tune.Tuner(
@@ -198,9 +294,10 @@ def make_tuner(spec: JobSpec, sweep: RunFolder, state: dict, to_run: list[dict])
         tune_config=ray.tune.TuneConfig(scheduler=make_scheduler(spec, sweep, kept), num_samples=1,
                                         max_concurrent_trials=spec.sweep.max_concurrent_trials or default_concurrency(spec),
                                         trial_dirname_creator=lambda trial: trial.config["trial"]["id"],
-                                        trial_name_creator=lambda trial: trial.config["trial"]["id"]),
-        run_config=ray.tune.RunConfig(name=TUNE_DIR, storage_path=sweep.uri, verbose=0,
-                                      callbacks=[_status_recorder(sweep, state)]),
+                                        trial_name_creator=lambda trial: trial.config["trial"]["id"],
+                                        reuse_actors=in_trial),
+        run_config=ray.tune.RunConfig(name=TUNE_DIR, storage_path=sweep.uri, verbose=0, stop=_stop_all_when(interrupted),
+                                      callbacks=[_status_recorder(sweep, state, interrupted)]),
     )
 
 
@@ -237,12 +334,19 @@ def run_sweep(spec: JobSpec, raw: dict, console: Console, resume: bool = False, 
                       f"{spec.schedule.epochs} epochs (grace {sweep_cfg.asha.grace_period}, reduction {sweep_cfg.asha.reduction_factor:g}); "
                       f"{sweep_cfg.max_concurrent_trials or default_concurrency(spec)} trial(s) at once, "
                       f"{spec.scaling.num_workers} worker(s) each")
-        _run_tuner(make_tuner(spec, sweep, state, to_run), sweep, spec, state, console)
+        interrupted = Interruption()
+        _run_tuner(make_tuner(spec, sweep, state, to_run, interrupted), interrupted, sweep, spec, state, console)
     return finish_sweep(spec, raw, sweep, trial_rows(sweep, spec, state["trials"]), console)
 
 
-def _run_tuner(tuner, sweep: RunFolder, spec: JobSpec, state: dict, console: Console) -> None:
-    """tuner.fit() in a thread while the leaderboard refreshes; Ctrl-C stops the trials."""
+STOP_WAIT_S = 60.0
+"""after Ctrl-C, how long the trials get to stop before Ray is shut down under them"""
+
+
+def _run_tuner(tuner, interrupted: Interruption, sweep: RunFolder, spec: JobSpec, state: dict, console: Console) -> None:
+    """tuner.fit() in a thread while the leaderboard refreshes. Ctrl-C sets `interrupted`, which stops the
+    trials; Ray is shut down once fit() has returned (a Ray call from the tuner thread after shutdown
+    would end the process with exit code 1), or after STOP_WAIT_S, or at a second Ctrl-C."""
     outcome: dict = {}
     done = threading.Event()
 
@@ -263,6 +367,12 @@ def _run_tuner(tuner, sweep: RunFolder, spec: JobSpec, state: dict, console: Con
     except KeyboardInterrupt:
         from orchestrator.session import stop_ray
 
+        interrupted.set()
+        console.print("[dim]waiting for the trials to stop (Ctrl-C again to stop at once)[/dim]")
+        try:
+            done.wait(timeout=STOP_WAIT_S)
+        except KeyboardInterrupt:
+            pass
         stop_ray(console)
         raise SweepInterrupted(f"interrupted: trials stopped; finished trials and checkpoints are kept in {sweep.uri}; "
                                "continue with: orchestrator sweep JOB --resume") from None

@@ -1,4 +1,5 @@
-"""A tiny real ASHA sweep: trials are TorchTrainer runs; weak ones are stopped; nothing leaks."""
+"""A tiny real ASHA sweep: one-worker trials run the loop in their Tune actor, wider ones are TorchTrainer
+runs; weak ones are stopped; nothing leaks."""
 
 import json
 import pickle
@@ -44,6 +45,11 @@ def test_asha_stops_weak_trials_and_best_yaml_trains_the_best(ray_session, tmp_p
     assert f"val_acc1 {best_row['best_val_acc1']:.4f}" in (folder / "best.yaml").read_text()
     trial_rows = pq.read_table(folder / "trials" / best_row["trial_id"] / "metrics.parquet").to_pylist()
     assert max(r["val_acc1"] for r in trial_rows) == best_row["best_val_acc1"]
+    completed = [r for r in rows if r["status"] == "completed"]
+    for row in completed:                            # the last epoch is reported after the summary is written
+        summary = json.loads((folder / "trials" / row["trial_id"] / "summary.json").read_text())
+        assert summary["epochs_completed"] == 3 and summary["test_acc1"] is not None
+        assert not (folder / "trials" / row["trial_id"] / "workers.json").exists()   # no TorchTrainer: the loop ran in the trial
     assert "ASHA used" in out and "epochs of the 12" in out
 
     # after the sweep (issue 14): `runs` shows it with its trials and best; `report` draws every trial
@@ -59,6 +65,21 @@ def test_asha_stops_weak_trials_and_best_yaml_trains_the_best(ray_session, tmp_p
     while ray_session.available_resources().get("CPU", 0) < ray_session.cluster_resources()["CPU"] and time.time() < deadline:
         time.sleep(1)
     assert ray_session.available_resources().get("CPU", 0) == ray_session.cluster_resources()["CPU"]
+
+
+@pytest.mark.ray
+@pytest.mark.slow
+def test_a_trial_of_several_workers_is_a_torchtrainer_run(ray_session, tmp_path, write_job):
+    job = sweep_job(tmp_path / "runs", "wide")
+    job["scaling"]["num_workers"] = 2
+    job["schedule"]["epochs"] = 1
+    job["sweep"].update(max_concurrent_trials=1, space={"optim.base_lr": {"grid": [0.05]}})
+    assert main(["sweep", str(write_job(job))]) == 0
+    folder = tmp_path / "runs" / "wide"
+    rows = pq.read_table(folder / "results.parquet").to_pylist()
+    assert [(r["status"], r["epochs_run"]) for r in rows] == [("completed", 1)]
+    placement = json.loads((folder / "trials" / rows[0]["trial_id"] / "workers.json").read_text())
+    assert [w["rank"] for w in placement] == [0, 1]                 # two Ray Train workers, DDP
 
 
 def test_space_is_validated_before_anything_runs(tmp_path, write_job, capsys):
