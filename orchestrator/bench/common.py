@@ -1,5 +1,5 @@
 """What every benchmark shares: running `orchestrator train` in a fresh process and reading back its
-run folder, and a local token-protected Ray head to measure against."""
+run folder, a warm cluster (`orchestrator up`) to measure against, and the figures' tables."""
 
 from __future__ import annotations
 
@@ -7,13 +7,24 @@ import os
 import re
 import subprocess
 import sys
-import tempfile
 import time
+from collections.abc import Iterator
+from contextlib import contextmanager
 from pathlib import Path
 
 import yaml
 
 from orchestrator.storage import METRICS_FILE, RunFolder
+
+def figures_table(title: str, columns: tuple[str, ...]):
+    """A rich table of figures: the first column (labels) left-aligned, the figures right-aligned."""
+    from rich.table import Table
+
+    table = Table(title=title, title_justify="left")
+    for i, column in enumerate(columns):
+        table.add_column(column, justify="left" if i == 0 else "right")
+    return table
+
 
 FIRST_STEP_PATTERN = re.compile(r"first training step ([0-9.]+) s after the command started")
 
@@ -30,45 +41,20 @@ def run_train(job_path: Path, extra: list[str], env: dict | None = None) -> tupl
     return float(match.group(1)), [r["train_s"] for r in rows]
 
 
-def token_env() -> dict:
-    """Environment for a token-protected local head and its clients (a token is made if none exists)."""
-    env = {**os.environ, "RAY_AUTH_MODE": "token"}
-    if not (Path.home() / ".ray" / "auth_token").is_file() and "RAY_AUTH_TOKEN" not in env and "RAY_AUTH_TOKEN_PATH" not in env:
-        subprocess.run(["ray", "get-auth-token", "--generate"], capture_output=True, check=True, env=env)
-    return env
+@contextmanager
+def warm_cluster(folder: Path) -> Iterator[tuple[str, dict]]:
+    """`orchestrator up` in `folder` (its own cluster, whatever else runs here), `down` on the way out:
+    yields (its GCS address, an environment in which `--address auto` means it and clients send the token)."""
+    from orchestrator.local_cluster import read_info
 
-
-def start_head(num_cpus: int, env: dict) -> tuple[subprocess.Popen, str]:
-    """A local `ray start --head --block` on loopback and a free port; returns (process, address)."""
-    import socket
-
-    with socket.socket() as s:
-        s.bind(("127.0.0.1", 0))
-        port = s.getsockname()[1]
-    temp_dir = tempfile.mkdtemp(prefix="ray-bench-")
-    process = subprocess.Popen(
-        ["ray", "start", "--head", "--block", f"--port={port}", f"--num-cpus={num_cpus}", "--include-dashboard=false",
-         "--node-ip-address=127.0.0.1", f"--temp-dir={temp_dir}", "--disable-usage-stats"],
-        stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL, start_new_session=True, env=env)
-    address = f"127.0.0.1:{port}"
-    deadline = time.time() + 60
-    while time.time() < deadline:
-        probe = subprocess.run(["ray", "status", f"--address={address}"], capture_output=True, text=True, env=env)
-        if probe.returncode == 0:
-            return process, address
-        time.sleep(1)
-    process.terminate()
-    raise RuntimeError("ray start --head did not come up within 60 s")
-
-
-def stop_head(process: subprocess.Popen) -> None:
-    import signal
-
-    os.killpg(process.pid, signal.SIGTERM)
+    env = {**os.environ, "ORCHESTRATOR_CLUSTER_DIR": str(folder), "RAY_AUTH_MODE": "token"}
+    up = subprocess.run([sys.executable, "-m", "orchestrator.cli", "up"], capture_output=True, text=True, env=env)
     try:
-        process.wait(timeout=30)
-    except subprocess.TimeoutExpired:
-        os.killpg(process.pid, signal.SIGKILL)
+        if up.returncode != 0:
+            raise RuntimeError(f"orchestrator up failed:\n{up.stdout[-2000:]}\n{up.stderr[-2000:]}")
+        yield read_info(folder).address, env
+    finally:
+        subprocess.run([sys.executable, "-m", "orchestrator.cli", "down"], capture_output=True, env=env)
 
 
 def timed_train(job_path: Path, env: dict) -> tuple[int, float]:

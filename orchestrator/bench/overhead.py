@@ -1,11 +1,14 @@
 """`orchestrator bench overhead`: what our Ray Train path costs over a plain PyTorch loop.
 
 Same model, data and batch on one worker that owns the whole machine. Steady state: median
-seconds per training epoch (the first epoch left out) of a plain loop written here, of
-`train --local` and of `train` on Ray Train, as ratios to the plain loop. Start-up: seconds from
-command start to the first training step of `orchestrator train`, cold (a new local Ray) and
-against an already running cluster (`--address`), next to a bare TorchTrainer whose loop does
-nothing (Ray's own floor), all measured in this run. Each measured command runs in a fresh process.
+seconds per training epoch (each run's first epoch left out) of a plain loop written here, of
+`train --local` and of `train` on Ray Train, as ratios to the plain loop and to `--local`; `--local`
+and Ray alternate `repeats` rounds, because this shared CPU's speed drifts by more than the
+difference measured. Start-up: seconds from command start to the first training step of
+`orchestrator train`, cold (a new local Ray) and against a warm cluster (`orchestrator up`, `--address`),
+next to a bare TorchTrainer whose loop does nothing (Ray's own floor), all measured in this run
+(`bench startup` measures start-up alone, with the quickstart's workers). Each measured command runs
+in a fresh process.
 """
 
 from __future__ import annotations
@@ -21,9 +24,8 @@ from pathlib import Path
 
 import yaml
 from rich.console import Console
-from rich.table import Table
 
-from orchestrator.bench.common import run_train, start_head, stop_head, token_env
+from orchestrator.bench.common import figures_table, run_train, warm_cluster
 from orchestrator.progress import process_start_time
 
 BARE_PATTERN = re.compile(r"bare first step ([0-9.]+) s")
@@ -71,8 +73,10 @@ def plain_loop_epoch_seconds(job: dict, epochs: int) -> list[float]:
     return seconds
 
 
-def run_bare(address: str | None, env: dict | None = None) -> float:
-    command = [sys.executable, "-m", "orchestrator.bench.overhead", "bare"] + ([address] if address else [])
+def run_bare(address: str | None, env: dict | None = None, workers: int = 1, cpus_per_worker: int | None = None) -> float:
+    """Seconds to the first step of a bare TorchTrainer (`bare_trainer_main`) in a fresh process."""
+    cpus = cpus_per_worker or os.cpu_count() or 1
+    command = [sys.executable, "-m", "orchestrator.bench.overhead", "bare", address or "local", str(workers), str(cpus)]
     done = subprocess.run(command, capture_output=True, text=True, env=env)
     match = BARE_PATTERN.search(done.stdout)
     if done.returncode != 0 or not match:
@@ -80,15 +84,15 @@ def run_bare(address: str | None, env: dict | None = None) -> float:
     return float(match.group(1))
 
 
-def bare_trainer_main(address: str | None) -> None:
-    """Ray's floor: import torch, start or join Ray, fit a 1-worker TorchTrainer whose loop does nothing."""
+def bare_trainer_main(address: str | None, workers: int = 1, cpus_per_worker: int | None = None) -> None:
+    """Ray's floor: import torch, start or join Ray, fit a TorchTrainer whose loop does nothing."""
     import torch  # noqa: F401  (our CLI pays for it too)
     import ray
     from ray.train import RunConfig, ScalingConfig
     from ray.train.torch import TorchTrainer
     from ray.util.queue import Queue
 
-    ray.init(address=address, log_to_driver=False, configure_logging=False)
+    ray.init(address=address, log_to_driver=False, configure_logging=False)   # "local": a new Ray
     events = Queue()
 
     def loop(config):
@@ -96,7 +100,8 @@ def bare_trainer_main(address: str | None) -> None:
 
     with tempfile.TemporaryDirectory() as storage:
         TorchTrainer(loop, train_loop_config={"queue": events},
-                     scaling_config=ScalingConfig(num_workers=1, resources_per_worker={"CPU": os.cpu_count() or 1}),
+                     scaling_config=ScalingConfig(num_workers=workers,
+                                                  resources_per_worker={"CPU": cpus_per_worker or os.cpu_count() or 1}),
                      run_config=RunConfig(storage_path=storage, name="bare")).fit()
     print(f"bare first step {events.get(timeout=60) - process_start_time():.2f} s", flush=True)
 
@@ -112,66 +117,60 @@ def overhead(console: Console, epochs: int = 6, repeats: int = 2) -> dict:
             path.write_text(yaml.safe_dump(bench_job(storage, name, epochs)))
             return path
 
-        # The CPU runs faster when it has rested, so the plain loop is measured before and after the
-        # others and start-up is measured `repeats` times, alternating bare and ours; minima are kept.
+        # The shared CPU's speed drifts, so the plain loop is measured before and after the others, and
+        # --local and Ray alternate `repeats` times: per-epoch figures are medians over every round
+        # (each run's first epoch left out), start-up figures the fastest round.
         console.print(f"plain PyTorch loop, {epochs} epochs ...")
         plain = plain_loop_epoch_seconds(bench_job(storage, "plain", epochs), epochs)
-        console.print("orchestrator train --local ...")
-        figures["local_first_step_s"], figures["local_epoch_s"] = run_train(job_file("local"), ["--local"])
+        local_first, local_epochs, ray_epochs = [], [], []
         cold_bare, cold_ours, warm_bare, warm_ours = [], [], [], []
         for repeat in range(repeats):
-            console.print(f"cold start-up, round {repeat + 1} of {repeats}: bare TorchTrainer, then orchestrator train ...")
+            console.print(f"round {repeat + 1} of {repeats}: orchestrator train --local, bare TorchTrainer, "
+                          "orchestrator train on a new local Ray ...")
+            first_step_s, epoch_s = run_train(job_file(f"local_{repeat}"), ["--local"])
+            local_first.append(first_step_s)
+            local_epochs += epoch_s[1:]
             cold_bare.append(run_bare(None))
             first_step_s, epoch_s = run_train(job_file(f"ray_cold_{repeat}"), [])
             cold_ours.append(first_step_s)
-            if repeat == 0:
-                figures["ray_epoch_s"] = epoch_s
-        console.print("starting a local cluster (ray start --head) ...")
-        env = token_env()
-        head, address = start_head(os.cpu_count() or 1, env)
-        try:
+            ray_epochs += epoch_s[1:]
+        console.print("starting a warm local cluster (orchestrator up) ...")
+        with warm_cluster(Path(workdir) / "cluster") as (address, env):
             for repeat in range(repeats):
                 console.print(f"warm start-up against {address}, round {repeat + 1} of {repeats} ...")
                 warm_bare.append(run_bare(address, env))
                 warm_ours.append(run_train(job_file(f"ray_warm_{repeat}"), ["--address", address], env)[0])
-        finally:
-            stop_head(head)
         console.print(f"plain PyTorch loop again, {epochs} epochs ...")
         plain_after = plain_loop_epoch_seconds(bench_job(storage, "plain", epochs), epochs)
-    figures.update(plain_epoch_s=plain[1:] + plain_after[1:], bare_cold_s=min(cold_bare), ray_cold_first_step_s=min(cold_ours),
+    figures.update(plain_epoch_s=plain[1:] + plain_after[1:], local_epoch_s=local_epochs, ray_epoch_s=ray_epochs,
+                   local_first_step_s=min(local_first), bare_cold_s=min(cold_bare), ray_cold_first_step_s=min(cold_ours),
                    bare_warm_s=min(warm_bare), ray_warm_first_step_s=min(warm_ours))
     print_overhead(console, figures)
     return figures
 
 
-def steady(seconds: list[float]) -> float:
-    return statistics.median(seconds[1:] if len(seconds) > 1 else seconds)
-
-
 def print_overhead(console: Console, f: dict) -> None:
-    plain = statistics.median(f["plain_epoch_s"])   # both sessions, first epochs already left out
-    table = Table(title="steady state: seconds per training epoch (median, first epoch of each run left out; "
-                        "plain loop measured before and after the others)", title_justify="left")
-    for column in ("path", "s/epoch", "ratio to plain loop"):
-        table.add_column(column, justify="left" if column == "path" else "right")
+    medians = {key: statistics.median(f[key]) for key in ("plain_epoch_s", "local_epoch_s", "ray_epoch_s")}
+    table = figures_table("steady state: seconds per training epoch (median over every round, first epoch of each "
+                          "run left out; plain loop measured before and after the others)",
+                          ("path", "s/epoch", "ratio to plain loop", "ratio to --local"))
     for label, key in (("plain PyTorch loop", "plain_epoch_s"), ("orchestrator train --local", "local_epoch_s"),
                        ("orchestrator train (Ray Train, 1 worker)", "ray_epoch_s")):
-        value = plain if key == "plain_epoch_s" else steady(f[key])
-        table.add_row(label, f"{value:.3f}", f"{value / plain:.3f}")
+        value = medians[key]
+        table.add_row(label, f"{value:.3f}", f"{value / medians['plain_epoch_s']:.3f}", f"{value / medians['local_epoch_s']:.3f}")
     console.print(table)
-    start = Table(title="start-up: seconds from command start to the first training step (best of the rounds)", title_justify="left")
-    for column in ("", "cold (new local Ray)", "warm (--address)"):
-        start.add_column(column, justify="left" if not column else "right")
+    start = figures_table("start-up: seconds from command start to the first training step (best of the rounds)",
+                          ("", "cold (new local Ray)", "warm (--address)"))
     start.add_row("bare TorchTrainer (Ray's floor)", f"{f['bare_cold_s']:.1f}", f"{f['bare_warm_s']:.1f}")
     start.add_row("orchestrator train", f"{f['ray_cold_first_step_s']:.1f}", f"{f['ray_warm_first_step_s']:.1f}")
     start.add_row("difference", f"{f['ray_cold_first_step_s'] - f['bare_cold_s']:+.1f}", f"{f['ray_warm_first_step_s'] - f['bare_warm_s']:+.1f}")
     start.add_row("orchestrator train --local", f"{f['local_first_step_s']:.1f}", "")
     console.print(start)
-    console.print("goals: Ray steady-state ratio <= 1.05; start-up within 3 s of the bare TorchTrainer")
+    console.print("goal: Ray Train with 1 worker within 5% of --local per epoch")
 
 
 
 
 if __name__ == "__main__":
     if sys.argv[1:2] == ["bare"]:
-        bare_trainer_main(sys.argv[2] if len(sys.argv) > 2 else None)
+        bare_trainer_main(sys.argv[2], int(sys.argv[3]), int(sys.argv[4]))
