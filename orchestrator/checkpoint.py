@@ -5,7 +5,9 @@ Keys: version, model (unwrapped from DDP, CPU tensors), ema (AveragedModel's sta
 optimizer, optimizer_name (the name of the optimizer in use: SWATS changes it), swats, scaler,
 epoch (the last finished epoch, 0-based),
 step (optimizer steps done), metric_history (for plateau), best, rows (the metric rows so far),
-wall_s (seconds of training so far), rng (states of torch, numpy and random on rank 0), spec, plan.
+wall_s (seconds of training so far), rng (states of torch, numpy and random on rank 0), spec, plan,
+and, in a mid-epoch checkpoint (`run.checkpoint_every_steps`), epoch_steps (steps of epoch + 1 done),
+tally (that epoch's running sums on rank 0) and rng_by_rank (every rank's RNG states).
 `encode` writes them and `TrainingState.from_payload` / `restore_trainee` read them: nowhere else.
 """
 
@@ -45,11 +47,17 @@ class TrainingState:
     best: dict | None = None
     wall_s: float = 0.0
     """seconds of training before this process started"""
+    epoch_steps: int = 0
+    """steps of epoch `next_epoch` already done (a mid-epoch checkpoint); they are included in `step`"""
+    tally: dict | None = None
+    """the running sums of those steps (loop.Tally.to_dict())"""
+    rng_by_rank: list | None = None
 
     @classmethod
     def from_payload(cls, payload: dict) -> "TrainingState":
         return cls(payload["epoch"] + 1, payload["step"], list(payload["metric_history"]), list(payload["rows"]),
-                   payload["best"], payload["wall_s"])
+                   payload["best"], payload["wall_s"], payload.get("epoch_steps", 0), payload.get("tally"),
+                   payload.get("rng_by_rank"))
 
 
 def rng_state() -> dict:
@@ -62,18 +70,29 @@ def rng_state() -> dict:
     }
 
 
-def encode(trainee: Trainee, state: TrainingState, spec: JobSpec, plan: Plan) -> bytes:
-    """The checkpoint of the epoch just finished (state.rows[-1]), as bytes."""
+def set_rng_state(saved: dict) -> None:
+    """Put back what rng_state() took."""
+    numpy = saved["numpy"]
+    torch.set_rng_state(saved["torch"])
+    np.random.set_state(("MT19937", numpy["key"].numpy().astype(np.uint32), numpy["pos"], numpy["has_gauss"], numpy["cached"]))
+    random.setstate((3, tuple(saved["random"]), None))
+
+
+def encode(trainee: Trainee, state: TrainingState, spec: JobSpec, plan: Plan, mid_epoch: dict | None = None) -> bytes:
+    """The checkpoint of the epoch just finished (state.rows[-1]), as bytes; with `mid_epoch`
+    ({epoch_steps, tally, rng_by_rank, wall_s}) a checkpoint inside the epoch after the last row."""
     payload = {
         "version": CHECKPOINT_VERSION, "model": cpu_state_dict(trainee.model),
         "optimizer": trainee.optimizer.state_dict(), "optimizer_name": trainee.optimizer_name,
         "swats": trainee.swats.state_dict() if trainee.swats else None,
         "scaler": trainee.scaler.state_dict() if trainee.scaler else None,
-        "epoch": state.rows[-1]["epoch"], "step": state.step, "metric_history": state.metric_history,
-        "rows": state.rows, "best": state.best, "wall_s": state.rows[-1]["wall_s"], "rng": rng_state(),
+        "epoch": state.rows[-1]["epoch"] if state.rows else -1, "step": state.step, "metric_history": state.metric_history,
+        "rows": state.rows, "best": state.best, "wall_s": state.rows[-1]["wall_s"] if state.rows else 0.0, "rng": rng_state(),
         "spec": spec.to_dict(), "plan": plan.to_dict(),
         "ema": {k: v.detach().cpu() for k, v in trainee.ema.state_dict().items()} if trainee.ema is not None else None,
     }
+    if mid_epoch is not None:
+        payload.update(mid_epoch, epoch=state.rows[-1]["epoch"] if state.rows else -1)
     buffer = io.BytesIO()
     torch.save(payload, buffer)
     return buffer.getvalue()
@@ -104,8 +123,25 @@ def find_resume_point(handed_back: Callable[[], tuple[bytes, str] | None],
 
     Candidates, newest first: what the framework hands back (a Ray restart or re-run), then the run
     folder's epoch checkpoints. The first that loads wins: a corrupt latest checkpoint (a write cut
-    short, a damaged disk) costs an epoch, not the run.
+    short, a damaged disk) costs an epoch, not the run. The run folder's mid-epoch checkpoint
+    (run.checkpoint_every_steps) wins over it when it is further on (more optimizer steps done).
     """
+    from orchestrator.storage import STEP_CHECKPOINT, StorageError
+
+    chosen, skipped = _latest_epoch_checkpoint(handed_back, folder)
+    if folder.exists(STEP_CHECKPOINT):
+        where = f"{folder.uri}/{STEP_CHECKPOINT}"
+        try:
+            payload = decode(folder.read_bytes(STEP_CHECKPOINT), where)
+            if chosen is None or payload["step"] > chosen[0]["step"]:
+                chosen = (payload, where)
+        except (CheckpointError, StorageError, OSError) as exc:
+            skipped.append(f"skipped {where}: {str(exc).removeprefix(f'cannot load checkpoint {where}: ')}")
+    return chosen, skipped
+
+
+def _latest_epoch_checkpoint(handed_back: Callable[[], tuple[bytes, str] | None],
+                             folder: RunFolder) -> tuple[tuple[dict, str] | None, list[str]]:
     from orchestrator.storage import StorageError
 
     candidates: list[tuple[Callable[[], bytes], str]] = []

@@ -1,5 +1,5 @@
 """The `orchestrator` command line: validate, plan, train, sweep, submit, jobs, runs, report, export,
-evaluate, predict, find-lr, up, down, bench.
+evaluate, predict, find-lr, up, down, pack, bench.
 
 Every user error (bad job file, missing data, weights that do not fit) exits with code 2 and one
 line per problem, never a traceback.
@@ -30,6 +30,7 @@ def _user_error_types() -> tuple[type[BaseException], ...]:
     from orchestrator.fit import FINAL_ERRORS
     from orchestrator.local_cluster import ClusterError
     from orchestrator.lr_range import RangeTestError
+    from orchestrator.pack import PackError
     from orchestrator.runlock import RunLocked
     from orchestrator.runs import RunsError
     from orchestrator.spec import SpecError
@@ -38,7 +39,7 @@ def _user_error_types() -> tuple[type[BaseException], ...]:
     from orchestrator.trained import TrainedError
 
     return (*FINAL_ERRORS, SpecError, SubmitError, SubmitUsageError, RunLocked, RunFolderUnusable, TrainedError,
-            RunsError, RangeTestError, ClusterError)
+            RunsError, RangeTestError, ClusterError, PackError)
 
 
 def _report_user_error(exc: BaseException) -> int:
@@ -503,6 +504,43 @@ def cmd_find_lr(args) -> int:
     return 0
 
 
+def cmd_pack(args) -> int:
+    from rich.progress import BarColumn, MofNCompleteColumn, Progress, TextColumn, TimeRemainingColumn
+
+    from orchestrator.pack import PackError, check_out, pack
+    from orchestrator.storage import strict_json
+
+    if args.shard_size_mb <= 0 or (args.max_side is not None and args.max_side < 8) or (args.workers is not None and args.workers < 1):
+        raise PackError("--shard-size-mb must be > 0, --max-side >= 8, --workers >= 1")
+    check_out(args.out)
+    show = err_console if args.json else console
+    reused = []
+    with Progress(TextColumn("packing"), BarColumn(), MofNCompleteColumn(), TextColumn("images"), TimeRemainingColumn(),
+                  console=show, transient=True) as bar:
+        task = bar.add_task("", total=None)
+
+        def on_shard(entry: dict, total: int) -> None:
+            bar.update(task, total=total, advance=entry["rows"] + len(entry["skipped"]))
+            if entry["reused"]:
+                reused.append(entry["file"])
+
+        manifest = pack(args.src, args.out, args.shard_size_mb, args.max_side, args.workers, on_shard)
+    for item in manifest["skipped"][:20]:
+        show.print(f"[yellow]skipped[/yellow] {escape(item['path'])}: {escape(item['error'])}")
+    if len(manifest["skipped"]) > 20:
+        show.print(f"... and {len(manifest['skipped']) - 20} more unreadable images (all listed in the manifest)")
+    shards = sum(len(entry["shards"]) for entry in manifest["splits"].values())
+    show.print(f"packed {escape(args.src)} into {shards} shard(s) in {escape(args.out)} ("
+               + ", ".join(f"{name} {entry['images']}" for name, entry in manifest["splits"].items())
+               + f" images, {len(manifest['class_names'])} classes; {len(manifest['skipped'])} unreadable skipped"
+               + (f"; {len(reused)} shard(s) already packed, kept" if reused else "") + ")")
+    show.print(f"train on it: --set data.source=shards:{escape(args.out)}")
+    if args.json:
+        print(strict_json({"shards": shards, "splits": {k: v["images"] for k, v in manifest["splits"].items()},
+                           "classes": len(manifest["class_names"]), "skipped": len(manifest["skipped"]), "reused": len(reused)}))
+    return 0
+
+
 def cmd_up(args) -> int:
     from orchestrator.local_cluster import up
 
@@ -650,6 +688,14 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--json", action="store_true",
                    help='print {"suggested_lr", "suggested_base_lr", "min_loss_lr", "global_batch_size", ..., "points"}')
     p.set_defaults(func=cmd_find_lr)
+    p = sub.add_parser("pack", help="pack an ImageFolder tree into Parquet shards + manifest.json (data.source: shards:OUT)")
+    p.add_argument("src", help="folder with train/ (val/, test/) of class folders, or the class folders themselves")
+    p.add_argument("out", help="folder or URI (s3://, gs://, file://) to write the shards and manifest to")
+    p.add_argument("--shard-size-mb", type=float, default=256, help="about this many MB of images per shard (default 256)")
+    p.add_argument("--max-side", type=int, default=None, help="re-encode images whose longer side exceeds PX (JPEG); default: keep bytes")
+    p.add_argument("--workers", type=int, default=None, help="processes packing shards (default: all cores)")
+    p.add_argument("--json", action="store_true", help='print {"shards", "splits", "classes", "skipped", "reused"}')
+    p.set_defaults(func=cmd_pack)
     p = sub.add_parser("bench", help="benchmarks that print their figures as ratios to a baseline measured in the same run")
     p.add_argument("what", choices=["overhead", "reliability", "sweep", "large-batch", "startup"],
                    help="overhead: Ray Train and --local vs a plain PyTorch loop, per epoch and at start-up; "

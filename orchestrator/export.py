@@ -79,6 +79,10 @@ def check_images(trained: Trained, count: int = CHECK_IMAGES) -> tuple[torch.Ten
         raise ExportError(f"cannot read the run's data to check the exported model: {exc}") from None
     name, split = ("test", splits.test) if splits.test is not None and len(splits.test) else ("val", splits.val)
     dataset = make_dataset(split, spec.data, False, name)
+    if split.kind == "shards":   # streamed: the first batch of the split
+        from orchestrator.data import eval_loader
+
+        return next(iter(eval_loader(dataset, spec.data, count, 0, 1)))[0][:count], name
     images = torch.stack([dataset[i][0] for i in range(min(count, len(dataset)))])
     return images, name
 

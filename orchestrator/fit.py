@@ -24,8 +24,9 @@ from torch import nn
 from orchestrator import checkpoint as ckpt
 from orchestrator import progress
 from orchestrator.data import DataError, ImageReadError, Splits, eval_loader, load_splits, make_dataset, train_loader
+from orchestrator.data.datasets import loader_workers, start_epoch
 from orchestrator.eventlog import EventLog
-from orchestrator.loop import DivergenceError, StepSettings, Trainee, evaluate, make_ema, train_one_epoch
+from orchestrator.loop import DivergenceError, StepSettings, Tally, Trainee, evaluate, make_ema, train_one_epoch
 from orchestrator.metrics import epoch_row, improved
 from orchestrator.models import (BuiltModel, ModelError, build_model, frozen_norm_layers, set_trainable,
                                  trainability_rows)
@@ -34,8 +35,8 @@ from orchestrator.plan import Plan, PlanError
 from orchestrator.resolve import resolve_num_classes
 from orchestrator.schedule import group_multipliers
 from orchestrator.spec import JobSpec, group_schedule, spec_to_yaml
-from orchestrator.storage import (BEST_CHECKPOINT, METRICS_FILE, PLAN_FILE, SPEC_FILE, SUMMARY_FILE, WEIGHTS_FILE,
-                                  RunFolder)
+from orchestrator.storage import (BEST_CHECKPOINT, METRICS_FILE, PLAN_FILE, SPEC_FILE, STEP_CHECKPOINT, STEP_DIR,
+                                  SUMMARY_FILE, WEIGHTS_FILE, RunFolder)
 from orchestrator.weights import WeightsError
 
 EVAL_BATCH_SIZE = 256
@@ -131,10 +132,11 @@ def fit(spec: JobSpec, plan: Plan, env: WorkerEnv, splits: Splits | None = None)
         ckpt.load_model_state(built.model, payload["model"], where)
         run.state = ckpt.TrainingState.from_payload(payload)
     trainee = _make_trainee(run, built, payload)
+    workers = loader_workers(spec.data, spec.scaling.cpus_per_worker)
     loaders = (train_loader(make_dataset(splits.train, spec.data, True, "train"), spec.data, plan, env.rank, spec.seed,
-                            num_classes),
+                            num_classes, workers),
                eval_loader(make_dataset(splits.val, spec.data, False, "val"), spec.data, EVAL_BATCH_SIZE, env.rank,
-                           env.world_size))
+                           env.world_size, workers))
     _start(run, resume_point)
     try:
         diverged = _train_epochs(run, trainee, loaders)
@@ -178,7 +180,8 @@ def _start(run: Run, resume_point: tuple[dict, str] | None) -> None:
     env.on_start()
     if resume_point is not None:
         payload, where = resume_point
-        env.log(f"resumed from {where} (epoch {payload['epoch']} done, step {payload['step']})")
+        inside = f" and {payload['epoch_steps']} steps of epoch {payload['epoch'] + 1}" if payload.get("epoch_steps") else ""
+        env.log(f"resumed from {where} (epoch {payload['epoch']} done{inside}, step {payload['step']})")
     if env.rank == 0:
         run.folder.write_text(SPEC_FILE, spec_to_yaml(run.spec))
         run.folder.write_json(PLAN_FILE, run.plan.to_dict())
@@ -239,18 +242,25 @@ def _unfreeze(run: Run, trainee: Trainee, names: list[str], epoch: int) -> None:
 
 
 def _run_epoch(run: Run, trainee: Trainee, loaders, epoch: int) -> dict:
-    """Train and validate one epoch; returns its metric row (and advances state.step)."""
+    """Train and validate one epoch (from a mid-epoch checkpoint's step when one was resumed); returns its
+    metric row (and advances state.step)."""
     env, plan, state = run.env, run.plan, run.state
     train, val = loaders
+    skip = state.epoch_steps
     train.generator.manual_seed(seed_epoch(run.spec.seed, epoch, env.rank))
-    train.sampler.set_epoch(epoch)
+    if skip and state.rng_by_rank:
+        ckpt.set_rng_state(state.rng_by_rank[env.rank])
+    start_epoch(train, epoch, skip * plan.grad_accum_steps)
     start = progress.EpochStart(epoch, plan.epochs, plan.steps_per_epoch)
     if env.rank == 0:
         env.emit(start)
     settings = run.step_settings()
-    stats = train_one_epoch(trainee, train, settings, epoch, state.step, _on_step(run, start, trainee))
+    first_step = state.step - skip
+    tally = Tally(**state.tally) if skip and state.tally else Tally()
+    on_step = _on_step(run, start, trainee, _mid_epoch_saver(run, trainee, first_step, tally))
+    stats = train_one_epoch(trainee, train, settings, epoch, first_step, on_step, skip, tally)
     val_stats = evaluate(trainee.evaluated, val, env.device, settings.amp, settings.channels_last)
-    state.step += plan.steps_per_epoch
+    state.step, state.epoch_steps, state.tally, state.rng_by_rank = first_step + plan.steps_per_epoch, 0, None, None
     if val_stats.images and not math.isfinite(val_stats.loss):   # every rank sees the all-reduced loss
         raise DivergenceError(epoch, state.step, val_stats.loss, what="validation loss")
     lrs = {g.name: None for g in plan.param_groups}   # every group has its column; null while it has nothing training
@@ -258,9 +268,45 @@ def _run_epoch(run: Run, trainee: Trainee, loaders, epoch: int) -> dict:
     return epoch_row(epoch, state.step, lrs, stats, val_stats, state.wall_s + time.perf_counter() - run.started)
 
 
-def _on_step(run: Run, start: progress.EpochStart, trainee: Trainee):
-    """Progress events and TensorBoard scalars on rank 0 and the env's step hook on every rank, as one
-    on_step callback."""
+def _mid_epoch_saver(run: Run, trainee: Trainee, first_step: int, tally: Tally):
+    """A step callback (every rank) that writes the run folder's mid-epoch checkpoint every
+    run.checkpoint_every_steps optimizer steps (not at an epoch's end: the epoch checkpoint is that), or None."""
+    every = run.spec.run.checkpoint_every_steps
+    if every is None:
+        return None
+    started = time.perf_counter()
+    carried_s = tally.seconds
+
+    def save(step: int) -> None:
+        done = step + 1
+        if done % every or done - first_step >= run.plan.steps_per_epoch:
+            return
+        rng_by_rank = _gather([ckpt.rng_state()], run.env.world_size)
+        if run.env.rank != 0:
+            return
+        run.state.step = done
+        mid = {"epoch_steps": done - first_step, "rng_by_rank": rng_by_rank,
+               "tally": {**tally.to_dict(), "seconds": carried_s + time.perf_counter() - started},
+               "wall_s": run.state.wall_s + time.perf_counter() - run.started}
+        run.folder.write_bytes(STEP_CHECKPOINT, ckpt.encode(trainee, run.state, run.spec, run.plan, mid))
+
+    return save
+
+
+def _gather(values: list, world_size: int) -> list:
+    """Every rank's `values[0]`, in rank order (a collective when distributed)."""
+    import torch.distributed as dist
+
+    if world_size == 1 or not (dist.is_available() and dist.is_initialized()):
+        return values
+    everyone = [None] * world_size
+    dist.all_gather_object(everyone, values[0])
+    return everyone
+
+
+def _on_step(run: Run, start: progress.EpochStart, trainee: Trainee, save=None):
+    """Progress events and TensorBoard scalars on rank 0, the mid-epoch checkpoint (`save`) and the env's
+    step hook on every rank, as one on_step callback."""
     env = run.env
     reporter = progress.step_reporter(env.emit, start, run.state.step, run.plan.global_batch_size) if env.rank == 0 else None
     names = [group["name"] for group in trainee.optimizer.param_groups]
@@ -270,6 +316,8 @@ def _on_step(run: Run, start: progress.EpochStart, trainee: Trainee):
             reporter(step, loss, lrs)
         if run.events:
             run.events.step(step, loss, dict(zip(names, lrs)))
+        if save:
+            save(step)
         if env.step_hook:
             env.step_hook(step)
 
@@ -291,6 +339,8 @@ def _save_epoch(run: Run, trainee: Trainee, row: dict) -> None:
             run.folder.write_bytes(BEST_CHECKPOINT, data)
     env.report(row, data, row["epoch"])
     if env.rank == 0:
+        if run.folder.exists(STEP_CHECKPOINT):
+            run.folder.delete_dir(STEP_DIR)   # the epoch checkpoint supersedes it
         run.folder.write_rows(METRICS_FILE, state.rows)
         run.events.epoch(row)
         env.emit(progress.EpochEnd(row, is_best))
@@ -323,7 +373,8 @@ def _finish(run: Run, splits: Splits, model: nn.Module, diverged: str | None) ->
         ckpt.load_model_state(model, ckpt.evaluated_weights(ckpt.read(run.folder, BEST_CHECKPOINT)), BEST_CHECKPOINT)
     if splits.test is not None:
         test_set = make_dataset(splits.test, spec.data, False, "test")
-        test = evaluate(model, eval_loader(test_set, spec.data, EVAL_BATCH_SIZE, run.env.rank, run.env.world_size),
+        workers = loader_workers(spec.data, spec.scaling.cpus_per_worker)
+        test = evaluate(model, eval_loader(test_set, spec.data, EVAL_BATCH_SIZE, run.env.rank, run.env.world_size, workers),
                         run.env.device, spec.scaling.amp, spec.scaling.channels_last)
         summary.update(test_acc1=test.acc1, test_acc5=test.acc5, test_loss=test.loss, test_images=test.images)
     if run.env.rank == 0:

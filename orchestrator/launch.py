@@ -36,6 +36,8 @@ class OpenRun:
     """last finished epoch of that checkpoint (0-based)"""
     changed_keys: list[str]
     """spec keys that differ from the run's saved spec.yaml"""
+    resume_steps: int = 0
+    """steps of the next epoch done too (a mid-epoch checkpoint)"""
 
 
 def _diff_keys(old: dict, new: dict, prefix: str = "") -> list[str]:
@@ -67,7 +69,7 @@ def open_run(spec: JobSpec) -> OpenRun:
     if found is None:
         return OpenRun(folder, None, None, changed)
     payload, where = found
-    return OpenRun(folder, where.removeprefix(folder.uri + "/"), payload["epoch"], changed)
+    return OpenRun(folder, where.removeprefix(folder.uri + "/"), payload["epoch"], changed, payload.get("epoch_steps", 0))
 
 
 def say_resume(console: Console, start: OpenRun, epochs: int) -> None:
@@ -76,8 +78,9 @@ def say_resume(console: Console, start: OpenRun, epochs: int) -> None:
         return
     done = start.resume_epoch + 1
     remaining = "nothing left to train: re-evaluating the best checkpoint" if done >= epochs else f"epochs {done + 1}..{epochs} remain"
+    inside = f" and {start.resume_steps} steps of epoch {done + 1}" if start.resume_steps else ""
     console.print(f"[bold yellow]resuming[/bold yellow] {start.folder.uri} from {start.resume_from} "
-                  f"(epoch {done} of {epochs} done; {remaining})")
+                  f"(epoch {done} of {epochs} done{inside}; {remaining})")
     if start.changed_keys:
         console.print(f"[yellow]warning:[/yellow] the job differs from the run's saved spec.yaml in: {', '.join(start.changed_keys)}")
 

@@ -151,20 +151,39 @@ def _all_reduce_sum(values: list[float], device: torch.device) -> list[float]:
     return tensor.tolist()
 
 
+@dataclass
+class Tally:
+    """An epoch's running sums on this rank (a mid-epoch checkpoint carries them, so a resumed epoch
+    reports what an unbroken one would)."""
+
+    loss_sum: float = 0.0
+    micro_batches: int = 0
+    images: int = 0
+    seconds: float = 0.0
+    """training seconds of the epoch before this process took it over"""
+
+    def to_dict(self) -> dict:
+        return {"loss_sum": self.loss_sum, "micro_batches": self.micro_batches, "images": self.images, "seconds": self.seconds}
+
+
 def train_one_epoch(trainee: Trainee, loader, settings: StepSettings, epoch: int, first_step: int,
-                    on_step: Callable[[int, float, list[float]], None] | None = None) -> EpochStats:
+                    on_step: Callable[[int, float, list[float]], None] | None = None, skip_steps: int = 0,
+                    tally: Tally | None = None) -> EpochStats:
     """Train `settings.steps_per_epoch` optimizer steps numbered from `first_step` (global, 0-based).
 
-    `on_step(step, loss, lrs)` is called after each step.
+    `skip_steps`: steps of this epoch done before (a mid-epoch resume): the loader already skips their
+    batches, training starts at step first_step + skip_steps, and `tally` holds their running sums.
+    `on_step(step, loss, lrs)` is called after each step, with `tally` up to date.
     """
     model, optimizer, accum = trainee.wrapped or trainee.model, trainee.optimizer, settings.grad_accum_steps
     model.train()
     for module in trainee.eval_modules:
         module.eval()
     start = time.perf_counter()
-    loss_sum, micro_count, images, lrs = 0.0, 0, 0, []
-    step = first_step
-    for group in _micro_batches(loader, accum, settings.steps_per_epoch):
+    tally = tally if tally is not None else Tally()
+    lrs = []
+    step = first_step + skip_steps
+    for group in _micro_batches(loader, accum, settings.steps_per_epoch - skip_steps):
         lrs = apply_lr(optimizer, settings.lr_multiplier(step))
         step_loss = 0.0
         for i, (batch_images, labels) in enumerate(group):
@@ -177,21 +196,22 @@ def train_one_epoch(trainee: Trainee, loader, settings: StepSettings, epoch: int
                 scaled = loss / accum
                 (trainee.scaler.scale(scaled) if trainee.scaler else scaled).backward()
             step_loss += float(loss.detach())
-            images += len(labels)
+            tally.images += len(labels)
         _stop_if_diverged(step_loss, epoch, step, settings.device)
         _optimizer_step(trainee, settings.grad_clip_norm)
         optimizer.zero_grad(set_to_none=True)
-        loss_sum += step_loss
-        micro_count += len(group)
+        tally.loss_sum += step_loss
+        tally.micro_batches += len(group)
         if on_step:
             on_step(step, step_loss / len(group), lrs)
         step += 1
     if step - first_step != settings.steps_per_epoch:
         raise RuntimeError(f"epoch {epoch}: the loader gave {step - first_step} optimizer steps, "
                            f"the plan expects {settings.steps_per_epoch}")
-    total_loss, total_micro, total_images = _all_reduce_sum([loss_sum, micro_count, images], settings.device)
-    return EpochStats(total_loss / max(total_micro, 1), int(total_images), time.perf_counter() - start, lrs,
-                      settings.steps_per_epoch)
+    total_loss, total_micro, total_images = _all_reduce_sum([tally.loss_sum, tally.micro_batches, tally.images],
+                                                            settings.device)
+    return EpochStats(total_loss / max(total_micro, 1), int(total_images), tally.seconds + time.perf_counter() - start,
+                      lrs, settings.steps_per_epoch)
 
 
 def _stop_if_diverged(step_loss: float, epoch: int, step: int, device: torch.device) -> None:

@@ -128,6 +128,7 @@ def range_test(spec: JobSpec, steps: int = 100, start_lr: float = 1e-6, end_lr: 
                on_step=None) -> RangeTest:
     """Run the LR range test of `spec` (see the module docstring); `on_step(step, lr, loss)` sees each step."""
     from orchestrator.data import make_dataset, train_loader
+    from orchestrator.data.datasets import start_epoch
     from orchestrator.fit import seed_epoch
     from orchestrator.loop import DivergenceError, StepSettings, Trainee, train_one_epoch
     from orchestrator.models import build_model, frozen_norm_layers
@@ -182,7 +183,7 @@ def range_test(spec: JobSpec, steps: int = 100, start_lr: float = 1e-6, end_lr: 
             settings = StepSettings(chunk, plan.grad_accum_steps, multiplier, device, one.scaling.amp,
                                     one.scaling.channels_last, one.optim.grad_clip_norm, one.loss.label_smoothing)
             loader.generator.manual_seed(seed_epoch(one.seed, epoch, 0))
-            loader.sampler.set_epoch(epoch)
+            start_epoch(loader, epoch)
             train_one_epoch(trainee, loader, settings, epoch, step, record)
             step += chunk
             epoch += 1

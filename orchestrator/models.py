@@ -298,6 +298,12 @@ def load_weights(model: nn.Module, spec: ModelSpec, head: tuple[str, ...], class
                          f"({abbreviate(source.class_names, 5)}) than this job's ({abbreviate(class_names, 5)}); "
                          "a kept head would start the new classes from the old ones. Drop model.keep_head")
     report = load_matching(model, state_dict, source.description, () if spec.keep_head else head)
+    misfit = [(name, got, want) for name, got, want in report.skipped_shape if any(name.startswith(h + ".") for h in head)]
+    if spec.keep_head and misfit:
+        name, got, want = misfit[0]
+        raise ModelError(f"model.keep_head: the head of {source.description} does not fit this job's classes: {name} is "
+                         f"{tuple(got)}, the model needs {tuple(want)} ({want[0]} classes in the data, {got[0]} in the "
+                         "weights); drop model.keep_head for a new head, or train on the weights' classes")
     if key_note:
         report.notes.append(key_note)
     if not spec.keep_head:

@@ -63,15 +63,19 @@ class SyntheticSpec(_Section):
 
 class DataSpec(_Section):
     source: str = "builtin:digits"
-    """builtin:digits | imagefolder:PATH | parquet:PATH_OR_URI | synthetic"""
+    """builtin:digits | imagefolder:PATH | parquet:PATH_OR_URI | shards:PATH_OR_URI (orchestrator pack) | synthetic"""
+    loader: Literal["torch", "ray_data"] = "torch"
+    """who reads and decodes training images: torch DataLoader workers beside each trainer, or Ray Data
+    (map_batches tasks anywhere in the cluster, streaming_split to the trainers); ray_data needs shards:"""
     image_size: int = Field(32, ge=8, le=4096)
     """side of the square images the model sees, pixels"""
     val_fraction: float = Field(0.2, ge=0.0, lt=1.0)
     """share of train held out for validation when the source has no val split (stratified, seeded)"""
     augment: list[str | dict[str, Any]] = Field(default_factory=list)
     """training augmentations in the order written: a name, or {name: NAME, <its arguments>}"""
-    loader_workers: int = Field(0, ge=0)
-    """DataLoader worker processes per training worker"""
+    loader_workers: int | None = Field(None, ge=0)
+    """DataLoader worker processes per training worker; None: 0 for builtin/synthetic data, else
+    scaling.cpus_per_worker - 1 (decoding is the work)"""
     classes: list[int | str] | None = None
     """keep only these labels (indices or class names); None keeps all"""
     max_per_class: int | None = Field(None, ge=1)
@@ -279,6 +283,9 @@ class RunSpec(_Section):
     max_failures: int = Field(2, ge=0)
     deterministic: bool = False
     """torch.use_deterministic_algorithms: bitwise-repeatable on CPU, slower"""
+    checkpoint_every_steps: int | None = Field(None, ge=1)
+    """also checkpoint every this many optimizer steps inside an epoch (a killed run resumes at the next
+    step); None: at epoch ends only"""
 
 
 class AshaSpec(_Section):
@@ -496,6 +503,10 @@ def _check_data(spec: JobSpec) -> list[str]:
             problems.append(f"data.classes: synthetic labels are 0..{data.synthetic.num_classes - 1} (got {bad})")
     if data.classes is not None and len(set(data.classes)) < 2:
         problems.append("data.classes: keep at least two distinct classes")
+    if data.source_kind == "shards" and (data.classes is not None or data.max_per_class is not None):
+        problems.append("data.classes / data.max_per_class: not available with shards: (they stream); pack what you want to train on")
+    if data.loader == "ray_data":
+        problems.append("data.loader: ray_data is not available in this version; use torch (DataLoader workers)")
     from orchestrator.data.augment import augmentation_entry
 
     names = [augmentation_entry(entry)[0] for entry in data.augment]

@@ -3,7 +3,7 @@
 Writes are atomic where the filesystem allows it (write a temp file, then rename; object stores
 replace whole objects anyway). Owns the layout: `spec.yaml`, `plan.json`, `metrics.parquet`,
 `summary.json`, `model.safetensors`, `checkpoint_epoch_NNNN/checkpoint.pt` (the latest
-`run.keep_checkpoints`), `checkpoint_best/checkpoint.pt`, `workers.json` (where each rank ran) and
+`run.keep_checkpoints`), `checkpoint_best/checkpoint.pt`, `checkpoint_step/checkpoint.pt` (mid-epoch), `workers.json` (where each rank ran) and
 `ray.log` (Ray's own log lines), `run.lock`, `tensorboard/` (event files), and what later commands
 write: `report/` (report, evaluate) and `export/`. A sweep's folder holds `sweep.json`,
 `results.parquet`, `best.yaml` and `trials/<trial id>/` (each a run folder). Every module names
@@ -33,6 +33,9 @@ WEIGHTS_FILE = "model.safetensors"
 CHECKPOINT_FILE = "checkpoint.pt"
 BEST_DIR = "checkpoint_best"
 BEST_CHECKPOINT = f"{BEST_DIR}/{CHECKPOINT_FILE}"
+STEP_DIR = "checkpoint_step"
+STEP_CHECKPOINT = f"{STEP_DIR}/{CHECKPOINT_FILE}"
+"""the latest mid-epoch checkpoint (run.checkpoint_every_steps); removed once an epoch checkpoint supersedes it"""
 WORKERS_FILE = "workers.json"
 RAY_LOG_FILE = "ray.log"
 LOCK_FILE = "run.lock"

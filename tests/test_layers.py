@@ -13,7 +13,7 @@ LAYERS = [
     {"plan", "schedule", "search"},                                           # pure functions of the spec
     {"data", "weights", "models", "optim", "loop", "checkpoint", "progress", "eventlog"},  # torch, no Ray
     {"resolve", "fit", "lr_range"},                                           # the driver's plan, a worker's run, an LR probe
-    {"runs", "trained", "evaluation", "export", "report"},                    # after training: read back, no Ray
+    {"runs", "trained", "evaluation", "export", "report", "pack"},            # after training: read back; packing data; no Ray
     {"session", "failure_policy", "worker", "launch", "sweep", "submit", "local_cluster"},  # Ray glue
     {"cli", "bench"},                                                         # entry points
 ]

@@ -6,7 +6,9 @@ then are resized to `image_size`, scaled to [0, 1] and normalised. In-memory sou
 once up front. An image that cannot be decoded raises `ImageReadError` with its path.
 Loaders shard by rank: training with `GlobalBatchSampler` (every optimizer step sees the plan's
 global batch, the same images at any world size; set_epoch reshuffles), evaluation by
-`rank::world` strides with no padding, so every image counts once.
+`rank::world` strides with no padding, so every image counts once. Packed shards (`shards:`) stream
+through `data.streaming` with the same contracts. Each training image's augmentation is drawn with a
+torch seed fixed by its place in the epoch, so an epoch resumed at step s draws what an unbroken one does.
 """
 
 from __future__ import annotations
@@ -16,7 +18,7 @@ import random
 
 import numpy as np
 import torch
-from torch.utils.data import DataLoader, Dataset
+from torch.utils.data import DataLoader, Dataset, IterableDataset
 from torchvision.transforms import v2
 
 from orchestrator.data.sources import Split
@@ -109,7 +111,11 @@ class ImageDataset(Dataset):
     def __len__(self) -> int:
         return len(self.labels)
 
-    def __getitem__(self, index: int) -> tuple[torch.Tensor, torch.Tensor]:
+    def __getitem__(self, index: int | tuple[int, int]) -> tuple[torch.Tensor, torch.Tensor]:
+        """`index`, or (index, torch seed of its augmentation) as GlobalBatchSampler yields them."""
+        if isinstance(index, tuple):
+            index, augment_seed = index
+            torch.manual_seed(augment_seed)
         item = self.items[index]
         if self.kind == "array":
             image = torch.from_numpy(item).permute(2, 0, 1)
@@ -120,9 +126,30 @@ class ImageDataset(Dataset):
         return self.transform(image), self.labels[index]
 
 
-def make_dataset(split: Split, data: DataSpec, train: bool, name: str) -> ImageDataset:
+class PackedSplit:
+    """A split of packed shards with its transform: what train_loader / eval_loader stream from."""
+
+    def __init__(self, split, transform: v2.Compose):
+        self.split, self.transform = split, transform
+
+    def __len__(self) -> int:
+        return len(self.split)
+
+
+def make_dataset(split, data: DataSpec, train: bool, name: str) -> ImageDataset | PackedSplit:
+    """`split`: a `Split`, or a `ShardSplit` of packed shards (streamed, never held in memory)."""
     transform = build_transform(data, train, pre_sized=split.kind == "array")
+    if split.kind == "shards":
+        return PackedSplit(split, transform)
     return ImageDataset(split, transform, data.image_size, name)
+
+
+def loader_workers(data: DataSpec, cpus_per_worker: float) -> int:
+    """data.loader_workers, or by default: none for in-memory arrays, else one per CPU of the worker beyond
+    the one that trains (decoding encoded images is the work)."""
+    if data.loader_workers is not None:
+        return data.loader_workers
+    return 0 if data.source_kind in ("builtin", "synthetic") else max(0, int(cpus_per_worker) - 1)
 
 
 def seed_worker(worker_id: int) -> None:
@@ -140,28 +167,36 @@ class GlobalBatchSampler(torch.utils.data.Sampler):
     dropped. Micro-step a of rank r takes images [(a x world + r) x B, (a x world + r + 1) x B) of
     each global batch. So every optimizer step sees the same images whatever the world size: 2
     workers x B compute what 1 worker x 2B does.
+
+    Yields (index, augmentation seed): the seed is fixed by the image's place in the epoch's order.
+    `set_epoch(epoch, skip_batches)` skips the first skip_batches of this rank's micro-batches (whole
+    optimizer steps: a mid-epoch resume), without touching their images.
     """
 
     def __init__(self, num_samples: int, per_worker_batch_size: int, world_size: int, rank: int,
                  grad_accum_steps: int, seed: int):
         self.num_samples, self.batch, self.world, self.rank = num_samples, per_worker_batch_size, world_size, rank
-        self.accum, self.seed, self.epoch = grad_accum_steps, seed, 0
+        self.accum, self.seed, self.epoch, self.skip_steps = grad_accum_steps, seed, 0, 0
         self.global_batch = per_worker_batch_size * world_size * grad_accum_steps
         self.steps = num_samples // self.global_batch
 
-    def set_epoch(self, epoch: int) -> None:
-        self.epoch = epoch
+    def set_epoch(self, epoch: int, skip_batches: int = 0) -> None:
+        self.epoch, self.skip_steps = epoch, skip_batches // self.accum
 
     def __len__(self) -> int:
-        return self.steps * self.accum * self.batch
+        return (self.steps - self.skip_steps) * self.accum * self.batch
 
     def __iter__(self):
+        from orchestrator.data.shards import seed_base
+
         generator = torch.Generator().manual_seed(self.seed * 100_003 + self.epoch)
         order = torch.randperm(self.num_samples, generator=generator).tolist()
-        for step in range(self.steps):
+        base = seed_base(self.seed, self.epoch)
+        for step in range(self.skip_steps, self.steps):
             for micro in range(self.accum):
                 start = step * self.global_batch + (micro * self.world + self.rank) * self.batch
-                yield from order[start:start + self.batch]
+                for position in range(start, start + self.batch):
+                    yield order[position], base + position
 
 
 class MixBatches:
@@ -182,22 +217,42 @@ class MixBatches:
         return self.mix(*default_collate(batch))
 
 
-def train_loader(dataset: Dataset, data: DataSpec, plan: Plan, rank: int, seed: int,
-                 num_classes: int | None = None) -> DataLoader:
-    """This rank's micro-batches of the plan's global batches, reshuffled by `sampler.set_epoch`; mixed
-    by MixUp/CutMix when data.mixup_alpha or data.cutmix_alpha is set (needs `num_classes`)."""
-    sampler = GlobalBatchSampler(len(dataset), plan.per_worker_batch_size, plan.world_size, rank, plan.grad_accum_steps, seed)
+def train_loader(dataset: Dataset | PackedSplit, data: DataSpec, plan: Plan, rank: int, seed: int,
+                 num_classes: int | None = None, workers: int = 0) -> DataLoader:
+    """This rank's micro-batches of the plan's global batches, reshuffled by `start_epoch`; mixed
+    by MixUp/CutMix when data.mixup_alpha or data.cutmix_alpha is set (needs `num_classes`).
+    `workers`: DataLoader worker processes (see `loader_workers`)."""
     generator = torch.Generator().manual_seed(seed + rank)
     mixing = data.mixup_alpha > 0 or data.cutmix_alpha > 0
     if mixing and num_classes is None:
         raise ValueError("train_loader: MixUp/CutMix need num_classes")
+    if isinstance(dataset, PackedSplit):
+        from orchestrator.data.streaming import ShardTrainStream
+
+        stream = ShardTrainStream(dataset.split, dataset.transform, plan.per_worker_batch_size,
+                                  plan.steps_per_epoch * plan.grad_accum_steps, rank, plan.world_size, seed,
+                                  mix=MixBatches(data, num_classes).mix if mixing else None)
+        return DataLoader(stream, batch_size=None, num_workers=workers, worker_init_fn=seed_worker, generator=generator)
+    sampler = GlobalBatchSampler(len(dataset), plan.per_worker_batch_size, plan.world_size, rank, plan.grad_accum_steps, seed)
     return DataLoader(dataset, batch_size=plan.per_worker_batch_size, sampler=sampler, drop_last=True,
-                      num_workers=data.loader_workers, worker_init_fn=seed_worker, generator=generator,
+                      num_workers=workers, worker_init_fn=seed_worker, generator=generator,
                       collate_fn=MixBatches(data, num_classes) if mixing else None)
 
 
-def eval_loader(dataset: Dataset, data: DataSpec, batch_size: int, rank: int, world_size: int) -> DataLoader:
-    """In order, strided by rank, nothing padded or dropped: the shards sum to the split."""
+def start_epoch(loader: DataLoader, epoch: int, skip_batches: int = 0) -> None:
+    """Set the loader's epoch (its order) and how many of this rank's micro-batches to skip (a mid-epoch resume)."""
+    target = loader.dataset if isinstance(loader.dataset, IterableDataset) else loader.sampler
+    target.set_epoch(epoch, skip_batches)
+
+
+def eval_loader(dataset: Dataset | PackedSplit, data: DataSpec, batch_size: int, rank: int, world_size: int,
+                workers: int = 0) -> DataLoader:
+    """In order, strided by rank (packed shards: a contiguous share), nothing padded or dropped: the shares sum to the split."""
+    if isinstance(dataset, PackedSplit):
+        from orchestrator.data.streaming import ShardEvalStream
+
+        stream = ShardEvalStream(dataset.split, dataset.transform, batch_size, rank, world_size)
+        return DataLoader(stream, batch_size=None, num_workers=workers, worker_init_fn=seed_worker)
     indices = list(range(rank, len(dataset), world_size))
-    return DataLoader(dataset, batch_size=batch_size, sampler=indices, num_workers=data.loader_workers,
+    return DataLoader(dataset, batch_size=batch_size, sampler=indices, num_workers=workers,
                       worker_init_fn=seed_worker)

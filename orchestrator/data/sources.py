@@ -248,20 +248,48 @@ def _parquet(data: DataSpec, seed: int) -> tuple[list[str], dict[str, Split], li
     return [str(n) for n in names], splits, []
 
 
+def _shards(data: DataSpec, seed: int) -> "Splits":
+    """Packed shards: counted from the manifest, streamed by the loaders (nothing of the images read here)."""
+    from orchestrator.data.shards import hold_out, read_manifest, split_of
+
+    for key, value in (("data.classes", data.classes), ("data.max_per_class", data.max_per_class)):
+        if value is not None:
+            raise DataError(f"{key}: not available with packed shards (they stream); pack the classes or images you want")
+    uri = data.source_path
+    manifest = read_manifest(uri)
+    notes = [f"packed shards {uri}: " + ", ".join(f"{name} {entry['images']}" for name, entry in manifest.splits.items())
+             + f" images of {len(manifest.class_names)} classes"]
+    if manifest.skipped:
+        notes.append(f"warning: the pack skipped {len(manifest.skipped)} unreadable image(s); see {uri}/manifest.json")
+    train, val, test = (split_of(manifest, uri, name) for name in ("train", "val", "test"))
+    if train is None:
+        raise DataError(f"data.source: {uri} has no training images")
+    if val is None:
+        train, val = hold_out(train, data.val_fraction, seed)
+        notes.append(f"no val split: held out {len(val.units)} of {len(val.units) + len(train.units)} row groups "
+                     f"({len(val)} images, val_fraction {data.val_fraction}, seed {seed})")
+    if test is None:
+        notes.append(f"no test split in {data.source}: the summary reports validation accuracy only")
+    return Splits(manifest.class_names, train, val, test, notes)
+
+
 @dataclass(frozen=True)
 class Source:
-    read: Callable[[DataSpec, int], tuple[list[str], dict[str, Split], list[str]]]
+    read: Callable[[DataSpec, int], tuple[list[str], dict[str, Split], list[str]]] | None
     """(data spec, seed) -> (class names, splits by name, notes)"""
     form: str
     """how a job file writes it"""
     takes_path: bool
     """the part after ':' is a local path or URI"""
+    load: Callable[[DataSpec, int], "Splits"] | None = None
+    """(data spec, seed) -> the splits, for a source that makes them itself (instead of `read`)"""
 
 
 SOURCES = {
     "builtin": Source(_digits, "builtin:digits", takes_path=False),
     "imagefolder": Source(_imagefolder, "imagefolder:PATH", takes_path=True),
     "parquet": Source(_parquet, "parquet:PATH_OR_URI", takes_path=True),
+    "shards": Source(None, "shards:PATH_OR_URI", takes_path=True, load=_shards),
     "synthetic": Source(_synthetic, "synthetic", takes_path=False),
 }
 """data.source kinds (the part before ':'); the spec's validation reads this"""
@@ -299,7 +327,10 @@ def _keep_classes(class_names: list[str], splits: dict[str, Split], keep: list[i
 
 def load_splits(data: DataSpec, seed: int) -> Splits:
     """Train/val/test of the configured source, after class selection, val split and few-shot cap."""
-    class_names, splits, notes = SOURCES[data.source_kind].read(data, seed)
+    source = SOURCES[data.source_kind]
+    if source.load is not None:
+        return source.load(data, seed)
+    class_names, splits, notes = source.read(data, seed)
     if data.classes is not None:
         class_names, splits = _keep_classes(class_names, splits, data.classes)
     train = splits["train"]

@@ -1,0 +1,249 @@
+"""`data.source: shards:URI`: Parquet shards written by `orchestrator pack`, streamed to every rank.
+
+Layout (the pack's contract): `<URI>/manifest.json` plus `<split>-NNNNN.parquet` files with columns
+`image` (encoded bytes), `label` (int32, index into the manifest's class names) and `path` (where
+the image came from). The manifest lists every shard with its row count and its row groups' row
+counts, so planning counts images without opening a shard.
+
+Order of an epoch (pure functions of seed and epoch, the same on every rank):
+1. the split's row groups ("units") are permuted by (seed, epoch);
+2. the rows they hold, in that order, are cut into one contiguous span per rank (floor(N / world)
+   rows each, the rest unused this epoch): a rank reads only the row groups its span touches;
+3. a rank's batches are dealt round-robin to its loader workers (batch k to worker k mod W, which
+   is the order a DataLoader gathers them in), so each worker owns a contiguous stretch of the
+   span: exactly the rows of its batches;
+4. a worker shuffles its stretch in chunks of SHUFFLE_BUFFER_ROWS rows (its shuffle buffer),
+   seeded by (seed, epoch, rank, worker, chunk), and cuts batches in that order.
+Every optimizer step so sees exactly the plan's global batch, each image at most once an epoch,
+and a resume at step s skips the first s steps' rows without decoding them. Augmentation draws
+are seeded per image from its position (`sample_seed`), so they do not depend on where a run resumed.
+Memory per worker: one shuffle chunk of encoded bytes plus one row group, whatever the dataset size.
+"""
+
+from __future__ import annotations
+
+import json
+from dataclasses import dataclass
+from functools import cached_property
+
+import numpy as np
+
+from orchestrator.data.sources import DataError
+
+MANIFEST_FILE = "manifest.json"
+MANIFEST_FORMAT = "orchestrator-shards"
+MANIFEST_VERSION = 1
+SHUFFLE_BUFFER_ROWS = 2048
+"""rows a loader worker shuffles together (and holds, encoded, at once)"""
+SPLITS = ("train", "val", "test")
+
+
+def open_fs(uri: str):
+    """(pyarrow filesystem, path inside it) for a local path, file://, s3:// or gs:// URI."""
+    import pyarrow.fs as pafs
+
+    if "://" in uri:
+        return pafs.FileSystem.from_uri(uri)
+    from pathlib import Path
+
+    return pafs.LocalFileSystem(), str(Path(uri).expanduser().resolve())
+
+
+def storage_message(exc: BaseException) -> str:
+    """One line for a pyarrow / OS error; refused credentials are said as such."""
+    text = " ".join(str(exc).split()) or type(exc).__name__
+    lowered = text.lower()
+    if any(word in lowered for word in ("access denied", "accessdenied", "forbidden", "invalidaccesskeyid",
+                                        "signaturedoesnotmatch", "credentials", "403")):
+        return f"the store refused the credentials ({text[:300]})"
+    return text[:300]
+
+
+@dataclass(frozen=True)
+class Unit:
+    """One row group of one shard: the unit a rank reads."""
+
+    file: str
+    """shard file name inside the shards folder"""
+    row_group: int
+    rows: int
+
+
+@dataclass
+class ShardSplit:
+    """One split of a packed dataset: where its row groups are; nothing of the images is in memory."""
+
+    uri: str
+    units: list[Unit]
+    name: str
+    kind: str = "shards"
+
+    def __len__(self) -> int:
+        return sum(u.rows for u in self.units)
+
+    @cached_property
+    def unit_starts(self) -> np.ndarray:
+        return np.concatenate([[0], np.cumsum([u.rows for u in self.units])]).astype(np.int64)
+
+
+@dataclass
+class Manifest:
+    class_names: list[str]
+    splits: dict[str, dict]
+    """split -> {"images": int, "per_class": [int], "shards": [{"file", "rows", "row_groups": [int]}]}"""
+    skipped: list[dict]
+
+
+def read_manifest(uri: str) -> Manifest:
+    """The manifest at `<uri>/manifest.json`, checked against the shard files present; DataError naming
+    what is missing or does not add up (a pack that did not finish has no manifest)."""
+    import pyarrow as pa
+    import pyarrow.fs as pafs
+
+    where = f"{uri.rstrip('/')}/{MANIFEST_FILE}"
+    try:
+        fs, root = open_fs(uri)
+        info = fs.get_file_info(f"{root}/{MANIFEST_FILE}")
+        if info.type == pafs.FileType.NotFound:
+            raise DataError(f"data.source: no {MANIFEST_FILE} in {uri} (not a packed dataset, or its pack did not "
+                            f"finish: run orchestrator pack SRC {uri} again)")
+        with fs.open_input_stream(f"{root}/{MANIFEST_FILE}") as stream:
+            raw = json.loads(stream.read().decode())
+        present = {i.base_name for i in fs.get_file_info(pafs.FileSelector(root)) if i.type == pafs.FileType.File}
+    except DataError:
+        raise
+    except (OSError, pa.ArrowException, ValueError) as exc:
+        raise DataError(f"data.source: cannot read {where}: {storage_message(exc)}") from None
+    problems = _manifest_problems(raw, present)
+    if problems:
+        raise DataError(f"data.source: {where} is partial or not a manifest of orchestrator pack: {'; '.join(problems[:3])}")
+    return Manifest(list(raw["class_names"]), raw["splits"], list(raw.get("skipped", [])))
+
+
+def _manifest_problems(raw, present: set[str]) -> list[str]:
+    if not isinstance(raw, dict) or raw.get("format") != MANIFEST_FORMAT:
+        return [f"format is not {MANIFEST_FORMAT!r}"]
+    if raw.get("version") != MANIFEST_VERSION:
+        return [f"version {raw.get('version')!r}, this tool reads {MANIFEST_VERSION}"]
+    problems = []
+    names, splits = raw.get("class_names"), raw.get("splits")
+    if not isinstance(names, list) or len(names) < 2:
+        problems.append("class_names must list at least two classes")
+    if not isinstance(splits, dict) or "train" not in splits:
+        return problems + ["no train split"]
+    for split, entry in splits.items():
+        shards = entry.get("shards", []) if isinstance(entry, dict) else []
+        rows = 0
+        for shard in shards:
+            if shard.get("file") not in present:
+                problems.append(f"shard {shard.get('file')} of split {split} is missing")
+            elif sum(shard.get("row_groups", [])) != shard.get("rows"):
+                problems.append(f"shard {shard.get('file')}: row groups do not add up to its rows")
+            rows += int(shard.get("rows", 0))
+        if not isinstance(entry, dict) or rows != entry.get("images"):
+            problems.append(f"split {split}: shards hold {rows} images, the manifest says {entry.get('images') if isinstance(entry, dict) else '?'}")
+    return problems
+
+
+def split_of(manifest: Manifest, uri: str, name: str) -> ShardSplit | None:
+    entry = manifest.splits.get(name)
+    if not entry or not entry["images"]:
+        return None
+    units = [Unit(s["file"], i, rows) for s in entry["shards"] for i, rows in enumerate(s["row_groups"]) if rows]
+    return ShardSplit(uri.rstrip("/"), units, name)
+
+
+def hold_out(split: ShardSplit, fraction: float, seed: int) -> tuple[ShardSplit, ShardSplit]:
+    """(train, val): whole row groups, a seeded `fraction` of them (pack shuffles images into row groups,
+    so each row group is a random sample of the split)."""
+    order = np.random.default_rng([seed, 7]).permutation(len(split.units))
+    held_count = max(1, round(fraction * len(split.units)))
+    if held_count >= len(split.units):
+        raise DataError(f"data.source: {split.uri} has {len(split.units)} row group(s) and no val split: too few to hold "
+                        "out val_fraction of them; pack with a val/ folder")
+    held = set(order[:held_count].tolist())
+    keep = [u for i, u in enumerate(split.units) if i not in held]
+    return ShardSplit(split.uri, keep, "train"), ShardSplit(split.uri, [u for i, u in enumerate(split.units) if i in held], "val")
+
+
+# -- the order of an epoch: pure functions -------------------------------------------------------------------
+
+def unit_order(num_units: int, seed: int, epoch: int) -> np.ndarray:
+    """The epoch's permutation of row groups."""
+    return np.random.default_rng([seed, epoch, 1]).permutation(num_units)
+
+
+def rank_span(num_rows: int, world_size: int, rank: int) -> tuple[int, int]:
+    """[start, stop) of this rank's rows in the epoch's row stream."""
+    per_rank = num_rows // world_size
+    return rank * per_rank, (rank + 1) * per_rank
+
+
+def worker_batches(num_batches: int, num_workers: int, worker: int) -> int:
+    """How many of a rank's `num_batches` batches worker `worker` delivers (batch k goes to k mod W)."""
+    return len(range(worker, num_batches, num_workers))
+
+
+def pieces(split: ShardSplit, order: np.ndarray, start: int, stop: int) -> list[tuple[int, int, int]]:
+    """(unit index, first row, end row) covering rows [start, stop) of the stream `order` makes."""
+    rows = np.array([split.units[i].rows for i in order], dtype=np.int64)
+    ends = np.cumsum(rows)
+    out = []
+    first = int(np.searchsorted(ends, start, side="right"))
+    for position in range(first, len(order)):
+        unit_start = int(ends[position] - rows[position])
+        if unit_start >= stop:
+            break
+        out.append((int(order[position]), max(start, unit_start) - unit_start, min(stop, int(ends[position])) - unit_start))
+    return out
+
+
+def chunk_permutation(size: int, seed: int, epoch: int, rank: int, worker: int, chunk: int) -> np.ndarray:
+    return np.random.default_rng([seed, epoch, rank, worker, chunk, 2]).permutation(size)
+
+
+def seed_base(seed: int, epoch: int, *stream: int) -> int:
+    """Image `i` of a stream of an epoch is augmented with torch seed `seed_base(...) + i`: a function of
+    where the image is, not of when it was drawn (so a resumed run draws what an unbroken one does)."""
+    return int(np.random.SeedSequence([seed, epoch, *stream]).generate_state(1, dtype=np.uint64)[0] >> 2)
+
+
+# -- reading ------------------------------------------------------------------------------------------------
+
+class UnitReader:
+    """Reads row groups of one split's shards, keeping the last one (consecutive reads often share it)."""
+
+    def __init__(self, split: ShardSplit):
+        self.split = split
+        self.fs = None
+        self.cached: tuple[int, tuple[list, np.ndarray]] | None = None
+
+    def read(self, unit_index: int) -> tuple[list, np.ndarray]:
+        """(encoded images, labels) of one row group; DataError naming the shard when it cannot be read."""
+        if self.cached and self.cached[0] == unit_index:
+            return self.cached[1]
+        import pyarrow as pa
+        import pyarrow.parquet as pq
+
+        unit = self.split.units[unit_index]
+        where = f"{self.split.uri}/{unit.file} (row group {unit.row_group})"
+        try:
+            if self.fs is None:
+                self.fs, self.root = open_fs(self.split.uri)
+            with self.fs.open_input_file(f"{self.root}/{unit.file}") as handle:
+                table = pq.ParquetFile(handle).read_row_group(unit.row_group, columns=["image", "label"])
+        except (OSError, pa.ArrowException) as exc:
+            raise DataError(f"data.source: cannot read shard {where}: {storage_message(exc)}") from None
+        if table.num_rows != unit.rows:
+            raise DataError(f"data.source: shard {where} has {table.num_rows} rows, the manifest says {unit.rows}")
+        value = (table.column("image").to_pylist(), table.column("label").to_numpy().astype(np.int64))
+        self.cached = (unit_index, value)
+        return value
+
+    def rows(self, parts: list[tuple[int, int, int]]) -> tuple[list, np.ndarray]:
+        images, labels = [], []
+        for unit_index, lo, hi in parts:
+            unit_images, unit_labels = self.read(unit_index)
+            images.extend(unit_images[lo:hi])
+            labels.append(unit_labels[lo:hi])
+        return images, np.concatenate(labels) if labels else np.zeros(0, dtype=np.int64)

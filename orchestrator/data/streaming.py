@@ -1,0 +1,101 @@
+"""Torch datasets over packed shards (`shards.py` gives the order; this reads, decodes and batches it).
+
+`ShardTrainStream` yields this rank's micro-batches of an epoch, already collated, from however many
+DataLoader workers read it; `ShardEvalStream` yields a rank's contiguous share of a split, every image once.
+"""
+
+from __future__ import annotations
+
+import math
+
+import numpy as np
+import torch
+from torch.utils.data import IterableDataset, get_worker_info
+
+from orchestrator.data.shards import (SHUFFLE_BUFFER_ROWS, ShardSplit, UnitReader, chunk_permutation, pieces, rank_span,
+                                      seed_base, unit_order, worker_batches)
+
+
+def _worker() -> tuple[int, int]:
+    info = get_worker_info()
+    return (0, 1) if info is None else (info.id, info.num_workers)
+
+
+class ShardTrainStream(IterableDataset):
+    """This rank's `num_batches` micro-batches of `batch_size` images an epoch (see shards.py for the order).
+
+    `set_epoch(epoch, skip_batches)` before iterating: the first `skip_batches` of the rank's batches are
+    skipped without decoding (a mid-epoch resume)."""
+
+    def __init__(self, split: ShardSplit, transform, batch_size: int, num_batches: int, rank: int, world_size: int,
+                 seed: int, mix=None):
+        self.split, self.transform, self.batch_size, self.num_batches = split, transform, batch_size, num_batches
+        self.rank, self.world_size, self.seed, self.mix = rank, world_size, seed, mix
+        self.epoch, self.skip_batches = 0, 0
+        if num_batches * batch_size > rank_span(len(split), world_size, rank)[1] - rank_span(len(split), world_size, rank)[0]:
+            raise ValueError(f"{num_batches} batches of {batch_size} do not fit a rank's share of {len(split)} images")
+
+    def set_epoch(self, epoch: int, skip_batches: int = 0) -> None:
+        self.epoch, self.skip_batches = epoch, skip_batches
+
+    def __len__(self) -> int:
+        return self.num_batches
+
+    def __iter__(self):
+        from orchestrator.data.datasets import decode_image
+
+        loader_worker, workers = _worker()
+        # a DataLoader asks its workers in turn from worker 0: after skipping s batches, the next one (s) is
+        # owed by stretch s mod W, so loader worker i serves stretch (i + s) mod W
+        worker = (loader_worker + self.skip_batches) % workers
+        batch = self.batch_size
+        mine = worker_batches(self.num_batches, workers, worker) * batch
+        offset = sum(worker_batches(self.num_batches, workers, v) for v in range(worker)) * batch
+        skip = worker_batches(self.skip_batches, workers, worker) * batch
+        span_start = rank_span(len(self.split), self.world_size, self.rank)[0] + offset
+        order = unit_order(len(self.split.units), self.seed, self.epoch)
+        base = seed_base(self.seed, self.epoch, self.rank, worker, workers)
+        reader = UnitReader(self.split)
+        images, labels = [], []
+        for chunk in range(math.ceil(mine / SHUFFLE_BUFFER_ROWS)):
+            lo, hi = chunk * SHUFFLE_BUFFER_ROWS, min(mine, (chunk + 1) * SHUFFLE_BUFFER_ROWS)
+            if hi <= skip:
+                continue
+            encoded, chunk_labels = reader.rows(pieces(self.split, order, span_start + lo, span_start + hi))
+            permutation = chunk_permutation(hi - lo, self.seed, self.epoch, self.rank, worker, chunk)
+            for position in range(max(lo, skip), hi):
+                row = int(permutation[position - lo])
+                torch.manual_seed(base + position)
+                images.append(self.transform(decode_image(encoded[row], f"{self.split.uri} ({self.split.name} split)")))
+                labels.append(int(chunk_labels[row]))
+                if len(images) == batch:
+                    yield self._collate(images, labels)
+                    images, labels = [], []
+
+    def _collate(self, images: list, labels: list):
+        stacked, targets = torch.stack(images), torch.tensor(labels, dtype=torch.long)
+        return self.mix(stacked, targets) if self.mix else (stacked, targets)
+
+
+class ShardEvalStream(IterableDataset):
+    """Rank `rank`'s contiguous share of a split in pack order, in batches; the ranks' shares sum to the split."""
+
+    def __init__(self, split: ShardSplit, transform, batch_size: int, rank: int, world_size: int):
+        self.split, self.transform, self.batch_size, self.rank, self.world_size = split, transform, batch_size, rank, world_size
+
+    def share(self) -> tuple[int, int]:
+        total = len(self.split)
+        return total * self.rank // self.world_size, total * (self.rank + 1) // self.world_size
+
+    def __iter__(self):
+        from orchestrator.data.datasets import decode_image
+
+        worker, workers = _worker()
+        start, stop = self.share()
+        lo, hi = start + (stop - start) * worker // workers, start + (stop - start) * (worker + 1) // workers
+        order = np.arange(len(self.split.units))
+        reader = UnitReader(self.split)
+        for first in range(lo, hi, self.batch_size):
+            encoded, labels = reader.rows(pieces(self.split, order, first, min(hi, first + self.batch_size)))
+            images = [self.transform(decode_image(blob, f"{self.split.uri} ({self.split.name} split)")) for blob in encoded]
+            yield torch.stack(images), torch.as_tensor(labels, dtype=torch.long)
