@@ -36,6 +36,28 @@ def ray_session():
     ray.shutdown()
 
 
+@pytest.fixture
+def s3_bucket(monkeypatch):
+    """A real S3 API on 127.0.0.1 (moto's server) with one bucket; pyarrow finds it through AWS_ENDPOINT_URL."""
+    import socket
+
+    from moto import server as moto_server
+    with socket.socket() as probe:
+        probe.bind(("127.0.0.1", 0))
+        port = probe.getsockname()[1]
+    server = moto_server.ThreadedMotoServer(ip_address="127.0.0.1", port=port, verbose=False)
+    server.start()
+    for key, value in {"AWS_ENDPOINT_URL": f"http://127.0.0.1:{port}", "AWS_ACCESS_KEY_ID": "test",
+                       "AWS_SECRET_ACCESS_KEY": "test", "AWS_DEFAULT_REGION": "us-east-1"}.items():
+        monkeypatch.setenv(key, value)
+    import boto3
+
+    client = boto3.client("s3")
+    client.create_bucket(Bucket="weights")
+    yield client
+    server.stop()
+
+
 def tiny_job(storage, name: str, **sections) -> dict:
     """A job that trains in seconds: 3 digit classes, 16 px, resnet18, 2 epochs."""
     job = {

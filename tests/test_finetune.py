@@ -3,7 +3,6 @@ per group, lambda/onecycle/poly, augmentations as written, glob freezing and gra
 
 import io
 import json
-import socket
 from types import SimpleNamespace
 
 import pyarrow.parquet as pq
@@ -118,26 +117,6 @@ def test_a_whole_pickled_model_gets_its_own_message(tmp_path):
     torch.save(build_architecture("resnet18", 5, 32), tmp_path / "model.pth")
     with pytest.raises(WeightsError, match=r"holds a whole pickled model \(torch.save\(model\)\).*model.state_dict"):
         build_model(ModelSpec(arch="resnet18", weights=str(tmp_path / "model.pth")), 5, 32)
-
-
-@pytest.fixture
-def s3_bucket(monkeypatch):
-    """A real S3 API on 127.0.0.1 (moto's server) with one bucket; pyarrow finds it through AWS_ENDPOINT_URL."""
-    from moto import server as moto_server
-    with socket.socket() as probe:
-        probe.bind(("127.0.0.1", 0))
-        port = probe.getsockname()[1]
-    server = moto_server.ThreadedMotoServer(ip_address="127.0.0.1", port=port, verbose=False)
-    server.start()
-    for key, value in {"AWS_ENDPOINT_URL": f"http://127.0.0.1:{port}", "AWS_ACCESS_KEY_ID": "test",
-                       "AWS_SECRET_ACCESS_KEY": "test", "AWS_DEFAULT_REGION": "us-east-1"}.items():
-        monkeypatch.setenv(key, value)
-    import boto3
-
-    client = boto3.client("s3")
-    client.create_bucket(Bucket="weights")
-    yield client
-    server.stop()
 
 
 def test_a_run_folder_on_s3_is_a_weights_source(tmp_path, s3_bucket):

@@ -230,3 +230,100 @@ def test_hold_out_takes_whole_row_groups(tmp_path):
     train, val = hold_out(split, 0.2, seed=1)
     assert len(val.units) == 2 and len(train) + len(val) == 100
     assert not {u.file for u in train.units} & {u.file for u in val.units}
+
+
+# object storage, for real: moto's S3 server on 127.0.0.1 -----------------------------------------------------
+
+@pytest.mark.ray
+@pytest.mark.slow
+def test_pack_to_s3_then_two_ray_workers_train_from_s3_into_s3_storage_and_resume_mid_epoch(tmp_path, s3_bucket):
+    import os
+    import subprocess
+    import sys
+
+    from conftest import REPO
+
+    s3_bucket.create_bucket(Bucket="data")
+    tree = make_tree(tmp_path / "tree", {"train": 20, "val": 6})
+    env = dict(os.environ)
+    packed = subprocess.run([sys.executable, "-m", "orchestrator.cli", "pack", str(tree), "s3://data/packed",
+                             "--shard-size-mb", "0.01", "--json"], env=env, capture_output=True, text=True, timeout=120)
+    assert packed.returncode == 0, packed.stderr
+    assert json.loads(packed.stdout)["splits"] == {"train": 60, "val": 18}
+    job = tiny_job("s3://data/runs", "s3run", data={"source": "shards:s3://data/packed", "classes": None,
+                                                    "max_per_class": None, "image_size": 16, "loader_workers": 1},
+                   scaling={"num_workers": 2, "per_worker_batch_size": 4},
+                   run={"checkpoint_every_steps": 3, "max_failures": 1}, schedule={"epochs": 2, "warmup_epochs": 0},
+                   optim={"base_lr": 0.002})
+    path = tmp_path / "job.yaml"
+    path.write_text(json.dumps(job))
+    # 60 images, global batch 8: 7 steps an epoch; a checkpoint after step 9 (2 of epoch 1), a worker killed after step 10
+    env.update(ORCHESTRATOR_FAULT_AT_STEP="10")
+    trained = subprocess.run([sys.executable, "-m", "orchestrator.cli", "train", str(path)], cwd=REPO, env=env,
+                             capture_output=True, text=True, timeout=420)
+    assert trained.returncode == 0, trained.stdout[-3000:] + trained.stderr[-3000:]
+    assert "resumed from s3://data/runs/s3run/checkpoint_step/checkpoint.pt (epoch 0 done and 2 steps of epoch 1" in trained.stdout
+
+    def read(key: str) -> bytes:
+        return s3_bucket.get_object(Bucket="data", Key=f"runs/s3run/{key}")["Body"].read()
+
+    summary = json.loads(read("summary.json"))
+    assert summary["status"] == "completed" and summary["best_val_acc1"] > 0.6      # three colours (chance 1/3): it learns
+    rows = pq.read_table(pa_buffer(read("metrics.parquet"))).to_pylist()
+    assert [r["epoch"] for r in rows] == [0, 1] and rows[-1]["step"] == 14
+    assert [w["rank"] for w in json.loads(read("workers.json"))] == [0, 1]
+    assert json.loads(read("fault_injected.json"))["step"] == 10
+    keys = {o["Key"] for o in s3_bucket.list_objects_v2(Bucket="data", Prefix="runs/s3run/")["Contents"]}
+    assert "runs/s3run/checkpoint_epoch_0001/checkpoint.pt" in keys and not any("checkpoint_step" in k for k in keys)
+
+
+def pa_buffer(data: bytes):
+    import pyarrow as pa
+
+    return pa.BufferReader(data)
+
+
+def test_credentials_the_store_refuses_exit_2(tmp_path):
+    """moto with authentication on: the keys are not an account's, so S3 answers 403."""
+    import os
+    import socket
+    import subprocess
+    import sys
+    import time
+
+    with socket.socket() as probe:
+        probe.bind(("127.0.0.1", 0))
+        port = probe.getsockname()[1]
+    server = subprocess.Popen([sys.executable, "-m", "moto.server", "-H", "127.0.0.1", "-p", str(port)],
+                              env=dict(os.environ, INITIAL_NO_AUTH_ACTION_COUNT="1"),
+                              stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL)
+    env = dict(os.environ, AWS_ENDPOINT_URL=f"http://127.0.0.1:{port}", AWS_ACCESS_KEY_ID="nobody",
+               AWS_SECRET_ACCESS_KEY="wrong", AWS_DEFAULT_REGION="us-east-1")
+    try:
+        import boto3
+
+        client = boto3.client("s3", endpoint_url=env["AWS_ENDPOINT_URL"], aws_access_key_id="nobody",
+                              aws_secret_access_key="wrong", region_name="us-east-1")
+        deadline = time.time() + 30
+        while True:
+            try:
+                client.create_bucket(Bucket="data")    # the one action moto lets through unchecked
+                break
+            except Exception:
+                if time.time() > deadline:
+                    raise
+                time.sleep(0.3)
+        tree = make_tree(tmp_path / "tree", {"train": 2})
+        packed = subprocess.run([sys.executable, "-m", "orchestrator.cli", "pack", str(tree), "s3://data/packed"],
+                                env=env, capture_output=True, text=True, timeout=120)
+        assert packed.returncode == 2 and "OUT" in packed.stderr and "refused the credentials" in packed.stderr, packed.stderr
+        job = tmp_path / "job.yaml"
+        job.write_text(json.dumps(tiny_job(tmp_path / "runs", "denied", data={
+            "source": "shards:s3://data/packed", "classes": None, "max_per_class": None})))
+        trained = subprocess.run([sys.executable, "-m", "orchestrator.cli", "train", str(job), "--local"],
+                                 env=env, capture_output=True, text=True, timeout=120)
+        assert trained.returncode == 2, trained.stdout[-2000:] + trained.stderr[-2000:]
+        assert "data.source" in trained.stderr and "refused the credentials" in trained.stderr
+    finally:
+        server.terminate()
+        server.wait()

@@ -53,7 +53,7 @@ def storage_message(exc: BaseException) -> str:
     """One line for a pyarrow / OS error; refused credentials are said as such."""
     text = " ".join(str(exc).split()) or type(exc).__name__
     lowered = text.lower()
-    if any(word in lowered for word in ("access denied", "accessdenied", "forbidden", "invalidaccesskeyid",
+    if any(word in lowered for word in ("access denied", "accessdenied", "access_denied", "forbidden", "invalidaccesskeyid",
                                         "signaturedoesnotmatch", "credentials", "403")):
         return f"the store refused the credentials ({text[:300]})"
     return text[:300]
