@@ -14,7 +14,7 @@ import gc
 import math
 import random
 import time
-from collections.abc import Callable
+from collections.abc import Callable, Iterable
 from dataclasses import dataclass
 
 import numpy as np
@@ -64,6 +64,9 @@ class WorkerEnv:
     on_epoch_end: Callable[[dict], None] = lambda row: None
     """called on every rank with the epoch's metric row once everything of the epoch is written (checkpoint,
     metrics.parquet): a sweep trial reports to Tune here, where being stopped loses nothing"""
+    train_batches: Callable[[int], Iterable] | None = None
+    """epoch -> this rank's training micro-batches, when the framework delivers them (data.loader: ray_data);
+    None: a DataLoader over the split"""
 
     def log(self, text: str) -> None:
         if self.rank == 0:
@@ -133,8 +136,8 @@ def fit(spec: JobSpec, plan: Plan, env: WorkerEnv, splits: Splits | None = None)
         run.state = ckpt.TrainingState.from_payload(payload)
     trainee = _make_trainee(run, built, payload)
     workers = loader_workers(spec.data, spec.scaling.cpus_per_worker)
-    loaders = (train_loader(make_dataset(splits.train, spec.data, True, "train"), spec.data, plan, env.rank, spec.seed,
-                            num_classes, workers),
+    loaders = (env.train_batches or train_loader(make_dataset(splits.train, spec.data, True, "train"), spec.data, plan,
+                                                 env.rank, spec.seed, num_classes, workers),
                eval_loader(make_dataset(splits.val, spec.data, False, "val"), spec.data, EVAL_BATCH_SIZE, env.rank,
                            env.world_size, workers))
     _start(run, resume_point)
@@ -247,10 +250,14 @@ def _run_epoch(run: Run, trainee: Trainee, loaders, epoch: int) -> dict:
     env, plan, state = run.env, run.plan, run.state
     train, val = loaders
     skip = state.epoch_steps
-    train.generator.manual_seed(seed_epoch(run.spec.seed, epoch, env.rank))
+    seeded = seed_epoch(run.spec.seed, epoch, env.rank)
     if skip and state.rng_by_rank:
         ckpt.set_rng_state(state.rng_by_rank[env.rank])
-    start_epoch(train, epoch, skip * plan.grad_accum_steps)
+    if callable(train):   # the framework's batches (Ray Data): no mid-epoch skip (the spec refuses it)
+        train = train(epoch)
+    else:
+        train.generator.manual_seed(seeded)
+        start_epoch(train, epoch, skip * plan.grad_accum_steps)
     start = progress.EpochStart(epoch, plan.epochs, plan.steps_per_epoch)
     if env.rank == 0:
         env.emit(start)

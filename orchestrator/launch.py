@@ -128,6 +128,13 @@ def build_trainer(spec: JobSpec, plan: Plan, queue=None, callbacks: list | None 
     resources = {"CPU": scaling.cpus_per_worker}
     if scaling.use_gpu:
         resources["GPU"] = 1
+    datasets = None
+    if spec.data.loader == "ray_data":
+        from orchestrator.data import load_splits
+        from orchestrator.ray_data import train_dataset
+
+        _check_cpus_left_to_decode(spec, plan)
+        datasets = {"train": train_dataset(spec.data, load_splits(spec.data, spec.seed).train)}
     return Trainer(
         train_fn,
         train_loop_config={"spec": spec.to_dict(), "plan": plan.to_dict(), "queue": queue, "fault": fault_from_env()},
@@ -137,7 +144,22 @@ def build_trainer(spec: JobSpec, plan: Plan, queue=None, callbacks: list | None 
                              failure_config=FailureConfig(max_failures=spec.run.max_failures),
                              checkpoint_config=CheckpointConfig(num_to_keep=spec.run.keep_checkpoints),
                              callbacks=callbacks),
+        datasets=datasets,
     )
+
+
+def _check_cpus_left_to_decode(spec: JobSpec, plan: Plan) -> None:
+    """PlanError when the trainers take every CPU of the cluster: Ray Data's decode tasks would never run."""
+    import ray
+
+    from orchestrator.plan import PlanError
+
+    total = ray.cluster_resources().get("CPU", 0.0)
+    taken = plan.world_size * spec.scaling.cpus_per_worker
+    if total - taken < 1:
+        raise PlanError(f"data.loader: ray_data decodes in Ray tasks of 1 CPU, but the cluster has {total:g} CPUs and the "
+                        f"{plan.world_size} trainers take {taken:g} (scaling.cpus_per_worker {spec.scaling.cpus_per_worker:g}); "
+                        "lower scaling.cpus_per_worker, add CPU nodes, or use data.loader: torch")
 
 
 def _drain(events, view: ProgressView, done: threading.Event) -> None:

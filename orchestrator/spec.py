@@ -505,8 +505,11 @@ def _check_data(spec: JobSpec) -> list[str]:
         problems.append("data.classes: keep at least two distinct classes")
     if data.source_kind == "shards" and (data.classes is not None or data.max_per_class is not None):
         problems.append("data.classes / data.max_per_class: not available with shards: (they stream); pack what you want to train on")
-    if data.loader == "ray_data":
-        problems.append("data.loader: ray_data is not available in this version; use torch (DataLoader workers)")
+    if data.loader == "ray_data" and data.source_kind != "shards":
+        problems.append(f"data.loader: ray_data reads packed shards; data.source is {data.source} (orchestrator pack it first)")
+    if data.loader == "ray_data" and spec.run.checkpoint_every_steps is not None:
+        problems.append("run.checkpoint_every_steps: a mid-epoch resume needs data.loader: torch (Ray Data's order is "
+                        "not a function of seed and epoch)")
     from orchestrator.data.augment import augmentation_entry
 
     names = [augmentation_entry(entry)[0] for entry in data.augment]

@@ -145,4 +145,8 @@ def train_fn(config: dict) -> None:
                     emit=_emitter(config.get("queue")) if rank == 0 else (lambda event: None),
                     step_hook=fault_hook(config.get("fault"), rank, world_size, folder),
                     on_start=lambda: record_placement(folder, rank, world_size, context.get_local_rank()))
+    if spec.data.loader == "ray_data":
+        from orchestrator.ray_data import epoch_batches
+
+        env.train_batches = epoch_batches(plan.per_worker_batch_size, spec.seed)
     fit(spec, plan, env)

@@ -14,7 +14,7 @@ LAYERS = [
     {"data", "weights", "models", "optim", "loop", "checkpoint", "progress", "eventlog"},  # torch, no Ray
     {"resolve", "fit", "lr_range"},                                           # the driver's plan, a worker's run, an LR probe
     {"runs", "trained", "evaluation", "export", "report", "pack"},            # after training: read back; packing data; no Ray
-    {"session", "failure_policy", "worker", "launch", "sweep", "submit", "local_cluster"},  # Ray glue
+    {"session", "failure_policy", "worker", "launch", "sweep", "submit", "local_cluster", "ray_data"},  # Ray glue
     {"cli", "bench"},                                                         # entry points
 ]
 CORE = set().union(*LAYERS[:4], LAYERS[5])

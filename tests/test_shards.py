@@ -327,3 +327,25 @@ def test_credentials_the_store_refuses_exit_2(tmp_path):
     finally:
         server.terminate()
         server.wait()
+
+
+@pytest.mark.ray
+@pytest.mark.slow
+def test_ray_data_loader_trains_from_shards_and_refuses_a_cluster_with_no_cpu_left_to_decode(ray_session, tmp_path,
+                                                                                            write_job, capsys):
+    tree = make_tree(tmp_path / "tree", {"train": 16, "val": 4})
+    pack(str(tree), str(tmp_path / "packed"), shard_size_mb=0.01, workers=1)
+    job = tiny_job(tmp_path / "runs", "raydata", data={"source": f"shards:{tmp_path / 'packed'}", "classes": None,
+                                                       "max_per_class": None, "image_size": 16, "loader": "ray_data"},
+                   scaling={"num_workers": 2, "per_worker_batch_size": 4, "cpus_per_worker": 1},
+                   schedule={"epochs": 2, "warmup_epochs": 0}, optim={"base_lr": 0.002})
+    assert main(["train", str(write_job(job))]) == 2                  # 2 trainers x 1 CPU on 2 CPUs: none left
+    assert "none" not in (err := capsys.readouterr().err) and "data.loader: ray_data" in err and "2 CPUs" in err
+    job["scaling"]["cpus_per_worker"] = 0.5
+    assert main(["train", str(write_job(job))]) == 0
+    run = tmp_path / "runs" / "raydata"
+    rows = pq.read_table(run / "metrics.parquet").to_pylist()
+    assert [r["epoch"] for r in rows] == [0, 1] and rows[-1]["step"] == 2 * (48 // 8)
+    assert json.loads((run / "summary.json").read_text())["status"] == "completed"
+    with pytest.raises(Exception, match="checkpoint_every_steps"):
+        validate_spec({**job, "run": {**job["run"], "checkpoint_every_steps": 5}})
