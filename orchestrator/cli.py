@@ -581,6 +581,15 @@ def cmd_bench(args) -> int:
         figures = sweep_bench(err_console if args.json else console)
         if args.json:
             print(strict_json({key: figures[key] for key in ("epochs_ratio", "wall_ratio", "best_gap_points")}))
+    elif args.what == "ingest":
+        from orchestrator.bench.ingest import ingest, print_ingest
+        from orchestrator.storage import strict_json
+
+        figures = ingest(err_console if args.json else console, images=args.images or 2000, epochs=args.epochs or 2)
+        if args.json:
+            print(strict_json({"bound_images_per_s": figures["bound_images_per_s"], "paths": figures["paths"]}))
+        else:
+            print_ingest(console, figures)
     elif args.what == "startup":
         from orchestrator.bench.startup import KEYS, print_startup, startup
         from orchestrator.storage import strict_json
@@ -598,7 +607,7 @@ def cmd_bench(args) -> int:
             raise SpecError([f"--epochs: {args.epochs}; large-batch warms up over {WARMUP_EPOCHS:g} epoch(s), "
                              f"so give at least {WARMUP_EPOCHS + 1:g}"])
         large_batch(err_console if args.json else console, seeds=args.seeds, epochs=args.epochs or EPOCHS,
-                    as_json=args.json, plot=args.plot, images=args.images)
+                    as_json=args.json, plot=args.plot, images=args.images or 10_240)
     return 0
 
 
@@ -697,21 +706,24 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--json", action="store_true", help='print {"shards", "splits", "classes", "skipped", "reused"}')
     p.set_defaults(func=cmd_pack)
     p = sub.add_parser("bench", help="benchmarks that print their figures as ratios to a baseline measured in the same run")
-    p.add_argument("what", choices=["overhead", "reliability", "sweep", "large-batch", "startup"],
+    p.add_argument("what", choices=["overhead", "reliability", "sweep", "large-batch", "startup", "ingest"],
                    help="overhead: Ray Train and --local vs a plain PyTorch loop, per epoch and at start-up; "
                         "reliability: kill a worker mid-run R times, count completed runs, epochs lost or repeated; "
                         "sweep: the same 16 configurations under ASHA and at full budget; "
                         "large-batch: a miniature of Goyal et al.'s table, batch B0 to 64 x B0 with linear scaling, warmup, LARS; "
                         "startup: seconds to the first step of a plain script, --local, and bare TorchTrainer vs ours on a new "
-                        "and on a warm Ray")
+                        "and on a warm Ray; "
+                        "ingest: images/s that imagefolder, shards and Ray Data deliver to a loop vs decode + augment alone")
     p.add_argument("--runs", type=int, default=3, help="reliability: runs with a killed worker")
     p.add_argument("--epochs", type=int, default=None, help="epochs per measured run (overhead: 6, the first left out "
-                                                                  "of the median; large-batch: 8)")
+                                                                  "of the median; large-batch: 8; ingest: 2 passes)")
     p.add_argument("--seeds", type=int, default=2, help="large-batch: seeds per row")
-    p.add_argument("--images", type=int, default=10_240, help="large-batch: training images (val a tenth, test a fifth)")
+    p.add_argument("--images", type=int, default=None, help="large-batch: training images (default 10,240; val a tenth, "
+                                                                 "test a fifth); ingest: generated JPEGs (default 2,000)")
     p.add_argument("--json", action="store_true", help='print the figures as JSON (progress goes to stderr): large-batch '
                    '{"rows": [...]}; startup {"plain_s", "local_s", "bare_fresh_s", "ours_fresh_s", "bare_warm_s", "ours_warm_s"}; '
-                   'sweep {"epochs_ratio", "wall_ratio", "best_gap_points"}')
+                   'sweep {"epochs_ratio", "wall_ratio", "best_gap_points"}; ingest {"bound_images_per_s", "paths": '
+                   '{"imagefolder", "shards", "ray_data"}}')
     p.add_argument("--plot", default="large_batch.png", help="large-batch: where to write the error-vs-batch PNG")
     p.add_argument("--repeats", type=int, default=2, help="overhead, startup: start-up rounds, cold and warm (the best is kept)")
     p.set_defaults(func=cmd_bench)

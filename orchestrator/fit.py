@@ -98,7 +98,7 @@ class Run:
         scaling = self.spec.scaling
         return StepSettings(self.plan.steps_per_epoch, self.plan.grad_accum_steps, multiplier, self.env.device,
                             scaling.amp, scaling.channels_last, self.spec.optim.grad_clip_norm,
-                            self.spec.loss.label_smoothing)
+                            self.spec.loss.label_smoothing, (self.spec.data.mean, self.spec.data.std))
 
 
 def seed_epoch(seed: int, epoch: int, rank: int) -> int:

@@ -74,6 +74,8 @@ class StepSettings:
     grad_clip_norm: float | None = None
     label_smoothing: float = 0.0
     """of the training cross-entropy (loss.label_smoothing)"""
+    mean_std: tuple | None = None
+    """(mean, std) to normalise uint8 training batches with on the device (data.datasets.delivers_uint8)"""
 
 
 @dataclass
@@ -136,8 +138,16 @@ def _micro_batches(loader, accum: int, steps: int) -> Iterator[list]:
                 return
 
 
-def _to_device(images: torch.Tensor, labels: torch.Tensor, device: torch.device, channels_last: bool):
+def _to_device(images: torch.Tensor, labels: torch.Tensor, device: torch.device, channels_last: bool,
+               mean_std: tuple | None = None):
+    """Batch to the device; uint8 images (as the loader delivers them) are scaled and normalised there."""
     images = images.to(device, non_blocking=True)
+    if images.dtype == torch.uint8:
+        from orchestrator.data.datasets import normalize_batch
+
+        if mean_std is None:
+            raise ValueError("uint8 images reached the loop without StepSettings.mean_std to normalise them")
+        images = normalize_batch(images, *mean_std)
     if channels_last:
         images = images.contiguous(memory_format=torch.channels_last)
     return images, labels.to(device, non_blocking=True)
@@ -187,7 +197,8 @@ def train_one_epoch(trainee: Trainee, loader, settings: StepSettings, epoch: int
         lrs = apply_lr(optimizer, settings.lr_multiplier(step))
         step_loss = 0.0
         for i, (batch_images, labels) in enumerate(group):
-            batch_images, labels = _to_device(batch_images, labels, settings.device, settings.channels_last)
+            batch_images, labels = _to_device(batch_images, labels, settings.device, settings.channels_last,
+                                              settings.mean_std)
             last = i == len(group) - 1
             sync = contextlib.nullcontext() if last or not hasattr(model, "no_sync") else model.no_sync()
             with sync:

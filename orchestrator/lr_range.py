@@ -181,7 +181,8 @@ def range_test(spec: JobSpec, steps: int = 100, start_lr: float = 1e-6, end_lr: 
         while step < steps:
             chunk = min(plan.steps_per_epoch, steps - step)
             settings = StepSettings(chunk, plan.grad_accum_steps, multiplier, device, one.scaling.amp,
-                                    one.scaling.channels_last, one.optim.grad_clip_norm, one.loss.label_smoothing)
+                                    one.scaling.channels_last, one.optim.grad_clip_norm, one.loss.label_smoothing,
+                                    (one.data.mean, one.data.std))
             loader.generator.manual_seed(seed_epoch(one.seed, epoch, 0))
             start_epoch(loader, epoch)
             train_one_epoch(trainee, loader, settings, epoch, step, record)

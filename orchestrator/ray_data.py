@@ -24,17 +24,19 @@ _transforms: dict = {}
 
 
 def decode_batch(batch: dict, data: dict) -> dict:
-    """map_batches: {"image": encoded bytes, "label"} -> {"image": float32 (N, 3, H, W) normalised, "label"}."""
+    """map_batches: {"image": encoded bytes, "label"} -> {"image": (N, 3, H, W) uint8 (the loop normalises it; float32
+    normalised when an augmentation needs floats), "label"}."""
     import numpy as np
     import torch
 
-    from orchestrator.data.datasets import build_transform, decode_image
+    from orchestrator.data.datasets import build_transform, decode_image, delivers_uint8
     from orchestrator.spec import DataSpec
 
     key = repr(sorted(data.items()))
     if key not in _transforms:
         torch.set_num_threads(1)
-        _transforms[key] = build_transform(DataSpec.model_validate(data), True, pre_sized=False)
+        spec = DataSpec.model_validate(data)
+        _transforms[key] = build_transform(spec, True, pre_sized=False, uint8_out=delivers_uint8(spec))
     transform = _transforms[key]
     images = [transform(decode_image(blob, "a packed shard (Ray Data)")) for blob in batch["image"]]
     return {"image": torch.stack(images).numpy(), "label": np.asarray(batch["label"], dtype=np.int64)}

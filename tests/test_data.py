@@ -53,8 +53,21 @@ def test_imagefolder_with_train_val_test(tmp_path):
     splits = load_splits(DataSpec(source=f"imagefolder:{tmp_path}", image_size=16), seed=0)
     assert splits.class_names == ["cat", "dog"]
     assert (len(splits.train), len(splits.val), len(splits.test)) == (12, 12, 12)
-    image, label = make_dataset(splits.train, DataSpec(image_size=16, augment=["random_resized_crop", "hflip"]), True, "train")[0]
-    assert image.shape == (3, 16, 16) and image.dtype == torch.float32
+    data = DataSpec(image_size=16, augment=["random_resized_crop", "hflip"])
+    image, label = make_dataset(splits.train, data, True, "train")[0]
+    assert image.shape == (3, 16, 16) and image.dtype == torch.uint8       # the training loop normalises it
+    assert make_dataset(splits.val, data, False, "val")[0][0].dtype == torch.float32
+    noisy = DataSpec(image_size=16, augment=["gaussian_noise"])             # float augmentations: normalised in the loader
+    assert make_dataset(splits.train, noisy, True, "train")[0][0].dtype == torch.float32
+
+
+def test_normalising_a_uint8_batch_equals_the_per_image_transform():
+    from orchestrator.data.datasets import build_transform, normalize_batch
+
+    data = DataSpec(image_size=8, augment=["hflip"])
+    images = torch.randint(0, 256, (4, 3, 8, 8), dtype=torch.uint8)
+    full = build_transform(data, False, pre_sized=True)
+    assert torch.equal(normalize_batch(images, data.mean, data.std), torch.stack([full(i) for i in images]))
 
 
 def test_imagefolder_without_val_or_test_says_so(tmp_path):

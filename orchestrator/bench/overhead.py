@@ -51,6 +51,7 @@ def plain_loop_epoch_seconds(job: dict, epochs: int) -> list[float]:
     import torchvision
 
     from orchestrator.data import load_splits, make_dataset
+    from orchestrator.data.datasets import normalize_batch
     from orchestrator.spec import JobSpec
 
     spec = JobSpec.model_validate(job)
@@ -66,6 +67,8 @@ def plain_loop_epoch_seconds(job: dict, epochs: int) -> list[float]:
         model.train()
         started = time.perf_counter()
         for images, labels in loader:
+            if images.dtype == torch.uint8:   # the training loader hands uint8 over; the loop normalises (as ours does)
+                images = normalize_batch(images, spec.data.mean, spec.data.std)
             optimizer.zero_grad(set_to_none=True)
             F.cross_entropy(model(images), labels).backward()
             optimizer.step()

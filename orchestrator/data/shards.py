@@ -33,7 +33,7 @@ from orchestrator.data.sources import DataError
 MANIFEST_FILE = "manifest.json"
 MANIFEST_FORMAT = "orchestrator-shards"
 MANIFEST_VERSION = 1
-SHUFFLE_BUFFER_ROWS = 2048
+SHUFFLE_BUFFER_ROWS = 1024
 """rows a loader worker shuffles together (and holds, encoded, at once)"""
 SPLITS = ("train", "val", "test")
 
