@@ -588,6 +588,7 @@ def cmd_bench(args) -> int:
         figures = ingest(err_console if args.json else console, images=args.images or 2000, epochs=args.epochs or 2)
         if args.json:
             print(strict_json({"bound_images_per_s": figures["bound_images_per_s"], "paths": figures["paths"]}))
+            err_console.print(f"shards: a loader worker's peak private memory {figures['loader_worker_private_mb']:.0f} MB")
         else:
             print_ingest(console, figures)
     elif args.what == "startup":

@@ -349,3 +349,12 @@ def test_ray_data_loader_trains_from_shards_and_refuses_a_cluster_with_no_cpu_le
     assert json.loads((run / "summary.json").read_text())["status"] == "completed"
     with pytest.raises(Exception, match="checkpoint_every_steps"):
         validate_spec({**job, "run": {**job["run"], "checkpoint_every_steps": 5}})
+
+
+@pytest.mark.ray
+@pytest.mark.slow
+def test_bench_ingest_json_keys(ray_session, capsys):
+    assert main(["bench", "ingest", "--images", "200", "--epochs", "1", "--json"]) == 0
+    figures = json.loads(capsys.readouterr().out)
+    assert set(figures) == {"bound_images_per_s", "paths"} and set(figures["paths"]) == {"imagefolder", "shards", "ray_data"}
+    assert figures["bound_images_per_s"] > 0 and all(rate > 0 for rate in figures["paths"].values())

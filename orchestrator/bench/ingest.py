@@ -3,7 +3,8 @@
 On the same generated JPEGs (photo-like, about 400 x 350 pixels, 10 classes) and the same training
 transform (random_resized_crop to IMAGE_SIZE, hflip, normalise), with one process per core:
 - bound: the decode + augment + collate alone, in one plain process per core over bytes already in
-  memory (no loader, no files, no queues);
+  memory (no loader, no files, no queues); it stops where the loaders stop, at uint8 crops (the
+  training loop normalises them on its device);
 - imagefolder: the DataLoader over the image files (`imagefolder:`), cores workers;
 - shards: `orchestrator pack` of the same tree, then the shards DataLoader (`shards:`), cores workers;
 - ray_data: the same shards through `data.loader: ray_data`'s dataset, read by the driver.
@@ -61,10 +62,11 @@ def data_spec(source: str, workers: int):
 def _bound_worker(blobs: list[bytes], results) -> None:
     import torch
 
-    from orchestrator.data.datasets import build_transform, decode_image
+    from orchestrator.data.datasets import build_transform, decode_image, delivers_uint8
 
     torch.set_num_threads(1)
-    transform = build_transform(data_spec("builtin:digits", 0), True, pre_sized=False)
+    data = data_spec("builtin:digits", 0)
+    transform = build_transform(data, True, pre_sized=False, uint8_out=delivers_uint8(data))   # what loader workers run
     started = time.perf_counter()
     for first in range(0, len(blobs), BATCH):
         torch.stack([transform(decode_image(blob, "bench")) for blob in blobs[first:first + BATCH]])

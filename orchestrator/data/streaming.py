@@ -32,8 +32,10 @@ class ShardTrainStream(IterableDataset):
         self.split, self.transform, self.batch_size, self.num_batches = split, transform, batch_size, num_batches
         self.rank, self.world_size, self.seed, self.mix = rank, world_size, seed, mix
         self.epoch, self.skip_batches = 0, 0
-        if num_batches * batch_size > rank_span(len(split), world_size, rank)[1] - rank_span(len(split), world_size, rank)[0]:
+        start, stop = rank_span(len(split), world_size, rank)
+        if num_batches * batch_size > stop - start:
             raise ValueError(f"{num_batches} batches of {batch_size} do not fit a rank's share of {len(split)} images")
+        UnitReader(split).warm_up()
 
     def set_epoch(self, epoch: int, skip_batches: int = 0) -> None:
         self.epoch, self.skip_batches = epoch, skip_batches
