@@ -17,7 +17,8 @@ Order of an epoch (pure functions of seed and epoch, the same on every rank):
 Every optimizer step so sees exactly the plan's global batch, each image at most once an epoch,
 and a resume at step s skips the first s steps' rows without decoding them. Augmentation draws
 are seeded per image from its position (`sample_seed`), so they do not depend on where a run resumed.
-Memory per worker: one shuffle chunk of encoded bytes plus one row group, whatever the dataset size.
+Memory per worker: two shuffle chunks of encoded bytes (the one decoding, the next being read) and the row
+groups they span, whatever the dataset size.
 """
 
 from __future__ import annotations

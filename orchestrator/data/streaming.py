@@ -7,6 +7,7 @@ DataLoader workers read it; `ShardEvalStream` yields a rank's contiguous share o
 from __future__ import annotations
 
 import math
+from concurrent.futures import ThreadPoolExecutor
 
 import numpy as np
 import torch
@@ -58,21 +59,32 @@ class ShardTrainStream(IterableDataset):
         order = unit_order(len(self.split.units), self.seed, self.epoch)
         base = seed_base(self.seed, self.epoch, self.rank, worker, workers)
         reader = UnitReader(self.split)
+        chunks = [(chunk, chunk * SHUFFLE_BUFFER_ROWS, min(mine, (chunk + 1) * SHUFFLE_BUFFER_ROWS))
+                  for chunk in range(math.ceil(mine / SHUFFLE_BUFFER_ROWS))]
+        chunks = [(chunk, lo, hi) for chunk, lo, hi in chunks if hi > skip]
+
+        def read(lo: int, hi: int):
+            return reader.rows(pieces(self.split, order, span_start + lo, span_start + hi))
+
         images, labels = [], []
-        for chunk in range(math.ceil(mine / SHUFFLE_BUFFER_ROWS)):
-            lo, hi = chunk * SHUFFLE_BUFFER_ROWS, min(mine, (chunk + 1) * SHUFFLE_BUFFER_ROWS)
-            if hi <= skip:
-                continue
-            encoded, chunk_labels = reader.rows(pieces(self.split, order, span_start + lo, span_start + hi))
-            permutation = chunk_permutation(hi - lo, self.seed, self.epoch, self.rank, worker, chunk)
-            for position in range(max(lo, skip), hi):
-                row = int(permutation[position - lo])
-                torch.default_generator.manual_seed(base + position)   # CPU only: torch.manual_seed also queues CUDA seeding, 1.4 ms a call
-                images.append(self.transform(decode_image(encoded[row], f"{self.split.uri} ({self.split.name} split)")))
-                labels.append(int(chunk_labels[row]))
-                if len(images) == batch:
-                    yield self._collate(images, labels)
-                    images, labels = [], []
+        # the next chunk is read in a thread while this one decodes (pyarrow reads without the GIL), so a
+        # worker does not stall at a chunk's start for longer than its queued batches last
+        with ThreadPoolExecutor(max_workers=1) as pool:
+            pending = pool.submit(read, *chunks[0][1:]) if chunks else None
+            for index, (chunk, lo, hi) in enumerate(chunks):
+                encoded, chunk_labels = pending.result()
+                if index + 1 < len(chunks):
+                    pending = pool.submit(read, *chunks[index + 1][1:])
+                permutation = chunk_permutation(hi - lo, self.seed, self.epoch, self.rank, worker, chunk)
+                for position in range(max(lo, skip), hi):
+                    row = int(permutation[position - lo])
+                    torch.default_generator.manual_seed(base + position)   # CPU only: torch.manual_seed also queues CUDA seeding, 1.4 ms a call
+                    images.append(self.transform(decode_image(encoded[row], f"{self.split.uri} ({self.split.name} split)")))
+                    labels.append(int(chunk_labels[row]))
+                    if len(images) == batch:
+                        yield self._collate(images, labels)
+                        images, labels = [], []
+                del encoded, chunk_labels
 
     def _collate(self, images: list, labels: list):
         from torch.utils.data import default_collate
