@@ -340,7 +340,8 @@ def test_ray_data_loader_trains_from_shards_and_refuses_a_cluster_with_no_cpu_le
                    scaling={"num_workers": 2, "per_worker_batch_size": 4, "cpus_per_worker": 1},
                    schedule={"epochs": 2, "warmup_epochs": 0}, optim={"base_lr": 0.002})
     assert main(["train", str(write_job(job))]) == 2                  # 2 trainers x 1 CPU on 2 CPUs: none left
-    assert "none" not in (err := capsys.readouterr().err) and "data.loader: ray_data" in err and "2 CPUs" in err
+    err = capsys.readouterr().err
+    assert "data.loader: ray_data" in err and "the cluster has 2 CPUs" in err
     job["scaling"]["cpus_per_worker"] = 0.5
     assert main(["train", str(write_job(job))]) == 0
     run = tmp_path / "runs" / "raydata"
@@ -354,7 +355,7 @@ def test_ray_data_loader_trains_from_shards_and_refuses_a_cluster_with_no_cpu_le
 @pytest.mark.ray
 @pytest.mark.slow
 def test_bench_ingest_json_keys(ray_session, capsys):
-    assert main(["bench", "ingest", "--images", "200", "--epochs", "1", "--json"]) == 0
+    assert main(["bench", "ingest", "--images", "140", "--epochs", "1", "--json"]) == 0
     figures = json.loads(capsys.readouterr().out)
     assert set(figures) == {"bound_images_per_s", "paths"} and set(figures["paths"]) == {"imagefolder", "shards", "ray_data"}
     assert figures["bound_images_per_s"] > 0 and all(rate > 0 for rate in figures["paths"].values())

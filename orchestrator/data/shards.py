@@ -223,20 +223,11 @@ class UnitReader:
         """(encoded images, labels) of one row group; DataError naming the shard when it cannot be read."""
         if self.cached and self.cached[0] == unit_index:
             return self.cached[1]
-        import pyarrow as pa
-        import pyarrow.parquet as pq
-
         unit = self.split.units[unit_index]
-        where = f"{self.split.uri}/{unit.file} (row group {unit.row_group})"
-        try:
-            if self.fs is None:
-                self.fs, self.root = open_fs(self.split.uri)
-            with self.fs.open_input_file(f"{self.root}/{unit.file}") as handle:
-                table = pq.ParquetFile(handle).read_row_group(unit.row_group, columns=["image", "label"])
-        except (OSError, pa.ArrowException) as exc:
-            raise DataError(f"data.source: cannot read shard {where}: {storage_message(exc)}") from None
+        table = self._row_group(unit, ["image", "label"])
         if table.num_rows != unit.rows:
-            raise DataError(f"data.source: shard {where} has {table.num_rows} rows, the manifest says {unit.rows}")
+            raise DataError(f"data.source: shard {self.split.uri}/{unit.file} (row group {unit.row_group}) has "
+                            f"{table.num_rows} rows, the manifest says {unit.rows}")
         # to_pylist, not to_numpy: ChunkedArray.to_numpy imports pandas (0.3 s in every new loader worker)
         value = (table.column("image").to_pylist(), np.array(table.column("label").to_pylist(), dtype=np.int64))
         self.cached = (unit_index, value)
@@ -245,12 +236,20 @@ class UnitReader:
     def warm_up(self) -> None:
         """Read one row group's labels: pyarrow's reader and codecs start once here, in the trainer, instead
         of in every loader worker it forks (0.1-0.5 s each, every epoch)."""
+        self._row_group(self.split.units[0], ["label"]).column("label").to_pylist()
+
+    def _row_group(self, unit: Unit, columns: list[str]):
+        import pyarrow as pa
         import pyarrow.parquet as pq
 
-        unit = self.split.units[0]
-        fs, root = open_fs(self.split.uri)
-        with fs.open_input_file(f"{root}/{unit.file}") as handle:
-            pq.ParquetFile(handle).read_row_group(unit.row_group, columns=["label"]).column("label").to_pylist()
+        try:
+            if self.fs is None:
+                self.fs, self.root = open_fs(self.split.uri)
+            with self.fs.open_input_file(f"{self.root}/{unit.file}") as handle:
+                return pq.ParquetFile(handle).read_row_group(unit.row_group, columns=columns)
+        except (OSError, pa.ArrowException) as exc:
+            raise DataError(f"data.source: cannot read shard {self.split.uri}/{unit.file} (row group {unit.row_group}): "
+                            f"{storage_message(exc)}") from None
 
     def rows(self, parts: list[tuple[int, int, int]]) -> tuple[list, np.ndarray]:
         images, labels = [], []
