@@ -183,8 +183,9 @@ def _start(run: Run, resume_point: tuple[dict, str] | None) -> None:
     env.on_start()
     if resume_point is not None:
         payload, where = resume_point
+        done = f"epoch {payload['epoch']} done" if payload["epoch"] >= 0 else "no epoch done"
         inside = f" and {payload['epoch_steps']} steps of epoch {payload['epoch'] + 1}" if payload.get("epoch_steps") else ""
-        env.log(f"resumed from {where} (epoch {payload['epoch']} done{inside}, step {payload['step']})")
+        env.log(f"resumed from {where} ({done}{inside}, step {payload['step']})")
     if env.rank == 0:
         run.folder.write_text(SPEC_FILE, spec_to_yaml(run.spec))
         run.folder.write_json(PLAN_FILE, run.plan.to_dict())
@@ -251,7 +252,7 @@ def _run_epoch(run: Run, trainee: Trainee, loaders, epoch: int) -> dict:
     train, val = loaders
     skip = state.epoch_steps
     seeded = seed_epoch(run.spec.seed, epoch, env.rank)
-    if skip and state.rng_by_rank:
+    if skip and state.rng_by_rank and env.rank < len(state.rng_by_rank):   # (a resume on more workers: seeded)
         ckpt.set_rng_state(state.rng_by_rank[env.rank])
     if callable(train):   # the framework's batches (Ray Data): no mid-epoch skip (the spec refuses it)
         train = train(epoch)
