@@ -25,11 +25,18 @@ class StopRun(Exception):
     pass
 
 
-def run_fit(job: dict, stop_after_epoch: int | None = None) -> dict:
-    """fit() in-process as --local does; optionally 'crash' right after an epoch's checkpoint is written."""
+def run_fit(job: dict, stop_after_epoch: int | None = None, stop_after_step: int | None = None) -> dict:
+    """fit() in-process as --local does; optionally 'crash' right after an epoch's checkpoint is written, or
+    right after an optimizer step."""
     spec = validate_spec(job)
     plan = resolve_plan(spec, 1).plan
     env = local_env(spec, emit=lambda event: None)
+    if stop_after_step is not None:
+        def crash(step: int) -> None:
+            if step == stop_after_step:
+                raise StopRun
+
+        env.step_hook = crash
     if stop_after_epoch is not None:
         report = env.report
 

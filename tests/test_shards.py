@@ -15,13 +15,11 @@ from orchestrator.cli import main
 from orchestrator.data.shards import ShardSplit, read_manifest, split_of
 from orchestrator.data.sources import DataError
 from orchestrator.data.streaming import ShardEvalStream, ShardTrainStream
-from orchestrator.fit import fit
-from orchestrator.launch import local_env
 from orchestrator.pack import pack
-from orchestrator.resolve import resolve_plan
 from orchestrator.spec import validate_spec
 
 from conftest import tiny_job
+from test_resilience import StopRun, run_fit
 
 COLORS = [(220, 40, 40), (40, 200, 40), (40, 40, 220)]
 
@@ -117,23 +115,6 @@ def test_every_step_sees_the_global_batch_each_image_at_most_once_and_epochs_res
         evaluated += [i for images, _ in torch.utils.data.DataLoader(stream, batch_size=None, num_workers=2)
                       for i in _ids(images)]
     assert sorted(evaluated) == list(range(210))                          # evaluation: every image once
-
-
-class StopRun(Exception):
-    pass
-
-
-def run_fit(job: dict, stop_after_step: int | None = None) -> dict:
-    spec = validate_spec(job)
-    plan = resolve_plan(spec, 1).plan
-    env = local_env(spec, emit=lambda event: None)
-    if stop_after_step is not None:
-        def crash(step: int) -> None:
-            if step == stop_after_step:
-                raise StopRun
-
-        env.step_hook = crash
-    return fit(spec, plan, env)
 
 
 @pytest.mark.parametrize("source", ["builtin", "imagefolder", "shards"])
