@@ -82,16 +82,16 @@ def plan_shards(splits: dict[str, list[tuple[str, int]]], shard_bytes: int, root
     tasks = []
     for split, files in splits.items():
         order = np.random.default_rng([PACK_SEED, SPLITS.index(split)]).permutation(len(files))
-        current, size = [], 0
+        shards, current, size = [], [], 0
         for i in order:
-            path, label = files[i]
-            current.append((path, label))
-            size += os.path.getsize(path)
+            current.append(files[i])
+            size += os.path.getsize(files[i][0])
             if size >= shard_bytes:
-                tasks.append(ShardTask(split, len([t for t in tasks if t.split == split]), current, root))
+                shards.append(current)
                 current, size = [], 0
         if current:
-            tasks.append(ShardTask(split, len([t for t in tasks if t.split == split]), current, root))
+            shards.append(current)
+        tasks += [ShardTask(split, index, shard, root) for index, shard in enumerate(shards)]
     return tasks
 
 

@@ -25,7 +25,6 @@ from __future__ import annotations
 
 import json
 from dataclasses import dataclass
-from functools import cached_property
 
 import numpy as np
 
@@ -81,10 +80,6 @@ class ShardSplit:
 
     def __len__(self) -> int:
         return sum(u.rows for u in self.units)
-
-    @cached_property
-    def unit_starts(self) -> np.ndarray:
-        return np.concatenate([[0], np.cumsum([u.rows for u in self.units])]).astype(np.int64)
 
 
 @dataclass
