@@ -11,16 +11,16 @@ import numpy as np
 import pyarrow.parquet as pq
 import pytest
 import torch
+from conftest import tiny_job
 from PIL import Image
 
+from orchestrator.after.fold import fold_batchnorm
+from orchestrator.after.report import lr_by_step
+from orchestrator.after.trained import load_trained, read_run_spec
 from orchestrator.cli import main
-from orchestrator.data import load_splits, make_dataset
-from orchestrator.export import fold_batchnorm
-from orchestrator.models import build_architecture
-from orchestrator.report import lr_by_step
-from orchestrator.trained import load_trained, read_run_spec
-
-from conftest import tiny_job
+from orchestrator.data.loaders import make_dataset
+from orchestrator.data.sources import load_splits
+from orchestrator.train.models import build_architecture
 
 
 @pytest.fixture(scope="module")
@@ -102,7 +102,7 @@ def test_report_writes_plots_and_a_page_that_embeds_them(run, tmp_path, capsys):
 
 def test_the_reports_lr_curve_is_the_lr_the_run_applied(run):
     """The plotted LR comes from plan and schedule; at every epoch's last step it equals the LR recorded."""
-    from orchestrator.plan import Plan
+    from orchestrator.config.plan import Plan
 
     spec = read_run_spec(load_trained(str(run)).folder)
     plan = Plan.from_dict(json.loads((run / "plan.json").read_text()))
@@ -285,7 +285,7 @@ def test_a_run_that_fails_after_starting_says_failed_in_its_summary(tmp_path, wr
 
 
 def test_confusion_matrix_counts_rows_by_true_class(run):
-    from orchestrator.evaluation import evaluate_split
+    from orchestrator.after.evaluation import evaluate_split
 
     result = evaluate_split(load_trained(str(run)))
     assert result.confusion.sum() == result.images
@@ -300,8 +300,8 @@ def test_event_files_reach_object_storage_at_every_epoch_and_a_resume_purges_the
     import pyarrow.fs as pafs
     from tensorboard.backend.event_processing.event_accumulator import EventAccumulator
 
-    from orchestrator.eventlog import EventLog
-    from orchestrator.storage import RunFolder
+    from orchestrator.store.storage import RunFolder
+    from orchestrator.train.eventlog import EventLog
 
     (tmp_path / "bucket").mkdir()
     folder = RunFolder(str(tmp_path / "bucket"), "run")

@@ -11,7 +11,6 @@ import time
 
 import pytest
 import yaml
-
 from conftest import REPO, tiny_job
 
 CLUSTER = REPO / "cluster"

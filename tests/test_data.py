@@ -5,10 +5,13 @@ import pytest
 import torch
 from PIL import Image
 
-from orchestrator.data import DataError, ImageReadError, load_splits, make_dataset, stratified_split, train_loader
-from orchestrator.data.datasets import build_transform
-from orchestrator.plan import make_plan
-from orchestrator.spec import DataSpec, JobSpec
+from orchestrator.config.plan import make_plan
+from orchestrator.config.spec import DataSpec, JobSpec
+from orchestrator.data.decode import ImageReadError
+from orchestrator.data.loaders import make_dataset, train_loader
+from orchestrator.data.sources import load_splits
+from orchestrator.data.splits import DataError, stratified_split
+from orchestrator.data.transforms import build_transform
 
 
 def make_folder(root, classes=("cat", "dog"), per_class=6, size=12, splits=("train",)):
@@ -62,7 +65,7 @@ def test_imagefolder_with_train_val_test(tmp_path):
 
 
 def test_normalising_a_uint8_batch_equals_the_per_image_transform():
-    from orchestrator.data.datasets import build_transform, normalize_batch
+    from orchestrator.data.transforms import build_transform, normalize_batch
 
     data = DataSpec(image_size=8, augment=["hflip"])
     images = torch.randint(0, 256, (4, 3, 8, 8), dtype=torch.uint8)
@@ -148,7 +151,7 @@ def test_loader_shards_are_disjoint_and_reshuffle_each_epoch():
 
 
 def test_global_batches_do_not_depend_on_the_world_size():
-    from orchestrator.data.datasets import GlobalBatchSampler
+    from orchestrator.data.loaders import GlobalBatchSampler
 
     def per_step(world: int, batch: int, accum: int) -> list[set]:
         shards = [list(GlobalBatchSampler(103, batch, world, rank, accum, seed=5)) for rank in range(world)]

@@ -8,16 +8,19 @@ from types import SimpleNamespace
 import pyarrow.parquet as pq
 import pytest
 import torch
+from conftest import tiny_job
 from safetensors.torch import save as save_safetensors
 
 from orchestrator.cli import main
-from orchestrator.data.datasets import build_transform
-from orchestrator.models import FreezeError, ModelError, build_architecture, build_model, freeze_targets, head_module_names
-from orchestrator.schedule import lr_multiplier
-from orchestrator.spec import DataSpec, ModelSpec, ScheduleSpec, SpecError, check_transforms, validate_spec
-from orchestrator.weights import WeightsError
-
-from conftest import tiny_job
+from orchestrator.config.errors import SpecError
+from orchestrator.config.jobfile import validate_spec
+from orchestrator.config.schedule import lr_multiplier
+from orchestrator.config.spec import DataSpec, ModelSpec, ScheduleSpec
+from orchestrator.data.augment import check_transforms
+from orchestrator.data.transforms import build_transform
+from orchestrator.train.models import (FreezeError, ModelError, build_architecture, build_model, freeze_targets,
+                                       head_module_names)
+from orchestrator.train.weights import WeightsError
 
 
 def resnet_state(num_classes: int, head_value: float | None = None) -> dict:
@@ -139,11 +142,11 @@ def test_a_run_folder_on_s3_is_a_weights_source(tmp_path, s3_bucket):
 
 @pytest.mark.parametrize("train_bn", [True, False])
 def test_frozen_batchnorm_statistics_move_only_with_train_bn(train_bn):
-    from orchestrator.loop import StepSettings, Trainee, train_one_epoch
-    from orchestrator.models import frozen_norm_layers
-    from orchestrator.optim import build_optimizer
-    from orchestrator.plan import plan_groups
-    from orchestrator.spec import JobSpec
+    from orchestrator.config.plan import plan_groups
+    from orchestrator.config.spec import JobSpec
+    from orchestrator.train.loop import StepSettings, Trainee, train_one_epoch
+    from orchestrator.train.models import frozen_norm_layers
+    from orchestrator.train.optim import build_optimizer
 
     spec = JobSpec.model_validate({"model": {"arch": "resnet18", "freeze": ["conv1", "bn1", "layer1"], "train_bn": train_bn}})
     model = build_model(spec.model, 3, 32).model

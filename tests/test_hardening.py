@@ -12,17 +12,19 @@ import numpy as np
 import pyarrow.parquet as pq
 import pytest
 import torch
+from conftest import REPO, tiny_job
 from PIL import Image
+from test_data import make_folder
 
 from orchestrator.cli import main
-from orchestrator.data import DataError, ImageReadError, load_splits, make_dataset
-from orchestrator.models import build_architecture
-from orchestrator.spec import DataSpec
-from orchestrator.storage import strict_json
-from orchestrator.weights import WeightsError, load_matching
-
-from conftest import REPO, tiny_job
-from test_data import make_folder
+from orchestrator.config.spec import DataSpec
+from orchestrator.data.decode import ImageReadError
+from orchestrator.data.loaders import make_dataset
+from orchestrator.data.sources import load_splits
+from orchestrator.data.splits import DataError
+from orchestrator.store.storage import strict_json
+from orchestrator.train.models import build_architecture
+from orchestrator.train.weights import WeightsError, load_matching
 
 
 def strict_load(text: str):

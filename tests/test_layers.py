@@ -1,4 +1,6 @@
-"""The module map holds: imports go downward (glue above core), and the core imports no Ray."""
+"""The module map holds: every import, at module level or inside a function, points down the layers of
+packages; the files' import graph has no cycle; the core imports no Ray, the config no torch; no module
+of ours is imported by a string; modules and functions stay small."""
 
 import ast
 from pathlib import Path
@@ -7,61 +9,132 @@ import pytest
 
 PACKAGE = Path(__file__).resolve().parents[1] / "orchestrator"
 
-LAYERS = [
-    {"spec", "catalog", "storage", "metrics"},                                # the job and the run folder
-    {"runlock"},                                                              # one writer per run folder
-    {"plan", "schedule", "search"},                                           # pure functions of the spec
-    {"data", "weights", "models", "optim", "loop", "checkpoint", "progress", "eventlog"},  # torch, no Ray
-    {"resolve", "fit", "lr_range"},                                           # the driver's plan, a worker's run, an LR probe
-    {"runs", "trained", "evaluation", "export", "report", "pack"},            # after training: read back; packing data; no Ray
-    {"session", "failure_policy", "worker", "launch", "sweep", "submit", "local_cluster", "ray_data"},  # Ray glue
-    {"cli", "bench"},                                                         # entry points
-]
-CORE = set().union(*LAYERS[:4], LAYERS[5])
-LAYER = {name: i for i, names in enumerate(LAYERS) for name in names}
+LAYERS = ["config", "store", "data", "train", "after", "cluster", "bench", "cli"]
+"""lowest first: a file may import its own package and the ones before it"""
+LAYER = {name: i for i, name in enumerate(LAYERS)}
+CORE = {"config", "store", "data", "train", "after"}
+"""no Ray, not even inside a function: the loop, the model surgery and the schedule run without it"""
+TORCH_FREE = {"config", "store"}
+"""reading and checking a job file, and listing runs, import no torch"""
+
+FILES = sorted(PACKAGE.rglob("*.py"))
 
 
-def _module(path: Path) -> str:
-    return path.relative_to(PACKAGE).parts[0].removesuffix(".py")
+def _name(path: Path) -> str:
+    parts = path.relative_to(PACKAGE.parent).with_suffix("").parts
+    return ".".join(parts[:-1] if parts[-1] == "__init__" else parts)
 
 
-def _imports(path: Path) -> list[tuple[str, bool]]:
-    """(imported top-level name, at module level?) for every import in a file."""
+MODULES = {_name(p): p for p in FILES}
+
+
+def _package(module: str) -> str | None:
+    parts = module.split(".")
+    return parts[1] if len(parts) > 1 else None
+
+
+def _imports(path: Path) -> list[str]:
+    """Every module a file imports (at module level, in functions, under TYPE_CHECKING), absolute names."""
     tree = ast.parse(path.read_text())
-    top_level = {id(node) for node in tree.body}
     found = []
     for node in ast.walk(tree):
-        if isinstance(node, ast.ImportFrom) and node.module:
-            names = [node.module] + [f"{node.module}.{a.name}" for a in node.names]
+        if isinstance(node, ast.ImportFrom) and node.module and node.level == 0:
+            for alias in node.names:
+                child = f"{node.module}.{alias.name}"
+                found.append(child if child in MODULES else node.module)
         elif isinstance(node, ast.Import):
-            names = [a.name for a in node.names]
-        else:
-            continue
-        for name in names:
-            parts = name.split(".")
-            if parts[0] == "orchestrator" and len(parts) > 1:
-                found.append((parts[1], id(node) in top_level))
-            elif parts[0] == "ray":
-                found.append(("ray", id(node) in top_level))
+            found += [alias.name for alias in node.names]
     return found
 
 
-FILES = sorted(p for p in PACKAGE.rglob("*.py") if p.name != "__init__.py" or p.parent != PACKAGE)
+GRAPH = {name: sorted({m for m in _imports(path) if m in MODULES and m != name}) for name, path in MODULES.items()}
 
 
-def test_every_module_has_a_layer():
-    assert {_module(p) for p in FILES} == set(LAYER)
+def test_every_file_is_in_a_layer():
+    assert {_package(name) for name in MODULES} - {None} == set(LAYERS)
 
 
-@pytest.mark.parametrize("path", FILES, ids=lambda p: str(p.relative_to(PACKAGE)))
-def test_module_level_imports_go_downward(path):
-    here = _module(path)
-    upward = [name for name, top in _imports(path) if top and name in LAYER and LAYER[name] > LAYER[here]]
-    assert upward == [], f"{here} imports {upward} from a higher layer"
+@pytest.mark.parametrize("name", sorted(MODULES))
+def test_every_import_points_down(name):
+    here = LAYER.get(_package(name), -1)
+    upward = [m for m in GRAPH[name] if LAYER.get(_package(m), -1) > here]
+    assert upward == [], f"{name} imports {upward} from a higher layer"
 
 
-@pytest.mark.parametrize("path", [p for p in FILES if _module(p) in CORE], ids=lambda p: str(p.relative_to(PACKAGE)))
-def test_core_never_imports_ray_or_glue(path):
-    """Not even inside a function: the loop, the model surgery and the schedule run without Ray."""
-    bad = [name for name, _ in _imports(path) if name == "ray" or (name in LAYER and name not in CORE)]
-    assert bad == []
+@pytest.mark.parametrize("name", [n for n in sorted(MODULES) if _package(n) in CORE])
+def test_core_never_imports_ray(name):
+    assert [m for m in _imports(MODULES[name]) if m.split(".")[0] == "ray"] == []
+
+
+@pytest.mark.parametrize("name", [n for n in sorted(MODULES) if _package(n) in TORCH_FREE])
+def test_config_and_store_import_no_torch(name):
+    assert [m for m in _imports(MODULES[name]) if m.split(".")[0] in ("torch", "torchvision")] == []
+
+
+def _strongly_connected(graph: dict[str, list[str]]) -> list[list[str]]:
+    """Tarjan's strongly connected components of more than one module (or a module importing itself)."""
+    index, low, stack, on_stack, found, counter = {}, {}, [], set(), [], [0]
+
+    def visit(node):
+        index[node] = low[node] = counter[0]
+        counter[0] += 1
+        stack.append(node)
+        on_stack.add(node)
+        for nxt in graph[node]:
+            if nxt not in index:
+                visit(nxt)
+                low[node] = min(low[node], low[nxt])
+            elif nxt in on_stack:
+                low[node] = min(low[node], index[nxt])
+        if low[node] == index[node]:
+            component = []
+            while True:
+                member = stack.pop()
+                on_stack.discard(member)
+                component.append(member)
+                if member == node:
+                    break
+            if len(component) > 1:
+                found.append(sorted(component))
+
+    for node in graph:
+        if node not in index:
+            visit(node)
+    return found
+
+
+def test_no_import_cycle_anywhere():
+    assert _strongly_connected(GRAPH) == []
+
+
+def test_the_cycle_check_finds_a_cycle():
+    assert _strongly_connected({"a": ["b"], "b": ["c"], "c": ["a"], "d": ["a"]}) == [["a", "b", "c"]]
+
+
+def test_no_module_of_ours_is_imported_by_a_string():
+    for name, path in MODULES.items():
+        for node in ast.walk(ast.parse(path.read_text())):
+            if isinstance(node, ast.Call) and getattr(node.func, "attr", getattr(node.func, "id", "")) in (
+                    "import_module", "__import__"):
+                assert False, f"{name} imports a module by a string: {ast.unparse(node)}"
+
+
+MAX_MODULE_LINES, MAX_FUNCTION_LINES, MAX_PARAMETERS = 400, 50, 8
+
+
+def _functions(path: Path):
+    for node in ast.walk(ast.parse(path.read_text())):
+        if isinstance(node, (ast.FunctionDef, ast.AsyncFunctionDef)):
+            args = node.args
+            names = [a.arg for a in args.posonlyargs + args.args + args.kwonlyargs]
+            count = len(names) - (names[:1] in (["self"], ["cls"])) + bool(args.vararg) + bool(args.kwarg)
+            yield node.name, node.end_lineno - node.lineno + 1, count
+
+
+@pytest.mark.parametrize("name", sorted(MODULES))
+def test_small_modules_and_functions(name):
+    path = MODULES[name]
+    assert len(path.read_text().splitlines()) <= MAX_MODULE_LINES
+    too_big = [(fn, lines, params) for fn, lines, params in _functions(path)
+               if lines > MAX_FUNCTION_LINES or params > MAX_PARAMETERS]
+    assert too_big == []

@@ -6,10 +6,10 @@ import pytest
 import torch
 from torch import nn
 
-from orchestrator.loop import DivergenceError, StepSettings, Trainee, evaluate, train_one_epoch
-from orchestrator.optim import build_optimizer
-from orchestrator.plan import plan_groups
-from orchestrator.spec import JobSpec
+from orchestrator.config.plan import plan_groups
+from orchestrator.config.spec import JobSpec
+from orchestrator.train.loop import DivergenceError, StepSettings, Trainee, evaluate, train_one_epoch
+from orchestrator.train.optim import build_optimizer
 
 CPU = torch.device("cpu")
 

@@ -3,10 +3,10 @@
 import pytest
 import torch
 
-from orchestrator import models
-from orchestrator.models import ModelError, build_architecture, build_model, head_module_names, trainability_rows
-from orchestrator.weights import WeightsError, load_matching
-from orchestrator.spec import ModelSpec
+from orchestrator.config.spec import ModelSpec
+from orchestrator.train import models
+from orchestrator.train.models import ModelError, build_architecture, build_model, head_module_names, trainability_rows
+from orchestrator.train.weights import WeightsError, load_matching
 
 MODEL_LIST = ["resnet18", "resnet50", "alexnet", "vgg16", "squeezenet1_0", "densenet121", "inception_v3", "googlenet",
               "shufflenet_v2_x1_0", "mobilenet_v2", "mobilenet_v3_small", "mobilenet_v3_large", "resnext50_32x4d",
@@ -128,9 +128,9 @@ def test_unknown_arch_suggests():
 
 
 def test_freeze_backbone_step_leaves_frozen_tensors_unchanged():
-    from orchestrator.optim import build_optimizer
-    from orchestrator.plan import plan_groups
-    from orchestrator.spec import JobSpec
+    from orchestrator.config.plan import plan_groups
+    from orchestrator.config.spec import JobSpec
+    from orchestrator.train.optim import build_optimizer
 
     spec = JobSpec.model_validate({"model": {"arch": "resnet18", "freeze": ["backbone"]}, "optim": {"name": "sgd"}})
     built = build_model(spec.model, num_classes=5, image_size=32)
@@ -182,11 +182,11 @@ def smallest_side(arch: str) -> int:
 @pytest.mark.parametrize("arch", models.classification_models())
 def test_every_torchvision_classifier_builds_plans_and_trains_a_step(arch):
     """All of torchvision.models.list_models: planned on the meta device, built, one SGD step at a small input."""
-    from orchestrator.loop import StepSettings, Trainee, train_one_epoch
-    from orchestrator.optim import build_optimizer
-    from orchestrator.plan import make_plan
-    from orchestrator.resolve import count_group_sizes
-    from orchestrator.spec import JobSpec
+    from orchestrator.config.plan import make_plan
+    from orchestrator.config.spec import JobSpec
+    from orchestrator.train.loop import StepSettings, Trainee, train_one_epoch
+    from orchestrator.train.optim import build_optimizer
+    from orchestrator.train.resolve import count_group_sizes
 
     side = smallest_side(arch)
     spec = JobSpec.model_validate({"model": {"arch": arch, "num_classes": 3}, "data": {"image_size": side},

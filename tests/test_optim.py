@@ -1,10 +1,10 @@
 import pytest
 import torch
 
-from orchestrator.models import build_model
-from orchestrator.optim import OPTIMIZERS, SwatsTracker, build_optimizer, rebuild_keeping_state, switch_to_sgd
-from orchestrator.plan import plan_groups
-from orchestrator.spec import JobSpec
+from orchestrator.config.plan import plan_groups
+from orchestrator.config.spec import JobSpec
+from orchestrator.train.models import build_model
+from orchestrator.train.optim import OPTIMIZERS, SwatsTracker, build_optimizer, rebuild_keeping_state, switch_to_sgd
 
 
 def spec_with(**optim):

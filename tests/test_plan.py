@@ -1,10 +1,10 @@
 import pytest
-
-from orchestrator.plan import PlanError, make_plan, scale_lr
-from orchestrator.resolve import resolve_plan
-from orchestrator.spec import JobSpec, load_spec
-
 from conftest import REPO
+
+from orchestrator.config.jobfile import load_spec
+from orchestrator.config.plan import PlanError, make_plan, scale_lr
+from orchestrator.config.spec import JobSpec
+from orchestrator.train.resolve import resolve_plan
 
 
 def goyal_spec(**scaling) -> JobSpec:
@@ -66,7 +66,7 @@ def test_param_groups_lr_mult_and_norm_bias_split():
                   "param_groups": [{"match": "fc.*", "lr_mult": 10.0}, {"match": "layer4.*", "lr_mult": 2.0, "weight_decay": 0.0}]},
         "scaling": {"num_workers": 2, "per_worker_batch_size": 32},
     })
-    from orchestrator.resolve import count_group_sizes
+    from orchestrator.train.resolve import count_group_sizes
 
     plan = make_plan(spec, 1000, 2)
     plan = plan.with_group_sizes(count_group_sizes(spec, plan.param_groups, 5))

@@ -6,21 +6,23 @@ import numpy as np
 import pyarrow.parquet as pq
 import pytest
 import torch
+from conftest import tiny_job
 from safetensors.torch import load_file
 from torchvision.transforms import v2
 
-from orchestrator.checkpoint import evaluated_weights
 from orchestrator.cli import main
-from orchestrator.data import load_splits, make_dataset
-from orchestrator.data.datasets import build_transform, train_loader
-from orchestrator.data.sources import GLYPHS
-from orchestrator.loop import classification_loss
-from orchestrator.models import build_model
-from orchestrator.optim import build_optimizer
-from orchestrator.plan import make_plan, plan_groups
-from orchestrator.spec import DataSpec, JobSpec, ModelSpec, SpecError, validate_spec
-
-from conftest import tiny_job
+from orchestrator.config.errors import SpecError
+from orchestrator.config.jobfile import validate_spec
+from orchestrator.config.plan import make_plan, plan_groups
+from orchestrator.config.spec import DataSpec, JobSpec, ModelSpec
+from orchestrator.data.loaders import make_dataset, train_loader
+from orchestrator.data.readers import GLYPHS
+from orchestrator.data.sources import load_splits
+from orchestrator.data.transforms import build_transform
+from orchestrator.train.checkpoint import evaluated_weights
+from orchestrator.train.loop import classification_loss
+from orchestrator.train.models import build_model
+from orchestrator.train.optim import build_optimizer
 
 
 def local_job(tmp_path, name, **sections):
@@ -184,7 +186,7 @@ def test_bf16_autocast_and_channels_last_train_on_cpu(tmp_path, write_job):
 
 
 def test_bf16_autocast_runs_the_convolutions_in_bf16_and_channels_last_keeps_the_layout():
-    from orchestrator.loop import autocast
+    from orchestrator.train.loop import autocast
 
     model = build_model(ModelSpec(arch="resnet18"), 3, 32).model.to(memory_format=torch.channels_last)
     assert model.conv1.weight.is_contiguous(memory_format=torch.channels_last)

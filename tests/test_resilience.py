@@ -9,14 +9,13 @@ import time
 import pyarrow.parquet as pq
 import pytest
 import torch
+from conftest import REPO, tiny_job
 
 from orchestrator.cli import main
-from orchestrator.fit import fit
-from orchestrator.launch import local_env
-from orchestrator.resolve import resolve_plan
-from orchestrator.spec import validate_spec
-
-from conftest import REPO, tiny_job
+from orchestrator.cluster.launch import local_env
+from orchestrator.config.jobfile import validate_spec
+from orchestrator.train.fit import fit
+from orchestrator.train.resolve import resolve_plan
 
 TIMING = {"images_per_s", "train_s", "val_s", "epoch_s", "wall_s"}
 

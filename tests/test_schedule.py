@@ -5,8 +5,8 @@ from types import SimpleNamespace
 import pytest
 import torch
 
-from orchestrator.schedule import lr_multiplier, plateau_reductions
-from orchestrator.spec import ScheduleSpec
+from orchestrator.config.schedule import lr_multiplier, plateau_reductions
+from orchestrator.config.spec import ScheduleSpec
 
 STEPS_PER_EPOCH, WARMUP_STEPS, TOTAL = 4, 2, 12   # 3 epochs, warmup half an epoch
 W = [0.1, 0.55]                                     # warmup factors at steps 0 and 1 (start 0.1)
@@ -97,7 +97,7 @@ def test_min_lr_floors_step_decay():
 
 
 def test_every_group_keeps_its_ratio():
-    from orchestrator.optim import apply_lr
+    from orchestrator.train.optim import apply_lr
 
     params = [torch.nn.Parameter(torch.zeros(1)) for _ in range(2)]
     opt = torch.optim.SGD([{"params": [params[0]], "base_lr": 0.1}, {"params": [params[1]], "base_lr": 1.0}], lr=0.0)

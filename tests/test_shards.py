@@ -9,17 +9,17 @@ import numpy as np
 import pyarrow.parquet as pq
 import pytest
 import torch
+from conftest import tiny_job
 from PIL import Image
+from test_resilience import StopRun, run_fit
 
 from orchestrator.cli import main
-from orchestrator.data.shards import ShardSplit, read_manifest, split_of
-from orchestrator.data.sources import DataError
+from orchestrator.config.jobfile import validate_spec
+from orchestrator.data.pack import pack
+from orchestrator.data.packed import ShardSplit, packed_split
+from orchestrator.data.shards import read_manifest
+from orchestrator.data.splits import DataError
 from orchestrator.data.streaming import ShardEvalStream, ShardTrainStream
-from orchestrator.pack import pack
-from orchestrator.spec import validate_spec
-
-from conftest import tiny_job
-from test_resilience import StopRun, run_fit
 
 COLORS = [(220, 40, 40), (40, 200, 40), (40, 40, 220)]
 
@@ -86,7 +86,7 @@ def test_every_step_sees_the_global_batch_each_image_at_most_once_and_epochs_res
     tree = make_tree(tmp_path / "tree", {"train": 70}, size=4, ids=True)
     out = tmp_path / "packed"
     pack(str(tree), str(out), shard_size_mb=0.001, workers=2, row_group_mb=0.0005)
-    split = split_of(read_manifest(str(out)), str(out), "train")
+    split = packed_split(read_manifest(str(out)), str(out), "train")
     assert len(split) == 210 and len(split.units) > 8
     world, batch, accum = 2, 8, 2
     steps = len(split) // (world * batch * accum)
@@ -194,7 +194,7 @@ def test_a_class_count_that_does_not_fit_the_weights_exits_2(tmp_path, write_job
 
 
 def test_shards_refuse_class_selection():
-    from orchestrator.spec import SpecError
+    from orchestrator.config.errors import SpecError
 
     with pytest.raises(SpecError, match="data.classes"):
         validate_spec({"data": {"source": "shards:/nowhere", "classes": [0, 1]}})
@@ -205,7 +205,8 @@ def test_shards_refuse_class_selection():
 
 
 def test_hold_out_takes_whole_row_groups(tmp_path):
-    from orchestrator.data.shards import Unit, hold_out
+    from orchestrator.data.packed import hold_out
+    from orchestrator.data.shards import Unit
 
     split = ShardSplit(str(tmp_path), [Unit(f"f{i}", 0, 10) for i in range(10)], "train")
     train, val = hold_out(split, 0.2, seed=1)

@@ -1,9 +1,10 @@
 import pytest
+from conftest import REPO
 
 from orchestrator.cli import main
-from orchestrator.spec import JobSpec, SpecError, apply_overrides, load_spec, validate_spec
-
-from conftest import REPO
+from orchestrator.config.errors import SpecError
+from orchestrator.config.jobfile import apply_overrides, load_spec, validate_spec
+from orchestrator.config.spec import JobSpec
 
 JOBS = sorted((REPO / "jobs").glob("*.yaml"))
 
@@ -136,7 +137,7 @@ def test_readme_documents_every_job_file_key():
 
 
 def test_local_paths_become_absolute_for_the_workers(tmp_path, monkeypatch):
-    from orchestrator.spec import with_absolute_paths
+    from orchestrator.store.storage import with_absolute_paths
 
     monkeypatch.chdir(tmp_path)
     spec = validate_spec({"data": {"source": "imagefolder:./pics"}, "model": {"weights": "./runs/quickstart"},
@@ -151,7 +152,8 @@ def test_local_paths_become_absolute_for_the_workers(tmp_path, monkeypatch):
 
 def test_the_catalog_names_what_the_registries_build():
     """The spec validates names from catalog.py (no torch); the registries that build them hold the same names."""
-    from orchestrator import catalog, models, optim
+    from orchestrator.config import catalog
+    from orchestrator.train import models, optim
 
     assert set(catalog.HEAD_INIT_NAMES) == set(models.HEAD_INITS)
     assert set(catalog.OPTIMIZER_NAMES) == set(optim.OPTIMIZERS)
@@ -165,7 +167,7 @@ def test_reading_a_job_file_imports_no_torch():
 
     from conftest import REPO
 
-    code = ("import sys; import orchestrator.cli; from orchestrator.spec import load_spec; "
+    code = ("import sys; import orchestrator.cli; from orchestrator.config.spec import load_spec; "
             "load_spec('jobs/quickstart.yaml', ['data.augment=[hflip, {name: color_jitter, brightness: 0.2}]']); "
             "print('torch' in sys.modules, 'torchvision' in sys.modules, 'ray' in sys.modules)")
     done = subprocess.run([sys.executable, "-c", code], cwd=REPO, capture_output=True, text=True, timeout=120)

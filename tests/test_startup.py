@@ -9,11 +9,10 @@ import time
 from pathlib import Path
 
 import pytest
+from conftest import REPO, tiny_job
 
 from orchestrator.cli import main
-from orchestrator.lr_range import base_lr_for, ramp_lr, smooth, smoothing_beta, suggest_index
-
-from conftest import REPO, tiny_job
+from orchestrator.train.lr_range import base_lr_for, ramp_lr, smooth, smoothing_beta, suggest_index
 
 
 def lr_job(storage, name: str = "findlr") -> dict:
@@ -93,7 +92,7 @@ def test_find_lr_refuses_missing_data_and_a_model_with_nothing_to_train(tmp_path
 
 def test_the_train_controller_unpickles_nothing_heavy():
     """The failure policy goes to Ray Train's controller process: importing it must not import torch (~3 s there)."""
-    code = "import sys; import orchestrator.failure_policy; print('torch' in sys.modules, 'orchestrator.fit' in sys.modules)"
+    code = "import sys; import orchestrator.cluster.failure_policy; print('torch' in sys.modules, 'orchestrator.train.fit' in sys.modules)"
     done = subprocess.run([sys.executable, "-c", code], cwd=REPO, capture_output=True, text=True, timeout=120)
     assert done.returncode == 0 and done.stdout.split() == ["False", "False"], done.stderr[-2000:]
 

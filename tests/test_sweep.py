@@ -8,12 +8,12 @@ import time
 import pyarrow.parquet as pq
 import pytest
 import yaml
+from conftest import tiny_job
 
 from orchestrator.cli import main
-from orchestrator.spec import SpecError, load_spec
-from orchestrator.search import probe_values, validate_space
-
-from conftest import tiny_job
+from orchestrator.config.errors import SpecError
+from orchestrator.config.jobfile import load_spec
+from orchestrator.config.search import probe_values, validate_space
 
 
 def sweep_job(storage, name: str) -> dict:

@@ -5,12 +5,11 @@ import json
 import pyarrow.parquet as pq
 import pytest
 import torch
+from conftest import tiny_job
 
 from orchestrator.cli import main
-from orchestrator.models import build_model
-from orchestrator.spec import ModelSpec
-
-from conftest import tiny_job
+from orchestrator.config.spec import ModelSpec
+from orchestrator.train.models import build_model
 
 ROW_COLUMNS = {"epoch", "step", "train_loss", "val_loss", "val_acc1", "val_acc5", "images_per_s", "epoch_s", "wall_s"}
 

@@ -14,7 +14,8 @@ from pathlib import Path
 
 import yaml
 
-from orchestrator.storage import METRICS_FILE, RunFolder
+from orchestrator.store.storage import METRICS_FILE, RunFolder
+
 
 def figures_table(title: str, columns: tuple[str, ...]):
     """A rich table of figures: the first column (labels) left-aligned, the figures right-aligned."""
@@ -45,7 +46,7 @@ def run_train(job_path: Path, extra: list[str], env: dict | None = None) -> tupl
 def warm_cluster(folder: Path) -> Iterator[tuple[str, dict]]:
     """`orchestrator up` in `folder` (its own cluster, whatever else runs here), `down` on the way out:
     yields (its GCS address, an environment in which `--address auto` means it and clients send the token)."""
-    from orchestrator.local_cluster import read_info
+    from orchestrator.cluster.local_cluster import read_info
 
     env = {**os.environ, "ORCHESTRATOR_CLUSTER_DIR": str(folder), "RAY_AUTH_MODE": "token"}
     up = subprocess.run([sys.executable, "-m", "orchestrator.cli", "up"], capture_output=True, text=True, env=env)

@@ -54,7 +54,7 @@ def make_jpegs(root: Path, count: int, seed: int = 0) -> Path:
 
 
 def data_spec(source: str, workers: int):
-    from orchestrator.spec import DataSpec
+    from orchestrator.config.spec import DataSpec
 
     return DataSpec(source=source, image_size=IMAGE_SIZE, augment=AUGMENT, loader_workers=workers)
 
@@ -62,7 +62,8 @@ def data_spec(source: str, workers: int):
 def _bound_worker(blobs: list[bytes], results) -> None:
     import torch
 
-    from orchestrator.data.datasets import build_transform, decode_image, delivers_uint8
+    from orchestrator.data.decode import decode_image
+    from orchestrator.data.transforms import build_transform, delivers_uint8
 
     torch.set_num_threads(1)
     data = data_spec("builtin:digits", 0)
@@ -123,10 +124,10 @@ class PeakWorkerMemory:
 def torch_loader_rate(source: str, workers: int, epochs: int, on_batch=None) -> float:
     import torch
 
-    from orchestrator.data import load_splits, make_dataset, train_loader
-    from orchestrator.data.datasets import start_epoch
-    from orchestrator.plan import make_plan
-    from orchestrator.spec import JobSpec
+    from orchestrator.config.plan import make_plan
+    from orchestrator.config.spec import JobSpec
+    from orchestrator.data.loaders import make_dataset, start_epoch, train_loader
+    from orchestrator.data.sources import load_splits
 
     torch.set_num_threads(1)
     data = data_spec(source, workers)
@@ -145,8 +146,8 @@ def torch_loader_rate(source: str, workers: int, epochs: int, on_batch=None) -> 
 def ray_data_rate(source: str, cores: int, epochs: int) -> float:
     import ray
 
-    from orchestrator.data import load_splits
-    from orchestrator.ray_data import train_dataset
+    from orchestrator.cluster.ray_data import train_dataset
+    from orchestrator.data.sources import load_splits
 
     data = data_spec(source, 0)
     started_here = not ray.is_initialized()
@@ -166,7 +167,7 @@ def ray_data_rate(source: str, cores: int, epochs: int) -> float:
 
 def ingest(console: Console, images: int = 2000, epochs: int = 2, keep: str | None = None) -> dict:
     """Measure every path; returns {"bound_images_per_s", "paths": {...}, "loader_worker_private_mb", "images", "cores"}."""
-    from orchestrator.pack import pack
+    from orchestrator.data.pack import pack
 
     cores = os.cpu_count() or 1
     work = Path(keep or tempfile.mkdtemp(prefix="orchestrator-ingest-"))

@@ -92,9 +92,9 @@ class Result:
 
 def run_one(config: Config, seed: int, storage: str, epochs: int, images: int = TRAIN_IMAGES) -> Result:
     """Train one row in this process, quietly; its plan's LR and the summary's test acc@1."""
-    from orchestrator.launch import train_local
-    from orchestrator.resolve import resolve_plan
-    from orchestrator.spec import validate_spec
+    from orchestrator.cluster.launch import train_local
+    from orchestrator.config.jobfile import validate_spec
+    from orchestrator.train.resolve import resolve_plan
 
     spec = validate_spec(job(config, seed, storage, epochs, images))
     plan = resolve_plan(spec, 1).plan
@@ -128,7 +128,7 @@ def table(results: list[Result]) -> Table:
 
 def error_plot(results: list[Result], path: Path) -> None:
     """Test error against global batch (log2 axis), warmup runs as a line, the others as markers."""
-    from orchestrator.report import figure_png, new_figure
+    from orchestrator.after.report import figure_png, new_figure
 
     fig, ax = new_figure(6.5, 4.0)
     series = {"SGD, gradual warmup": lambda c: c.optimizer == "sgd" and (c.warmup_epochs or c.global_batch_size == B0),

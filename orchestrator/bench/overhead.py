@@ -26,7 +26,7 @@ import yaml
 from rich.console import Console
 
 from orchestrator.bench.common import figures_table, run_train, warm_cluster
-from orchestrator.progress import process_start_time
+from orchestrator.train.progress import process_start_time
 
 BARE_PATTERN = re.compile(r"bare first step ([0-9.]+) s")
 
@@ -50,9 +50,10 @@ def plain_loop_epoch_seconds(job: dict, epochs: int) -> list[float]:
     import torch.nn.functional as F
     import torchvision
 
-    from orchestrator.data import load_splits, make_dataset
-    from orchestrator.data.datasets import normalize_batch
-    from orchestrator.spec import JobSpec
+    from orchestrator.config.spec import JobSpec
+    from orchestrator.data.loaders import make_dataset
+    from orchestrator.data.sources import load_splits
+    from orchestrator.data.transforms import normalize_batch
 
     spec = JobSpec.model_validate(job)
     torch.set_num_threads(os.cpu_count() or 1)
@@ -89,8 +90,8 @@ def run_bare(address: str | None, env: dict | None = None, workers: int = 1, cpu
 
 def bare_trainer_main(address: str | None, workers: int = 1, cpus_per_worker: int | None = None) -> None:
     """Ray's floor: import torch, start or join Ray, fit a TorchTrainer whose loop does nothing."""
-    import torch  # noqa: F401  (our CLI pays for it too)
     import ray
+    import torch  # noqa: F401  (our CLI pays for it too)
     from ray.train import RunConfig, ScalingConfig
     from ray.train.torch import TorchTrainer
     from ray.util.queue import Queue

@@ -22,8 +22,8 @@ from rich.console import Console
 from rich.table import Table
 
 from orchestrator.bench.common import timed_train
-from orchestrator.storage import CHECKPOINT_FILE, METRICS_FILE, SUMMARY_FILE, RunFolder, epoch_dir_name
-from orchestrator.worker import FAULT_MARKER, FAULT_STEP_ENV
+from orchestrator.cluster.worker import FAULT_MARKER, FAULT_STEP_ENV
+from orchestrator.store.storage import CHECKPOINT_FILE, METRICS_FILE, SUMMARY_FILE, RunFolder, epoch_dir_name
 
 
 def reliability_job(storage: str, name: str) -> dict:
@@ -74,8 +74,8 @@ def start_twice(job_path: Path, run: RunFolder, epochs: int, env: dict) -> bool:
 
 def reliability(console: Console, runs: int = 3) -> dict:
     """Kill one worker once in the middle of epoch 3 of 4, `runs` times; compare with a clean run."""
-    from orchestrator.resolve import resolve_plan
-    from orchestrator.spec import validate_spec
+    from orchestrator.config.jobfile import validate_spec
+    from orchestrator.train.resolve import resolve_plan
 
     outcomes = []
     with tempfile.TemporaryDirectory() as workdir:

@@ -19,9 +19,7 @@ import yaml
 from rich.console import Console
 from rich.table import Table
 
-from orchestrator.storage import RunFolder
-from orchestrator.sweep import RESULTS_FILE
-
+from orchestrator.store.storage import SWEEP_RESULTS_FILE, RunFolder
 
 REDUCTION_FACTOR = 4
 
@@ -57,7 +55,7 @@ def sweep_bench(console: Console, epochs: int = 9, max_per_class: int = 80) -> d
                                   env={**os.environ, "COLUMNS": "200"})
             if done.returncode != 0:
                 raise RuntimeError(f"the {label} sweep failed:\n{done.stdout[-3000:]}\n{done.stderr[-3000:]}")
-            rows = RunFolder(storage, label).read_rows(RESULTS_FILE)
+            rows = RunFolder(storage, label).read_rows(SWEEP_RESULTS_FILE)
             figures[label] = {"epochs": sum(r["epochs_run"] for r in rows), "best": max(r["best_val_acc1"] for r in rows),
                               "trials": len(rows), "seconds": time.perf_counter() - started}
     table = Table(title="ASHA vs full budget, the same 16 configurations", title_justify="left")

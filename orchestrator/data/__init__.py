@@ -1,23 +1,9 @@
-"""Data: sources (digits, image folders, Parquet, synthetic), splits, transforms and loaders.
+"""Data: the sources (builtin digits, generated images, image folders, Parquet, packed shards), splits,
+decoding, transforms and augmentations, the seeded loaders, and `orchestrator pack`.
 
+Owns: `splits` (Split, StreamedSplit, DataError), `readers` and `packed` (the sources), `sources`
+(their registry and the steps they share), `shards` and `streaming` (packed shards' order and
+streams), `decode`, `augment`, `transforms`, `loaders`, `pack`.
+May import: `config`, `store`. Torch and torchvision, never Ray.
 The builtin digits live beside this file as `digits.parquet` (see tools/make_digits.py).
-Names are imported on first use (PEP 562): reading a source or validating a job file
-(`data.sources`, numpy only) does not import torch and torchvision (~3 s), which the transforms and
-loaders of `data.datasets` need.
 """
-
-from importlib import import_module
-
-_HOMES = {"ImageReadError": "datasets", "eval_loader": "datasets", "make_dataset": "datasets", "train_loader": "datasets",
-          "DataError": "sources", "Split": "sources", "Splits": "sources", "load_splits": "sources",
-          "stratified_split": "sources"}
-
-__all__ = sorted(_HOMES)
-
-
-def __getattr__(name: str):
-    if name not in _HOMES:
-        raise AttributeError(f"module {__name__!r} has no attribute {name!r}")
-    value = getattr(import_module(f"{__name__}.{_HOMES[name]}"), name)
-    globals()[name] = value
-    return value

@@ -12,11 +12,11 @@ Order of an epoch (pure functions of seed and epoch, the same on every rank):
 3. a rank's batches are dealt round-robin to its loader workers (batch k to worker k mod W, which
    is the order a DataLoader gathers them in), so each worker owns a contiguous stretch of the
    span: exactly the rows of its batches;
-4. a worker shuffles its stretch in chunks of SHUFFLE_BUFFER_ROWS rows (its shuffle buffer),
+4. a worker shuffles its stretch in chunks of SHUFFLE_CHUNK_ROWS rows (its shuffle buffer),
    seeded by (seed, epoch, rank, worker, chunk), and cuts batches in that order.
 Every optimizer step so sees exactly the plan's global batch, each image at most once an epoch,
 and a resume at step s skips the first s steps' rows without decoding them. Augmentation draws
-are seeded per image from its position (`sample_seed`), so they do not depend on where a run resumed.
+are seeded per image from its position (`splits.seed_base`), so they do not depend on where a run resumed.
 Memory per worker: two shuffle chunks of encoded bytes (the one decoding, the next being read) and the row
 groups they span, whatever the dataset size.
 """
@@ -28,14 +28,15 @@ from dataclasses import dataclass
 
 import numpy as np
 
-from orchestrator.data.sources import DataError
+from orchestrator.data.splits import DataError
 
 MANIFEST_FILE = "manifest.json"
 MANIFEST_FORMAT = "orchestrator-shards"
 MANIFEST_VERSION = 1
-SHUFFLE_BUFFER_ROWS = 1024
+SHUFFLE_CHUNK_ROWS = 1024
 """rows a loader worker shuffles together (and holds, encoded, at once)"""
-SPLITS = ("train", "val", "test")
+PACK_SPLITS = ("train", "val", "test")
+"""the splits a pack may hold, in the order pack writes them"""
 
 
 def open_fs(uri: str):
@@ -67,19 +68,6 @@ class Unit:
     """shard file name inside the shards folder"""
     row_group: int
     rows: int
-
-
-@dataclass
-class ShardSplit:
-    """One split of a packed dataset: where its row groups are; nothing of the images is in memory."""
-
-    uri: str
-    units: list[Unit]
-    name: str
-    kind: str = "shards"
-
-    def __len__(self) -> int:
-        return sum(u.rows for u in self.units)
 
 
 @dataclass
@@ -141,27 +129,6 @@ def _manifest_problems(raw, present: set[str]) -> list[str]:
     return problems
 
 
-def split_of(manifest: Manifest, uri: str, name: str) -> ShardSplit | None:
-    entry = manifest.splits.get(name)
-    if not entry or not entry["images"]:
-        return None
-    units = [Unit(s["file"], i, rows) for s in entry["shards"] for i, rows in enumerate(s["row_groups"]) if rows]
-    return ShardSplit(uri.rstrip("/"), units, name)
-
-
-def hold_out(split: ShardSplit, fraction: float, seed: int) -> tuple[ShardSplit, ShardSplit]:
-    """(train, val): whole row groups, a seeded `fraction` of them (pack shuffles images into row groups,
-    so each row group is a random sample of the split)."""
-    order = np.random.default_rng([seed, 7]).permutation(len(split.units))
-    held_count = max(1, round(fraction * len(split.units)))
-    if held_count >= len(split.units):
-        raise DataError(f"data.source: {split.uri} has {len(split.units)} row group(s) and no val split: too few to hold "
-                        "out val_fraction of them; pack with a val/ folder")
-    held = set(order[:held_count].tolist())
-    keep = [u for i, u in enumerate(split.units) if i not in held]
-    return ShardSplit(split.uri, keep, "train"), ShardSplit(split.uri, [u for i, u in enumerate(split.units) if i in held], "val")
-
-
 # -- the order of an epoch: pure functions -------------------------------------------------------------------
 
 def unit_order(num_units: int, seed: int, epoch: int) -> np.ndarray:
@@ -180,7 +147,7 @@ def worker_batches(num_batches: int, num_workers: int, worker: int) -> int:
     return len(range(worker, num_batches, num_workers))
 
 
-def pieces(split: ShardSplit, order: np.ndarray, start: int, stop: int) -> list[tuple[int, int, int]]:
+def pieces(split, order: np.ndarray, start: int, stop: int) -> list[tuple[int, int, int]]:
     """(unit index, first row, end row) covering rows [start, stop) of the stream `order` makes."""
     rows = np.array([split.units[i].rows for i in order], dtype=np.int64)
     ends = np.cumsum(rows)
@@ -198,18 +165,12 @@ def chunk_permutation(size: int, seed: int, epoch: int, rank: int, worker: int, 
     return np.random.default_rng([seed, epoch, rank, worker, chunk, 2]).permutation(size)
 
 
-def seed_base(seed: int, epoch: int, *stream: int) -> int:
-    """Image `i` of a stream of an epoch is augmented with torch seed `seed_base(...) + i`: a function of
-    where the image is, not of when it was drawn (so a resumed run draws what an unbroken one does)."""
-    return int(np.random.SeedSequence([seed, epoch, *stream]).generate_state(1, dtype=np.uint64)[0] >> 2)
-
-
 # -- reading ------------------------------------------------------------------------------------------------
 
 class UnitReader:
     """Reads row groups of one split's shards, keeping the last one (consecutive reads often share it)."""
 
-    def __init__(self, split: ShardSplit):
+    def __init__(self, split):
         self.split = split
         self.fs = None
         self.cached: tuple[int, tuple[list, np.ndarray]] | None = None

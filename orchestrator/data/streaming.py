@@ -1,4 +1,5 @@
-"""Torch datasets over packed shards (`shards.py` gives the order; this reads, decodes and batches it).
+"""Torch datasets over packed shards (`shards.py` gives the order; this reads, decodes and batches it):
+the streams of `packed.ShardSplit`.
 
 `ShardTrainStream` yields this rank's micro-batches of an epoch, already collated, from however many
 DataLoader workers read it; `ShardEvalStream` yields a rank's contiguous share of a split, every image once.
@@ -13,8 +14,10 @@ import numpy as np
 import torch
 from torch.utils.data import IterableDataset, get_worker_info
 
-from orchestrator.data.shards import (SHUFFLE_BUFFER_ROWS, ShardSplit, UnitReader, chunk_permutation, pieces, rank_span,
-                                      seed_base, unit_order, worker_batches)
+from orchestrator.data.decode import decode_image
+from orchestrator.data.shards import (SHUFFLE_CHUNK_ROWS, UnitReader, chunk_permutation, pieces, rank_span, unit_order,
+                                      worker_batches)
+from orchestrator.data.splits import seed_base
 
 
 def _worker() -> tuple[int, int]:
@@ -28,7 +31,7 @@ class ShardTrainStream(IterableDataset):
     `set_epoch(epoch, skip_batches)` before iterating: the first `skip_batches` of the rank's batches are
     skipped without decoding (a mid-epoch resume)."""
 
-    def __init__(self, split: ShardSplit, transform, batch_size: int, num_batches: int, rank: int, world_size: int,
+    def __init__(self, split, transform, batch_size: int, num_batches: int, rank: int, world_size: int,
                  seed: int, mix=None):
         self.split, self.transform, self.batch_size, self.num_batches = split, transform, batch_size, num_batches
         self.rank, self.world_size, self.seed, self.mix = rank, world_size, seed, mix
@@ -45,8 +48,6 @@ class ShardTrainStream(IterableDataset):
         return self.num_batches
 
     def __iter__(self):
-        from orchestrator.data.datasets import decode_image
-
         loader_worker, workers = _worker()
         # a DataLoader asks its workers in turn from worker 0: after skipping s batches, the next one (s) is
         # owed by stretch s mod W, so loader worker i serves stretch (i + s) mod W
@@ -59,8 +60,8 @@ class ShardTrainStream(IterableDataset):
         order = unit_order(len(self.split.units), self.seed, self.epoch)
         base = seed_base(self.seed, self.epoch, self.rank, worker, workers)
         reader = UnitReader(self.split)
-        chunks = [(chunk, chunk * SHUFFLE_BUFFER_ROWS, min(mine, (chunk + 1) * SHUFFLE_BUFFER_ROWS))
-                  for chunk in range(math.ceil(mine / SHUFFLE_BUFFER_ROWS))]
+        chunks = [(chunk, chunk * SHUFFLE_CHUNK_ROWS, min(mine, (chunk + 1) * SHUFFLE_CHUNK_ROWS))
+                  for chunk in range(math.ceil(mine / SHUFFLE_CHUNK_ROWS))]
         chunks = [(chunk, lo, hi) for chunk, lo, hi in chunks if hi > skip]
 
         def read(lo: int, hi: int):
@@ -97,7 +98,7 @@ class ShardTrainStream(IterableDataset):
 class ShardEvalStream(IterableDataset):
     """Rank `rank`'s contiguous share of a split in pack order, in batches; the ranks' shares sum to the split."""
 
-    def __init__(self, split: ShardSplit, transform, batch_size: int, rank: int, world_size: int):
+    def __init__(self, split, transform, batch_size: int, rank: int, world_size: int):
         self.split, self.transform, self.batch_size, self.rank, self.world_size = split, transform, batch_size, rank, world_size
 
     def share(self) -> tuple[int, int]:
@@ -105,8 +106,6 @@ class ShardEvalStream(IterableDataset):
         return total * self.rank // self.world_size, total * (self.rank + 1) // self.world_size
 
     def __iter__(self):
-        from orchestrator.data.datasets import decode_image
-
         worker, workers = _worker()
         start, stop = self.share()
         lo, hi = start + (stop - start) * worker // workers, start + (stop - start) * (worker + 1) // workers

@@ -1,0 +1,107 @@
+"""`orchestrator bench NAME`: the benchmarks, one table of them (`BENCHMARKS`: the name, what it measures,
+how it runs); each prints its figures as ratios to a baseline measured in the same run."""
+
+from __future__ import annotations
+
+import argparse
+from collections.abc import Callable
+from dataclasses import dataclass
+
+from orchestrator.cli.common import console, err_console
+
+
+def _overhead(args) -> None:
+    from orchestrator.bench.overhead import overhead
+
+    overhead(console, epochs=args.epochs or 6, repeats=args.repeats)
+
+
+def _reliability(args) -> None:
+    from orchestrator.bench.reliability import reliability
+
+    reliability(console, runs=args.runs)
+
+
+def _sweep(args) -> None:
+    from orchestrator.bench.sweep import sweep_bench
+    from orchestrator.store.storage import strict_json
+
+    figures = sweep_bench(err_console if args.json else console)
+    if args.json:
+        print(strict_json({key: figures[key] for key in ("epochs_ratio", "wall_ratio", "best_gap_points")}))
+
+
+def _large_batch(args) -> None:
+    from orchestrator.bench.large_batch import EPOCHS, WARMUP_EPOCHS, large_batch
+    from orchestrator.config.errors import SpecError
+
+    if args.epochs is not None and args.epochs <= WARMUP_EPOCHS:
+        raise SpecError([f"--epochs: {args.epochs}; large-batch warms up over {WARMUP_EPOCHS:g} epoch(s), "
+                         f"so give at least {WARMUP_EPOCHS + 1:g}"])
+    large_batch(err_console if args.json else console, seeds=args.seeds, epochs=args.epochs or EPOCHS,
+                as_json=args.json, plot=args.plot, images=args.images or 10_240)
+
+
+def _startup(args) -> None:
+    from orchestrator.bench.startup import KEYS, print_startup, startup
+    from orchestrator.store.storage import strict_json
+
+    figures = startup(err_console if args.json else console, repeats=args.repeats)
+    if args.json:
+        print(strict_json({key: figures[key] for key in KEYS}))
+    else:
+        print_startup(console, figures)
+
+
+def _ingest(args) -> None:
+    from orchestrator.bench.ingest import ingest, print_ingest
+    from orchestrator.store.storage import strict_json
+
+    figures = ingest(err_console if args.json else console, images=args.images or 2000, epochs=args.epochs or 2)
+    if args.json:
+        print(strict_json({"bound_images_per_s": figures["bound_images_per_s"], "paths": figures["paths"]}))
+        err_console.print(f"shards: a loader worker's peak private memory {figures['loader_worker_private_mb']:.0f} MB")
+    else:
+        print_ingest(console, figures)
+
+
+@dataclass(frozen=True)
+class Benchmark:
+    measures: str
+    """what it measures, against what (the --help line)"""
+    run: Callable[[argparse.Namespace], None]
+
+
+BENCHMARKS = {
+    "overhead": Benchmark("Ray Train and --local vs a plain PyTorch loop, per epoch and at start-up", _overhead),
+    "reliability": Benchmark("kill a worker mid-run R times, count completed runs, epochs lost or repeated", _reliability),
+    "sweep": Benchmark("the same 16 configurations under ASHA and at full budget", _sweep),
+    "large-batch": Benchmark("a miniature of Goyal et al.'s table, batch B0 to 64 x B0 with linear scaling, warmup, LARS",
+                             _large_batch),
+    "startup": Benchmark("seconds to the first step of a plain script, --local, and bare TorchTrainer vs ours on a new "
+                         "and on a warm Ray", _startup),
+    "ingest": Benchmark("images/s that imagefolder, shards and Ray Data deliver to a loop vs decode + augment alone", _ingest),
+}
+"""orchestrator bench NAME -> the benchmark (its code: orchestrator/bench/)"""
+
+
+def cmd_bench(args) -> int:
+    BENCHMARKS[args.what].run(args)
+    return 0
+
+
+def add_bench(p: argparse.ArgumentParser) -> None:
+    p.add_argument("what", choices=list(BENCHMARKS),
+                   help="; ".join(f"{name}: {bench.measures}" for name, bench in BENCHMARKS.items()))
+    p.add_argument("--runs", type=int, default=3, help="reliability: runs with a killed worker")
+    p.add_argument("--epochs", type=int, default=None, help="epochs per measured run (overhead: 6, the first left out "
+                                                                  "of the median; large-batch: 8; ingest: 2 passes)")
+    p.add_argument("--seeds", type=int, default=2, help="large-batch: seeds per row")
+    p.add_argument("--images", type=int, default=None, help="large-batch: training images (default 10,240; val a tenth, "
+                                                                 "test a fifth); ingest: generated JPEGs (default 2,000)")
+    p.add_argument("--json", action="store_true", help='print the figures as JSON (progress goes to stderr): large-batch '
+                   '{"rows": [...]}; startup {"plain_s", "local_s", "bare_fresh_s", "ours_fresh_s", "bare_warm_s", "ours_warm_s"}; '
+                   'sweep {"epochs_ratio", "wall_ratio", "best_gap_points"}; ingest {"bound_images_per_s", "paths": '
+                   '{"imagefolder", "shards", "ray_data"}}')
+    p.add_argument("--plot", default="large_batch.png", help="large-batch: where to write the error-vs-batch PNG")
+    p.add_argument("--repeats", type=int, default=2, help="overhead, startup: start-up rounds, cold and warm (the best is kept)")

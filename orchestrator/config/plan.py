@@ -1,0 +1,174 @@
+"""The plan: the numbers a job resolves to before anything runs.
+
+`make_plan(spec, num_train_samples, world_size, group_sizes)` is a pure function (no torch, no
+ray): global batch, scaled learning rate and how it was derived, steps per epoch, warmup and total
+steps (all in optimizer steps), and each parameter group's LR and weight decay. The plan is the
+single source of truth: it is saved as plan.json, handed to every worker as it is (no worker
+re-plans), and the optimizer is built from its `param_groups`. Parameter counts come in from outside
+(`resolve.count_group_sizes`, `Plan.with_group_sizes`) so this module stays free of torch.
+"""
+
+from __future__ import annotations
+
+import fnmatch
+import math
+from dataclasses import asdict, dataclass, field, replace
+
+from orchestrator.config.errors import JobError
+from orchestrator.config.spec import JobSpec
+
+NORM_BIAS_SUFFIX = " [norm/bias]"
+REST_GROUP = "rest"
+
+
+@dataclass(frozen=True)
+class GroupSize:
+    name: str
+    num_params: int
+    trainable: int
+
+
+@dataclass
+class PlanGroup:
+    """One optimizer parameter group: the optimizer is built from exactly these (optim.build_optimizer)."""
+
+    name: str
+    match: str | None
+    """glob over parameter names; None = every parameter no earlier group took"""
+    lr_mult: float
+    lr: float
+    """peak LR of this group: scaled_lr x lr_mult"""
+    weight_decay: float
+    norm_bias: bool = False
+    """True: holds only the norm-layer weights and biases (1-D tensors) of its match"""
+    schedule: dict | None = None
+    """schedule keys this group has of its own (param_groups[].schedule); None: the job's schedule"""
+    num_params: int | None = None
+    trainable: int | None = None
+
+
+@dataclass
+class Plan:
+    world_size: int
+    per_worker_batch_size: int
+    grad_accum_steps: int
+    global_batch_size: int
+    """images per optimizer step, all workers together"""
+    base_lr: float
+    base_batch_size: int
+    lr_scaling: str
+    scaled_lr: float
+    lr_derivation: str
+    num_train_samples: int
+    steps_per_epoch: int
+    """optimizer steps per epoch; the last partial global batch is dropped"""
+    dropped_samples_per_epoch: int
+    warmup_epochs: float
+    warmup_steps: int
+    total_steps: int
+    epochs: int
+    param_groups: list[PlanGroup] = field(default_factory=list)
+
+    def to_dict(self) -> dict:
+        return asdict(self)
+
+    def with_group_sizes(self, sizes: list[GroupSize]) -> "Plan":
+        """A copy whose groups carry their parameter counts (total, trainable)."""
+        by_name = {size.name: size for size in sizes}
+        groups = [replace(g, num_params=by_name[g.name].num_params, trainable=by_name[g.name].trainable)
+                  if g.name in by_name else g for g in self.param_groups]
+        return replace(self, param_groups=groups)
+
+    @classmethod
+    def from_dict(cls, data: dict) -> "Plan":
+        groups = [PlanGroup(**g) for g in data.get("param_groups", [])]
+        return cls(**{**data, "param_groups": groups})
+
+
+class PlanError(JobError, ValueError):
+    """The spec is valid but cannot run on this data or this many workers."""
+
+
+def scale_lr(base_lr: float, global_batch_size: int, base_batch_size: int, lr_scaling: str) -> tuple[float, str]:
+    """(scaled_lr, a sentence saying how): Goyal et al.'s linear rule, its sqrt variant, or none."""
+    ratio = global_batch_size / base_batch_size
+    if lr_scaling == "linear":
+        factor, how = ratio, f"x ({global_batch_size} / {base_batch_size})"
+    elif lr_scaling == "sqrt":
+        factor, how = math.sqrt(ratio), f"x sqrt({global_batch_size} / {base_batch_size})"
+    elif lr_scaling == "none":
+        factor, how = 1.0, "(lr_scaling none)"
+    else:
+        raise PlanError(f"optim.lr_scaling: unknown {lr_scaling!r}; valid: linear, sqrt, none")
+    scaled = base_lr * factor
+    return scaled, f"scaled_lr = base_lr {base_lr:g} {how} = {scaled:.6g} ({lr_scaling} scaling, global batch {global_batch_size})"
+
+
+def plan_groups(spec: JobSpec, scaled_lr: float) -> list[PlanGroup]:
+    """The parameter groups the optimizer gets, in match order, `rest` last.
+
+    When norm layers and biases get their own weight decay, each group is split in two.
+    """
+    optim = spec.optim
+    norm_bias_wd = optim.weight_decay if optim.norm_bias_weight_decay is None else optim.norm_bias_weight_decay
+    split = norm_bias_wd != optim.weight_decay
+    groups: list[PlanGroup] = []
+    sources = [(g.match, g.match, g.lr_mult, g.weight_decay, g.schedule) for g in optim.param_groups]
+    sources.append((REST_GROUP, None, 1.0, None, None))
+    for name, match, lr_mult, wd, schedule in sources:
+        decay = optim.weight_decay if wd is None else wd
+        groups.append(PlanGroup(name, match, lr_mult, scaled_lr * lr_mult, decay, schedule=schedule))
+        if split:
+            groups.append(PlanGroup(name + NORM_BIAS_SUFFIX, match, lr_mult, scaled_lr * lr_mult,
+                                    norm_bias_wd if wd is None else wd, norm_bias=True, schedule=schedule))
+    return groups
+
+
+def assign_group(param_name: str, is_norm_or_bias: bool, groups: list[PlanGroup]) -> int:
+    """Index of the group a parameter belongs to: first matching glob wins, then norm/bias split."""
+    has_split = any(g.norm_bias for g in groups)
+    for i, g in enumerate(groups):
+        if g.match is not None and not fnmatch.fnmatchcase(param_name, g.match):
+            continue
+        if has_split and g.norm_bias != is_norm_or_bias:
+            continue
+        return i
+    raise AssertionError("the rest group matches everything")
+
+
+def make_plan(spec: JobSpec, num_train_samples: int, world_size: int) -> Plan:
+    """Spec + dataset size + world size -> Plan. Pure. Raises PlanError when it cannot train.
+
+    The groups carry no parameter counts yet: `Plan.with_group_sizes` adds them once a model exists.
+    """
+    if world_size < 1:
+        raise PlanError(f"world size must be >= 1 (got {world_size})")
+    scaling, optim, sched = spec.scaling, spec.optim, spec.schedule
+    global_batch = scaling.per_worker_batch_size * world_size * scaling.grad_accum_steps
+    steps_per_epoch = num_train_samples // global_batch
+    if steps_per_epoch == 0:
+        raise PlanError(
+            f"data: {num_train_samples} training images are fewer than one global batch of {global_batch} "
+            f"(scaling.per_worker_batch_size {scaling.per_worker_batch_size} x {world_size} workers x "
+            f"grad_accum_steps {scaling.grad_accum_steps}); lower the batch size"
+        )
+    scaled_lr, derivation = scale_lr(optim.base_lr, global_batch, optim.base_batch_size, optim.lr_scaling)
+    return Plan(
+        world_size=world_size,
+        per_worker_batch_size=scaling.per_worker_batch_size,
+        grad_accum_steps=scaling.grad_accum_steps,
+        global_batch_size=global_batch,
+        base_lr=optim.base_lr,
+        base_batch_size=optim.base_batch_size,
+        lr_scaling=optim.lr_scaling,
+        scaled_lr=scaled_lr,
+        lr_derivation=derivation,
+        num_train_samples=num_train_samples,
+        steps_per_epoch=steps_per_epoch,
+        dropped_samples_per_epoch=num_train_samples - steps_per_epoch * global_batch,
+        warmup_epochs=sched.warmup_epochs,
+        warmup_steps=round(sched.warmup_epochs * steps_per_epoch),
+        total_steps=sched.epochs * steps_per_epoch,
+        epochs=sched.epochs,
+        param_groups=plan_groups(spec, scaled_lr),
+    )

@@ -1,0 +1,321 @@
+"""The typed job spec: the sections a job file may have, their keys, units and defaults.
+
+Each section is a pydantic model (unknown keys are errors); each field's docstring says what it
+means and its unit (`docs/job-file.md` is generated from them). Names a key may take are checked
+against `config.catalog`, so importing and validating this module imports no torch or Ray. The
+checks across keys live in `config.checks`, reading a file and `--set` in `config.jobfile`.
+"""
+
+from __future__ import annotations
+
+import re
+from typing import Any, Literal
+
+from pydantic import BaseModel, ConfigDict, Field, field_validator
+
+from orchestrator.config.catalog import (AUGMENTATIONS, DECAY_NAMES, HEAD_INIT_NAMES, OPTIMIZER_NAMES, SOURCES,
+                                         WATCHABLE, augmentation_entry, source_entry)
+from orchestrator.config.errors import did_you_mean, one_of
+
+
+def named(field: str, names, what: str = "value"):
+    """A validator of `field`: its value must be one of `names` (a catalog table)."""
+    def check(cls, value: str) -> str:
+        return one_of(value, list(names), what)
+
+    return field_validator(field)(classmethod(check))
+
+
+def check_augmentation(entry, index: int) -> None:
+    """ValueError saying what is wrong with data.augment entry `index`: not a name or mapping, an unknown
+    name, or arguments it does not take (`catalog.AUGMENTATIONS`)."""
+    if not isinstance(entry, (str, dict)):
+        raise ValueError(f"entry {index} must be a name or a mapping with a name (got {entry!r})")
+    name, arguments = augmentation_entry(entry)
+    if not isinstance(name, str):
+        raise ValueError(f"entry {index} has no name (e.g. {{name: color_jitter, brightness: 0.2}})")
+    one_of(name, list(AUGMENTATIONS), "augmentation")
+    takes = AUGMENTATIONS[name]
+    unknown = [key for key in arguments if key not in takes]
+    if unknown:
+        raise ValueError(f"entry {index} ({name}): takes no {', '.join(map(repr, unknown))}"
+                         f"{did_you_mean(unknown[0], takes)}; its arguments: {', '.join(takes) or 'none'}")
+
+
+class _Section(BaseModel):
+    model_config = ConfigDict(extra="forbid", validate_assignment=False, allow_inf_nan=False)
+
+
+class SyntheticSpec(_Section):
+    """Generated images for benchmarks and tests (`data.source: synthetic`)."""
+
+    kind: Literal["patterns", "glyphs"] = "patterns"
+    """patterns: a random pattern per class plus noise (easy); glyphs: a letter per class drawn at a random
+    size, angle, place and colour on clutter, with noise (learnable, not trivial)"""
+    num_classes: int = Field(10, ge=2)
+    train_samples: int = Field(512, ge=1)
+    val_samples: int = Field(128, ge=0)
+    test_samples: int = Field(128, ge=0)
+
+
+class DataSpec(_Section):
+    source: str = "builtin:digits"
+    """builtin:digits | imagefolder:PATH | parquet:PATH_OR_URI | shards:PATH_OR_URI (orchestrator pack) | synthetic"""
+    loader: Literal["torch", "ray_data"] = "torch"
+    """who reads and decodes training images: torch DataLoader workers beside each trainer, or Ray Data
+    (map_batches tasks anywhere in the cluster, streaming_split to the trainers); ray_data needs shards:"""
+    image_size: int = Field(32, ge=8, le=4096)
+    """side of the square images the model sees, pixels"""
+    val_fraction: float = Field(0.2, ge=0.0, lt=1.0)
+    """share of train held out for validation when the source has no val split (stratified, seeded)"""
+    augment: list[str | dict[str, Any]] = Field(default_factory=list)
+    """training augmentations in the order written: a name, or {name: NAME, <its arguments>}"""
+    loader_workers: int | None = Field(None, ge=0)
+    """DataLoader worker processes per training worker; None: 0 for builtin/synthetic data, else
+    scaling.cpus_per_worker - 1 (decoding is the work)"""
+    classes: list[int | str] | None = None
+    """keep only these labels (indices or class names); None keeps all"""
+    max_per_class: int | None = Field(None, ge=1)
+    """few-shot: at most this many training images per class (seeded choice)"""
+    num_train_samples: int | None = Field(None, ge=1)
+    """training-set size for planning when the data is not on this machine"""
+    eval_resize: int | None = Field(None, ge=8, le=4096)
+    """evaluation: resize the short side to this many pixels, then center-crop image_size (256 -> 224 as in
+    the ImageNet recipes); None: resize straight to image_size"""
+    mixup_alpha: float = Field(0.0, ge=0)
+    """MixUp's Beta(alpha, alpha) on training batches (torchvision v2 MixUp); 0 = off"""
+    cutmix_alpha: float = Field(0.0, ge=0)
+    """CutMix's Beta(alpha, alpha) (torchvision v2 CutMix); 0 = off; with mixup too, one of them per batch"""
+    mean: tuple[float, float, float] = (0.485, 0.456, 0.406)
+    std: tuple[float, float, float] = (0.229, 0.224, 0.225)
+    synthetic: SyntheticSpec = Field(default_factory=SyntheticSpec)
+
+    @field_validator("augment")
+    @classmethod
+    def _known_augmentations(cls, entries: list) -> list:
+        for index, entry in enumerate(entries):
+            check_augmentation(entry, index)
+        return entries
+
+    @field_validator("source")
+    @classmethod
+    def _known_source(cls, source: str) -> str:
+        if source_entry(source) is None:
+            raise ValueError(f"unknown data source {source!r}; valid: {', '.join(s.form for s in SOURCES.values())}")
+        return source
+
+    @property
+    def source_kind(self) -> str:
+        """the part before ':' (builtin | imagefolder | parquet | shards | synthetic): a key of catalog.SOURCES"""
+        return self.source.partition(":")[0]
+
+    @property
+    def source_path(self) -> str:
+        return self.source.partition(":")[2]
+
+
+class UnfreezeStep(_Section):
+    at_epoch: int = Field(ge=1)
+    """epoch (0-based) from which these modules train"""
+    modules: list[str] = Field(min_length=1)
+    """module-name prefixes or globs ('layer4', 'features.1*', '*' for everything still frozen)"""
+
+
+class ModelSpec(_Section):
+    arch: str = "resnet18"
+    """any torchvision classification model name"""
+    weights: str | None = None
+    """null | DEFAULT | torchvision weight name | .pth/.pt/.safetensors file | run folder"""
+    num_classes: int | Literal["auto"] = "auto"
+    head_init: str = "kaiming_normal"
+    """init of new layers: a name of catalog.HEAD_INIT_NAMES"""
+    keep_head: bool = False
+    """keep the source weights' classifier head (continue on the same classes); false: the head is new"""
+    weights_prefix: str | None = None
+    """take only the weights' keys under this prefix, prefix removed (common wrapper prefixes are stripped anyway)"""
+    min_backbone_loaded: float = Field(0.5, ge=0, le=1)
+    """share of the backbone's tensors that must load from model.weights, else exit 2; 0 accepts any"""
+    freeze: list[str] = Field(default_factory=list)
+    """module-name prefixes or globs to freeze, or [backbone] for everything but the head"""
+    unfreeze_at_epoch: int | None = Field(None, ge=1)
+    """epoch (0-based) at which all frozen modules start training (shorthand for one model.unfreeze step)"""
+    unfreeze: list[UnfreezeStep] = Field(default_factory=list)
+    """gradual unfreezing: [{at_epoch, modules}], in epoch order"""
+    train_bn: bool = True
+    """frozen BatchNorm layers still update their running statistics (fastai's train_bn); false: eval mode"""
+    dropout: float | None = Field(None, ge=0, lt=1)
+    """classifier dropout for architectures that take one (alexnet, vgg, squeezenet, mobilenet, efficientnet, ...); None = its default"""
+    zero_init_residual: bool = False
+    """zero the last BatchNorm gamma of every residual block that got no weights (Goyal et al. 2017): each
+    block starts as the identity; torchvision ResNet, ResNeXt and Wide ResNet"""
+    ema_decay: float | None = Field(None, gt=0, lt=1)
+    """keep an exponential moving average of the weights (and BN statistics), updated every optimizer step;
+    it is what is evaluated each epoch, checkpointed as best, tested and exported; None = off"""
+
+    _known_init = named("head_init", HEAD_INIT_NAMES)
+
+    @field_validator("arch")
+    @classmethod
+    def _an_arch_name(cls, arch: str) -> str:
+        """Any name: catalog.ARCH_NAMES pass here; others are checked against torchvision by
+        train.models.check_arch, which validate, plan, train and submit run (it imports torch)."""
+        if not arch.strip():
+            raise ValueError("must name an architecture, e.g. resnet18")
+        return arch
+
+    @field_validator("num_classes")
+    @classmethod
+    def _at_least_two(cls, value: int | str) -> int | str:
+        if isinstance(value, int) and value < 2:
+            raise ValueError("must be >= 2 or 'auto'")
+        return value
+
+
+class LossSpec(_Section):
+    label_smoothing: float = Field(0.0, ge=0, lt=1)
+    """training cross-entropy against (1 - e) one-hot + e / classes (Szegedy et al. 2016); validation loss
+    stays the plain cross-entropy"""
+
+
+class ParamGroupSpec(_Section):
+    match: str
+    """glob over parameter names, e.g. 'fc.*' or 'layer4.*'"""
+    lr_mult: float = Field(1.0, gt=0)
+    weight_decay: float | None = Field(None, ge=0)
+    """None: the optimizer's weight_decay"""
+    schedule: dict[str, Any] | None = None
+    """schedule keys that differ for this group, e.g. {name: constant}; None: the job's schedule"""
+
+
+class OptimSpec(_Section):
+    name: str = "sgd"
+    """a name of catalog.OPTIMIZERS"""
+    base_lr: float = Field(0.1, gt=0)
+    """the LR at base_batch_size images per optimizer step"""
+    base_batch_size: int = Field(256, ge=1)
+    lr_scaling: Literal["linear", "sqrt", "none"] = "linear"
+    momentum: float = Field(0.9, ge=0, lt=1)
+    nesterov: bool = False
+    betas: tuple[float, float] = (0.9, 0.999)
+    eps: float = Field(1e-8, gt=0)
+    weight_decay: float = Field(1e-4, ge=0)
+    norm_bias_weight_decay: float | None = Field(0.0, ge=0)
+    """weight decay of norm layers and biases; None = same as weight_decay"""
+    param_groups: list[ParamGroupSpec] = Field(default_factory=list)
+    """first match wins; unmatched parameters get lr_mult 1"""
+    switch_to_sgd_at_epoch: int | None = Field(None, ge=1)
+    """SWATS: switch adam/adamw to SGD at this epoch, LR estimated from the Adam steps"""
+    grad_clip_norm: float | None = Field(None, gt=0)
+    """clip the global gradient norm to this value; None = no clipping"""
+    trust_coeff: float = Field(0.001, gt=0)
+    """lars: the trust coefficient eta of the layer-wise LR (You et al. 2017)"""
+
+    _known_optimizer = named("name", OPTIMIZER_NAMES)
+
+
+class ScheduleSpec(_Section):
+    name: str = "cosine"
+    """a name of catalog.DECAY_NAMES"""
+    epochs: int = Field(10, ge=1)
+    warmup_epochs: float = Field(0.0, ge=0)
+    """linear ramp from warmup_start_factor x scaled_lr to scaled_lr, per step"""
+    warmup_start_factor: float = Field(0.1, gt=0, le=1)
+    step_size: int = Field(30, ge=1)
+    """step: epochs between decays"""
+    milestones: list[int] = Field(default_factory=lambda: [30, 60, 80])
+    """multistep: epochs at which the LR is multiplied by gamma"""
+    gamma: float = Field(0.1, gt=0, le=1)
+    """decay factor of step, multistep, exponential (per epoch) and plateau"""
+    patience: int = Field(2, ge=0)
+    """plateau: epochs without improvement before a decay"""
+    plateau_metric: str = "val_loss"
+    """plateau: the metric watched (a name of catalog.WATCHABLE)"""
+    plateau_threshold: float = Field(1e-4, ge=0)
+    """plateau: relative improvement that counts"""
+    min_lr: float = Field(0.0, ge=0)
+    """floor of the decayed LR at lr_mult 1 (cosine's end point), absolute"""
+    expression: str | None = None
+    """lambda: the LR factor as arithmetic of epoch and step (e.g. '0.95 ** epoch'), like LambdaLR's lambda"""
+    pct_start: float = Field(0.25, gt=0, lt=1)
+    """onecycle: share of the steps spent rising to scaled_lr"""
+    div_factor: float = Field(25.0, ge=1)
+    """onecycle: the LR starts at scaled_lr / div_factor"""
+    final_div_factor: float = Field(1.0e4, ge=1)
+    """onecycle: the LR ends at scaled_lr / (div_factor x final_div_factor)"""
+    power: float = Field(1.0, gt=0)
+    """poly: the factor is (1 - progress) ** power over the steps after warmup"""
+
+    _known_schedule = named("name", DECAY_NAMES)
+    _known_metric = named("plateau_metric", WATCHABLE, "metric")
+
+
+class ScalingSpec(_Section):
+    num_workers: int = Field(2, ge=1)
+    use_gpu: bool = False
+    cpus_per_worker: float = Field(1.0, gt=0)
+    per_worker_batch_size: int = Field(32, ge=1)
+    """images per worker per micro-step; global batch = this x num_workers x grad_accum_steps"""
+    grad_accum_steps: int = Field(1, ge=1)
+    amp: Literal["none", "bf16", "fp16"] = "none"
+    channels_last: bool = False
+    placement_strategy: Literal["PACK", "SPREAD", "STRICT_PACK", "STRICT_SPREAD"] = "PACK"
+    sync_bn: bool = False
+
+
+class RunSpec(_Section):
+    storage: str = "./runs"
+    """local path or URI shared by all nodes; the run folder is <storage>/<name>/"""
+    keep_checkpoints: int = Field(2, ge=1)
+    max_failures: int = Field(2, ge=0)
+    deterministic: bool = False
+    """torch.use_deterministic_algorithms: bitwise-repeatable on CPU, slower"""
+    checkpoint_every_steps: int | None = Field(None, ge=1)
+    """also checkpoint every this many optimizer steps inside an epoch (a killed run resumes at the next
+    step); None: at epoch ends only"""
+
+
+class AshaSpec(_Section):
+    grace_period: int = Field(1, ge=1)
+    """epochs every trial runs before it can be stopped"""
+    reduction_factor: float = Field(3, gt=1)
+
+
+class SweepSpec(_Section):
+    metric: str = "val_acc1"
+    """a name of catalog.WATCHABLE"""
+    mode: Literal["max", "min"] = "max"
+    num_samples: int = Field(8, ge=1)
+    max_concurrent_trials: int | None = Field(None, ge=1)
+    asha: AshaSpec = Field(default_factory=AshaSpec)
+    space: dict[str, dict[str, Any]] = Field(default_factory=dict)
+
+    _known_metric = named("metric", WATCHABLE, "metric")
+
+
+NAME_MAX_CHARS = 100
+"""a run name is a folder name, and checkpoint paths below it must stay under the filesystem's 255 bytes"""
+
+
+class JobSpec(_Section):
+    name: str = Field("run", max_length=NAME_MAX_CHARS)
+    seed: int = Field(0, ge=0, lt=2**32)
+    """numpy takes seeds in [0, 2**32)"""
+    data: DataSpec = Field(default_factory=DataSpec)
+    model: ModelSpec = Field(default_factory=ModelSpec)
+    loss: LossSpec = Field(default_factory=LossSpec)
+    optim: OptimSpec = Field(default_factory=OptimSpec)
+    schedule: ScheduleSpec = Field(default_factory=ScheduleSpec)
+    scaling: ScalingSpec = Field(default_factory=ScalingSpec)
+    run: RunSpec = Field(default_factory=RunSpec)
+    sweep: SweepSpec = Field(default_factory=SweepSpec)
+
+    @field_validator("name")
+    @classmethod
+    def _folder_safe(cls, name: str) -> str:
+        if not re.fullmatch(r"[A-Za-z0-9][A-Za-z0-9._-]*", name):
+            raise ValueError("must be a folder name: letters, digits, '.', '_', '-'")
+        return name
+
+    def to_dict(self) -> dict[str, Any]:
+        """Plain, YAML-safe dict of every key (defaults included)."""
+        return self.model_dump(mode="json")

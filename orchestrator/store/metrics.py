@@ -1,0 +1,45 @@
+"""The metric row: one per finished epoch, in `metrics.parquet`, the checkpoint and the progress view.
+
+Owns every metric's name: the columns of a row (`epoch_row` builds it), the metrics a sweep or
+ReduceLROnPlateau may watch and which direction is better (`WATCHABLE`, kept in `config.catalog`), how the best epoch is
+chosen (`improved`), and the columns the driver prints per epoch (`DISPLAY`). No torch, no ray.
+"""
+
+from __future__ import annotations
+
+LR_PREFIX = "lr/"
+DISPLAY = (("train_loss", 10, 4), ("val_loss", 9, 4), ("val_acc1", 8, 4), ("val_acc5", 8, 4))
+"""(column, width, decimals) the progress view prints for every epoch, after the epoch number"""
+
+
+def lr_column(group_name: str) -> str:
+    return f"{LR_PREFIX}{group_name}"
+
+
+def group_lrs(row: dict) -> dict[str, float]:
+    """{group name: LR at the epoch's last step} from a row."""
+    return {key[len(LR_PREFIX):]: value for key, value in row.items() if key.startswith(LR_PREFIX)}
+
+
+def epoch_row(epoch: int, step: int, lrs: dict[str, float], train, val, wall_s: float) -> dict:
+    """The row of a finished epoch (0-based) after `step` optimizer steps in all.
+
+    `lrs`: group name -> LR; `train`: loop.EpochStats; `val`: loop.EvalStats; `wall_s`: seconds since
+    the run started (resumes included). Times in seconds, images_per_s over the training part.
+    """
+    row = {"epoch": epoch, "step": step, **{lr_column(name): lr for name, lr in lrs.items()}}
+    row.update({
+        "train_loss": train.train_loss, "val_loss": val.loss, "val_acc1": val.acc1, "val_acc5": val.acc5,
+        "images_per_s": train.images / train.seconds if train.seconds > 0 else 0.0,
+        "train_s": train.seconds, "val_s": val.seconds, "epoch_s": train.seconds + val.seconds, "wall_s": wall_s,
+    })
+    return row
+
+
+def improved(best: dict | None, row: dict) -> bool:
+    """Whether `row` beats the best so far: higher val_acc1, ties broken by lower val_loss."""
+    if best is None:
+        return True
+    value, old = row["val_acc1"], best["val_acc1"]
+    return value > old or (value == old and row["val_loss"] < best["val_loss"])
+

@@ -1,0 +1,318 @@
+"""One worker's whole run: data, model, optimizer, resume, epochs, checkpoints, metrics, summary.
+
+Imports no Ray: `train.run.WorkerEnv` carries what differs between a Ray Train worker
+(`cluster.worker`) and the in-process `--local` run (`cluster.launch`). The plan arrives
+made: a worker never re-plans. Side effects on rank 0, collectives on every rank. Randomness is
+re-seeded from (seed, epoch, rank) at every epoch, so a resumed run draws the same augmentations and
+batches as an unbroken one.
+"""
+
+from __future__ import annotations
+
+import gc
+import math
+import time
+
+import numpy as np
+import torch
+from torch import nn
+
+from orchestrator.config.jobfile import spec_to_yaml
+from orchestrator.config.plan import Plan, PlanError
+from orchestrator.config.spec import JobSpec
+from orchestrator.data.loaders import (EVAL_BATCH_SIZE, eval_loader, loader_workers, make_dataset, start_epoch,
+                                       train_loader)
+from orchestrator.data.sources import load_splits
+from orchestrator.data.splits import Splits
+from orchestrator.store.metrics import epoch_row, improved
+from orchestrator.store.storage import (BEST_CHECKPOINT, METRICS_FILE, PLAN_FILE, SPEC_FILE, STEP_CHECKPOINT, STEP_DIR,
+                                        SUMMARY_FILE, WEIGHTS_FILE, RunFolder)
+from orchestrator.train import checkpoint as ckpt
+from orchestrator.train import progress
+from orchestrator.train.eventlog import EventLog
+from orchestrator.train.loop import DivergenceError, Tally, Trainee, evaluate, train_one_epoch
+from orchestrator.train.models import BuiltModel, build_model, frozen_norm_layers, set_trainable, trainability_rows
+from orchestrator.train.optim import rebuild_keeping_state, switch_to_sgd
+from orchestrator.train.resolve import resolve_num_classes
+from orchestrator.train.resume import find_resume_point, restore_trainee
+from orchestrator.train.run import Run, WorkerEnv, build_trainee, seed_epoch
+
+
+def fit(spec: JobSpec, plan: Plan, env: WorkerEnv, splits: Splits | None = None) -> dict:
+    """Train per spec and plan; returns the summary (also written to summary.json by rank 0).
+
+    `splits`: the data as the driver read it for the plan (in-process runs), else read here."""
+    folder = RunFolder(spec.run.storage, spec.name)
+    if spec.run.deterministic:
+        torch.use_deterministic_algorithms(True)
+    torch.manual_seed(spec.seed)   # the same initial weights on every rank
+    splits = splits if splits is not None else load_splits(spec.data, spec.seed)
+    if len(splits.train) != plan.num_train_samples:
+        raise PlanError(f"data: the workers read {len(splits.train)} training images, the plan was made for "
+                        f"{plan.num_train_samples}; set data.num_train_samples: {len(splits.train)} (or drop it)")
+    num_classes = resolve_num_classes(spec, splits)
+    built = build_model(spec.model, num_classes, spec.data.image_size, splits.class_names)
+    _announce(env, splits, built, spec)
+    resume_point, skipped = find_resume_point(env.restore, folder)
+    for line in skipped:
+        env.log(f"warning: {line}")
+    run = Run(spec, plan, env, folder, ckpt.TrainingState(), time.perf_counter(), built.unfreeze)
+    payload = None
+    if resume_point is not None:
+        payload, where = resume_point
+        ckpt.load_model_state(built.model, payload["model"], where)
+        run.state = ckpt.TrainingState.from_payload(payload)
+    trainee = _make_trainee(run, built, payload)
+    workers = loader_workers(spec.data, spec.scaling.cpus_per_worker)
+    loaders = (env.train_batches or train_loader(make_dataset(splits.train, spec.data, True, "train"), spec.data, plan,
+                                                 env.rank, spec.seed, num_classes, workers),
+               eval_loader(make_dataset(splits.val, spec.data, False, "val"), spec.data, EVAL_BATCH_SIZE, env.rank,
+                           env.world_size, workers))
+    _start(run, resume_point)
+    try:
+        diverged = _train_epochs(run, trainee, loaders)
+    finally:
+        if run.events:
+            run.events.close()
+    summary = _finish(run, splits, trainee.evaluated, diverged)
+    if env.rank == 0:
+        folder.write_json(SUMMARY_FILE, summary)
+        env.emit(progress.Summary(summary))
+    return summary
+
+
+def _train_epochs(run: Run, trainee: Trainee, loaders) -> str | None:
+    """The remaining epochs, each saved; returns the divergence message that stopped them, or None."""
+    for epoch in range(run.state.next_epoch, run.plan.epochs):
+        _apply_epoch_changes(run, trainee, epoch)
+        try:
+            row = _run_epoch(run, trainee, loaders, epoch)
+        except DivergenceError as exc:
+            return str(exc)
+        _save_epoch(run, trainee, row)
+    return None
+
+
+def _announce(env: WorkerEnv, splits: Splits, built: BuiltModel, spec: JobSpec) -> None:
+    """Rank 0 tells the driver about the data notes, the weights report and what trains."""
+    for note in splits.notes:
+        env.log(note)
+    lines = built.report.lines() if built.report else [f"weights: none ({spec.model.arch} from scratch, init {spec.model.head_init})"]
+    for line in lines:
+        env.log(line)
+    if env.rank == 0:
+        env.emit(progress.Trainability(trainability_rows(built.model)))
+
+
+def _start(run: Run, resume_point: tuple[dict, str] | None) -> None:
+    """Every check has passed: from here the run folder changes. Rank 0 writes spec.yaml and plan.json
+    and, when resuming, puts the checkpoint's metric rows back (no epoch missing, none counted twice)."""
+    env = run.env
+    env.on_start()
+    if resume_point is not None:
+        payload, where = resume_point
+        done = f"epoch {payload['epoch']} done" if payload["epoch"] >= 0 else "no epoch done"
+        inside = f" and {payload['epoch_steps']} steps of epoch {payload['epoch'] + 1}" if payload.get("epoch_steps") else ""
+        env.log(f"resumed from {where} ({done}{inside}, step {payload['step']})")
+    if env.rank == 0:
+        run.folder.write_text(SPEC_FILE, spec_to_yaml(run.spec))
+        run.folder.write_json(PLAN_FILE, run.plan.to_dict())
+        if resume_point is not None:
+            run.folder.write_rows(METRICS_FILE, run.state.rows)
+        run.events = EventLog(run.folder, run.state.step)
+
+
+def _make_trainee(run: Run, built: BuiltModel, payload: dict | None) -> Trainee:
+    """Model on its device, optimizer (and SWATS, GradScaler) as they were at the checkpoint, wrapped."""
+    spec, model = run.spec, built.model
+    frozen = list(built.frozen)
+    for at_epoch, names in run.unfreeze:
+        if at_epoch <= run.state.next_epoch:   # a resumed run trains what an unbroken one would by now
+            set_trainable(model, names, True)
+            freed = set(names)
+            frozen = [n for n in frozen if n not in freed]
+    trainee = build_trainee(spec, run.plan, model, frozen, run.env.device)
+    if payload is not None:
+        restore_trainee(trainee, payload, spec)
+    trainee.wrapped = run.env.wrap_model(model)
+    return trainee
+
+
+def _apply_epoch_changes(run: Run, trainee: Trainee, epoch: int) -> None:
+    """Unfreeze per model.unfreeze(_at_epoch); switch Adam to SGD at optim.switch_to_sgd_at_epoch."""
+    spec = run.spec
+    for at_epoch, names in run.unfreeze:
+        if at_epoch == epoch:
+            _unfreeze(run, trainee, names, epoch)
+    if trainee.tracking_swats and epoch == spec.optim.switch_to_sgd_at_epoch:
+        multiplier_now = run.step_settings().lr_multiplier(run.state.step)
+        trainee.optimizer = switch_to_sgd(trainee.optimizer, trainee.swats, spec.optim, multiplier_now)
+        trainee.optimizer_name = "sgd"
+        run.env.log(f"epoch {epoch}: SWATS switched {spec.optim.name} to SGD at lr "
+                    + ", ".join(f"{g['name']} {g['lr']:.4g}" for g in trainee.optimizer.param_groups))
+
+
+def _unfreeze(run: Run, trainee: Trainee, names: list[str], epoch: int) -> None:
+    """These parameters train from now: the optimizer is rebuilt (keeping its state), the model re-wrapped."""
+    set_trainable(trainee.model, names, True)
+    freed = set(names)
+    trainee.frozen = [n for n in trainee.frozen if n not in freed]
+    trainee.eval_modules = [] if run.spec.model.train_bn else frozen_norm_layers(trainee.model)
+    trainee.optimizer = rebuild_keeping_state(trainee.optimizer, trainee.model, run.plan.param_groups, run.spec.optim)
+    trainee.wrapped = None   # DDP's reducer hooks go with it, before a new DDP registers its own
+    gc.collect()
+    trainee.wrapped = run.env.wrap_model(trainee.model)
+    run.env.log(f"epoch {epoch}: unfroze {len(names)} parameter tensors ({len(trainee.frozen)} still frozen)")
+
+
+def _run_epoch(run: Run, trainee: Trainee, loaders, epoch: int) -> dict:
+    """Train and validate one epoch (from a mid-epoch checkpoint's step when one was resumed); returns its
+    metric row (and advances state.step)."""
+    env, plan, state = run.env, run.plan, run.state
+    train, val = loaders
+    skip = state.epoch_steps
+    seeded = seed_epoch(run.spec.seed, epoch, env.rank)
+    if skip and state.rng_by_rank and env.rank < len(state.rng_by_rank):   # (a resume on more workers: seeded)
+        ckpt.set_rng_state(state.rng_by_rank[env.rank])
+    if callable(train):   # the framework's batches (Ray Data): no mid-epoch skip (the spec refuses it)
+        train = train(epoch)
+    else:
+        train.generator.manual_seed(seeded)
+        start_epoch(train, epoch, skip * plan.grad_accum_steps)
+    start = progress.EpochStart(epoch, plan.epochs, plan.steps_per_epoch)
+    if env.rank == 0:
+        env.emit(start)
+    settings = run.step_settings()
+    first_step = state.step - skip
+    tally = Tally(**state.tally) if skip and state.tally else Tally()
+    on_step = _on_step(run, start, trainee, _mid_epoch_saver(run, trainee, first_step, tally))
+    stats = train_one_epoch(trainee, train, settings, epoch, first_step, on_step, skip, tally)
+    val_stats = evaluate(trainee.evaluated, val, env.device, settings.amp, settings.channels_last)
+    state.step, state.epoch_steps, state.tally, state.rng_by_rank = first_step + plan.steps_per_epoch, 0, None, None
+    if val_stats.images and not math.isfinite(val_stats.loss):   # every rank sees the all-reduced loss
+        raise DivergenceError(epoch, state.step, val_stats.loss, what="validation loss")
+    lrs = {g.name: None for g in plan.param_groups}   # every group has its column; null while it has nothing training
+    lrs.update({group["name"]: lr for group, lr in zip(trainee.optimizer.param_groups, stats.last_lrs)})
+    return epoch_row(epoch, state.step, lrs, stats, val_stats, state.wall_s + time.perf_counter() - run.started)
+
+
+def _mid_epoch_saver(run: Run, trainee: Trainee, first_step: int, tally: Tally):
+    """A step callback (every rank) that writes the run folder's mid-epoch checkpoint every
+    run.checkpoint_every_steps optimizer steps (not at an epoch's end: the epoch checkpoint is that), or None."""
+    every = run.spec.run.checkpoint_every_steps
+    if every is None:
+        return None
+    started = time.perf_counter()
+    carried_s = tally.seconds
+
+    def save(step: int) -> None:
+        done = step + 1
+        if done % every or done - first_step >= run.plan.steps_per_epoch:
+            return
+        rng_by_rank = _gather([ckpt.rng_state()], run.env.world_size)
+        if run.env.rank != 0:
+            return
+        run.state.step = done
+        mid = {"epoch_steps": done - first_step, "rng_by_rank": rng_by_rank,
+               "tally": {**tally.to_dict(), "seconds": carried_s + time.perf_counter() - started},
+               "wall_s": run.state.wall_s + time.perf_counter() - run.started}
+        run.folder.write_bytes(STEP_CHECKPOINT, ckpt.encode(trainee, run.state, run.spec, run.plan, mid))
+
+    return save
+
+
+def _gather(values: list, world_size: int) -> list:
+    """Every rank's `values[0]`, in rank order (a collective when distributed)."""
+    import torch.distributed as dist
+
+    if world_size == 1 or not (dist.is_available() and dist.is_initialized()):
+        return values
+    everyone = [None] * world_size
+    dist.all_gather_object(everyone, values[0])
+    return everyone
+
+
+def _on_step(run: Run, start: progress.EpochStart, trainee: Trainee, save=None):
+    """Progress events and TensorBoard scalars on rank 0, the mid-epoch checkpoint (`save`) and the env's
+    step hook on every rank, as one on_step callback."""
+    env = run.env
+    reporter = progress.step_reporter(env.emit, start, run.state.step, run.plan.global_batch_size) if env.rank == 0 else None
+    names = [group["name"] for group in trainee.optimizer.param_groups]
+
+    def on_step(step: int, loss: float, lrs: list[float]) -> None:
+        if reporter:
+            reporter(step, loss, lrs)
+        if run.events:
+            run.events.step(step, loss, dict(zip(names, lrs)))
+        if save:
+            save(step)
+        if env.step_hook:
+            env.step_hook(step)
+
+    return on_step
+
+
+def _save_epoch(run: Run, trainee: Trainee, row: dict) -> None:
+    """Record the row, then rank 0 writes the checkpoint (and the best), every rank reports, rank 0 writes metrics."""
+    env, state = run.env, run.state
+    state.rows.append(row)
+    state.metric_history.append(row[run.spec.schedule.plateau_metric])
+    is_best = improved(state.best, row)
+    if is_best:
+        state.best = {"epoch": row["epoch"], "val_acc1": row["val_acc1"], "val_loss": row["val_loss"]}
+    data = None
+    if env.rank == 0:
+        data = ckpt.encode(trainee, state, run.spec, run.plan)
+        if is_best:
+            run.folder.write_bytes(BEST_CHECKPOINT, data)
+    env.report(row, data, row["epoch"])
+    if env.rank == 0:
+        if run.folder.exists(STEP_CHECKPOINT):
+            run.folder.delete_dir(STEP_DIR)   # the epoch checkpoint supersedes it
+        run.folder.write_rows(METRICS_FILE, state.rows)
+        run.events.epoch(row)
+        env.emit(progress.EpochEnd(row, is_best))
+    env.on_epoch_end(row)
+
+
+def _finish(run: Run, splits: Splits, model: nn.Module, diverged: str | None) -> dict:
+    """Evaluate the best checkpoint on the test split (all ranks) and build the summary.
+
+    `model`: the evaluated model (the EMA when model.ema_decay is set), loaded with the best checkpoint's
+    evaluated weights, then written to model.safetensors.
+
+    Evaluation runs on the unwrapped model: DDP's forward may broadcast buffers, and shards of
+    unequal length would leave one rank waiting.
+    """
+    spec, state = run.spec, run.state
+    summary = {
+        "name": spec.name, "status": "diverged" if diverged else "completed", "message": diverged,
+        "epochs_completed": len(state.rows), "epochs": spec.schedule.epochs,
+        "wall_s": state.rows[-1]["wall_s"] if state.rows else state.wall_s + time.perf_counter() - run.started,
+        "best_epoch": state.best["epoch"] if state.best else None,
+        "best_val_acc1": state.best["val_acc1"] if state.best else None,
+        "test_acc1": None, "test_acc5": None, "test_loss": None, "test_images": 0,
+        "images_per_s_mean": float(np.mean([r["images_per_s"] for r in state.rows])) if state.rows else None,
+        "run_folder": run.folder.uri,
+    }
+    if diverged or not state.rows:
+        return summary
+    if run.folder.exists(BEST_CHECKPOINT):
+        ckpt.load_model_state(model, ckpt.evaluated_weights(ckpt.read(run.folder, BEST_CHECKPOINT)), BEST_CHECKPOINT)
+    if splits.test is not None:
+        test_set = make_dataset(splits.test, spec.data, False, "test")
+        workers = loader_workers(spec.data, spec.scaling.cpus_per_worker)
+        test = evaluate(model, eval_loader(test_set, spec.data, EVAL_BATCH_SIZE, run.env.rank, run.env.world_size, workers),
+                        run.env.device, spec.scaling.amp, spec.scaling.channels_last)
+        summary.update(test_acc1=test.acc1, test_acc5=test.acc5, test_loss=test.loss, test_images=test.images)
+    if run.env.rank == 0:
+        _write_weights(run, model, splits, summary["best_epoch"])
+    return summary
+
+
+def _write_weights(run: Run, model: nn.Module, splits: Splits, best_epoch: int | None) -> None:
+    from safetensors.torch import save
+
+    weights = {k: v.contiguous() for k, v in ckpt.cpu_state_dict(model).items()}
+    metadata = {"arch": run.spec.model.arch, "epoch": str(best_epoch), "classes": ",".join(splits.class_names)}
+    run.folder.write_bytes(WEIGHTS_FILE, save(weights, metadata=metadata))

@@ -1,0 +1,286 @@
+"""One training epoch and one evaluation pass. Imports no Ray.
+
+`train_one_epoch(trainee, loader, settings, epoch, first_step)` runs exactly
+`settings.steps_per_epoch` optimizer steps, each over
+`grad_accum_steps` micro-batches (DDP's `no_sync` on all but the last), sets the LR from the pure
+schedule before every step, and supports AMP (bf16 on CPU and GPU, fp16 with a GradScaler on GPU),
+channels_last and gradient clipping. A NaN or infinite loss raises `DivergenceError` naming the
+epoch and step before the optimizer applies it. `evaluate` sums loss and top-1/top-5 hits over the
+rank's shard and all-reduces them when torch.distributed is up.
+"""
+
+from __future__ import annotations
+
+import contextlib
+import math
+import time
+from collections.abc import Callable, Iterator
+from dataclasses import dataclass, field
+
+import torch
+import torch.distributed as dist
+import torch.nn.functional as F
+from torch import nn
+
+from orchestrator.train.models import model_output_logits
+from orchestrator.train.optim import SwatsTracker, apply_lr
+
+AUX_LOSS_WEIGHT = 0.4  # inception/googlenet auxiliary heads, as torchvision's reference recipe
+
+
+class DivergenceError(RuntimeError):
+    """The training loss (`what` "loss") or the validation loss ("validation loss") became NaN or infinite."""
+
+    def __init__(self, epoch: int, step: int, loss: float, what: str = "loss"):
+        self.epoch, self.step, self.loss = epoch, step, loss
+        where = f"step {step} (optimizer step, 0-based)" if what == "loss" else f"after step {step} (optimizer steps done)"
+        super().__init__(f"{what} diverged ({loss}) at epoch {epoch}, {where}; "
+                         "lower optim.base_lr, add warmup, or set optim.grad_clip_norm")
+
+
+@dataclass
+class EpochStats:
+    train_loss: float
+    """mean loss over this rank's micro-batches (all ranks averaged when distributed)"""
+    images: int
+    """images trained on, all ranks together"""
+    seconds: float
+    last_lrs: list[float]
+    steps: int
+
+
+@dataclass
+class EvalStats:
+    loss: float
+    acc1: float
+    acc5: float
+    images: int
+    seconds: float = 0.0
+
+
+@dataclass(frozen=True)
+class StepSettings:
+    """How every optimizer step of a run is taken."""
+
+    steps_per_epoch: int
+    """optimizer steps per epoch (the plan's)"""
+    grad_accum_steps: int
+    """micro-batches per optimizer step"""
+    lr_multiplier: Callable[[int], float | dict[str, float]]
+    """the schedule: factor on every group's base_lr at an optimizer step, or {group name: factor}"""
+    device: torch.device
+    amp: str = "none"
+    channels_last: bool = False
+    grad_clip_norm: float | None = None
+    label_smoothing: float = 0.0
+    """of the training cross-entropy (loss.label_smoothing)"""
+    mean_std: tuple | None = None
+    """(mean, std) to normalise uint8 training batches with on the device (data.datasets.delivers_uint8)"""
+
+
+@dataclass
+class Trainee:
+    """What trains: the model (unwrapped, and as the framework wraps it) and its optimizer with helpers."""
+
+    model: nn.Module
+    optimizer: torch.optim.Optimizer
+    wrapped: nn.Module | None = None
+    """the model as DDP wraps it; None: train the model itself"""
+    optimizer_name: str = ""
+    """the optimizer in use now (SWATS changes adam/adamw to sgd)"""
+    swats: SwatsTracker | None = None
+    scaler: torch.amp.GradScaler | None = None
+    frozen: list[str] = field(default_factory=list)
+    """parameter names still frozen"""
+    eval_modules: list[nn.Module] = field(default_factory=list)
+    """modules kept in eval mode while training (frozen BatchNorm when model.train_bn is false)"""
+    ema: torch.optim.swa_utils.AveragedModel | None = None
+    """exponential moving average of the weights and buffers, updated after every optimizer step"""
+
+    @property
+    def evaluated(self) -> nn.Module:
+        """The model evaluated, checkpointed as best and exported: the EMA when kept, else the model."""
+        return self.ema.module if self.ema is not None else self.model
+
+    @property
+    def tracking_swats(self) -> bool:
+        """SWATS watches Adam's steps until the switch to SGD."""
+        return self.swats is not None and self.optimizer_name != "sgd"
+
+
+def autocast(device: torch.device, amp: str):
+    if amp == "none":
+        return contextlib.nullcontext()
+    return torch.autocast(device_type=device.type, dtype=torch.bfloat16 if amp == "bf16" else torch.float16)
+
+
+def classification_loss(output, labels: torch.Tensor, label_smoothing: float = 0.0) -> tuple[torch.Tensor, torch.Tensor]:
+    """(loss with aux heads weighted in, main logits). `labels`: class indices, or class probabilities
+    (N, classes) as MixUp/CutMix make them."""
+    logits, aux = model_output_logits(output)
+    loss = F.cross_entropy(logits, labels, label_smoothing=label_smoothing)
+    for aux_logits in aux:
+        loss = loss + AUX_LOSS_WEIGHT * F.cross_entropy(aux_logits, labels, label_smoothing=label_smoothing)
+    return loss, logits
+
+
+def _micro_batches(loader, accum: int, steps: int) -> Iterator[list]:
+    """Groups of `accum` micro-batches, `steps` groups at most (a trailing partial group is dropped)."""
+    group = []
+    done = 0
+    for batch in loader:
+        group.append(batch)
+        if len(group) == accum:
+            yield group
+            group = []
+            done += 1
+            if done == steps:
+                return
+
+
+def _to_device(images: torch.Tensor, labels: torch.Tensor, device: torch.device, channels_last: bool,
+               mean_std: tuple | None = None):
+    """Batch to the device; uint8 images (as the loader delivers them) are scaled and normalised there."""
+    images = images.to(device, non_blocking=True)
+    if images.dtype == torch.uint8:
+        from orchestrator.data.transforms import normalize_batch
+
+        if mean_std is None:
+            raise ValueError("uint8 images reached the loop without StepSettings.mean_std to normalise them")
+        images = normalize_batch(images, *mean_std)
+    if channels_last:
+        images = images.contiguous(memory_format=torch.channels_last)
+    return images, labels.to(device, non_blocking=True)
+
+
+def _all_reduce_sum(values: list[float], device: torch.device) -> list[float]:
+    if not (dist.is_available() and dist.is_initialized()):
+        return values
+    tensor = torch.tensor(values, dtype=torch.float64, device=device)
+    dist.all_reduce(tensor)
+    return tensor.tolist()
+
+
+@dataclass
+class Tally:
+    """An epoch's running sums on this rank (a mid-epoch checkpoint carries them, so a resumed epoch
+    reports what an unbroken one would)."""
+
+    loss_sum: float = 0.0
+    micro_batches: int = 0
+    images: int = 0
+    seconds: float = 0.0
+    """training seconds of the epoch before this process took it over"""
+
+    def to_dict(self) -> dict:
+        return {"loss_sum": self.loss_sum, "micro_batches": self.micro_batches, "images": self.images, "seconds": self.seconds}
+
+
+def train_one_epoch(trainee: Trainee, loader, settings: StepSettings, epoch: int, first_step: int,
+                    on_step: Callable[[int, float, list[float]], None] | None = None, skip_steps: int = 0,
+                    tally: Tally | None = None) -> EpochStats:
+    """Train `settings.steps_per_epoch` optimizer steps numbered from `first_step` (global, 0-based).
+
+    `skip_steps`: steps of this epoch done before (a mid-epoch resume): the loader already skips their
+    batches, training starts at step first_step + skip_steps, and `tally` holds their running sums.
+    `on_step(step, loss, lrs)` is called after each step, with `tally` up to date.
+    """
+    model, optimizer, accum = trainee.wrapped or trainee.model, trainee.optimizer, settings.grad_accum_steps
+    model.train()
+    for module in trainee.eval_modules:
+        module.eval()
+    start = time.perf_counter()
+    tally = tally if tally is not None else Tally()
+    lrs = []
+    step = first_step + skip_steps
+    for group in _micro_batches(loader, accum, settings.steps_per_epoch - skip_steps):
+        lrs = apply_lr(optimizer, settings.lr_multiplier(step))
+        step_loss = 0.0
+        for i, (batch_images, labels) in enumerate(group):
+            batch_images, labels = _to_device(batch_images, labels, settings.device, settings.channels_last,
+                                              settings.mean_std)
+            last = i == len(group) - 1
+            sync = contextlib.nullcontext() if last or not hasattr(model, "no_sync") else model.no_sync()
+            with sync:
+                with autocast(settings.device, settings.amp):
+                    loss, _ = classification_loss(model(batch_images), labels, settings.label_smoothing)
+                scaled = loss / accum
+                (trainee.scaler.scale(scaled) if trainee.scaler else scaled).backward()
+            step_loss += float(loss.detach())
+            tally.images += len(labels)
+        _stop_if_diverged(step_loss, epoch, step, settings.device)
+        _optimizer_step(trainee, settings.grad_clip_norm)
+        optimizer.zero_grad(set_to_none=True)
+        tally.loss_sum += step_loss
+        tally.micro_batches += len(group)
+        if on_step:
+            on_step(step, step_loss / len(group), lrs)
+        step += 1
+    if step - first_step != settings.steps_per_epoch:
+        raise RuntimeError(f"epoch {epoch}: the loader gave {step - first_step} optimizer steps, "
+                           f"the plan expects {settings.steps_per_epoch}")
+    total_loss, total_micro, total_images = _all_reduce_sum([tally.loss_sum, tally.micro_batches, tally.images],
+                                                            settings.device)
+    return EpochStats(total_loss / max(total_micro, 1), int(total_images), tally.seconds + time.perf_counter() - start,
+                      lrs, settings.steps_per_epoch)
+
+
+def _stop_if_diverged(step_loss: float, epoch: int, step: int, device: torch.device) -> None:
+    """Raise DivergenceError on every rank when any rank's loss is not finite (before the step applies).
+
+    Every rank has already run backward, so no rank is left waiting in a collective.
+    """
+    bad = 0.0 if math.isfinite(step_loss) else 1.0
+    if _all_reduce_sum([bad], device)[0] > 0:
+        raise DivergenceError(epoch, step, step_loss if bad else float("nan"))
+
+
+def _optimizer_step(trainee: Trainee, grad_clip_norm: float | None) -> None:
+    optimizer, scaler = trainee.optimizer, trainee.scaler
+    swats = trainee.swats if trainee.tracking_swats else None
+    if scaler:
+        scaler.unscale_(optimizer)
+    if grad_clip_norm is not None:
+        torch.nn.utils.clip_grad_norm_([p for g in optimizer.param_groups for p in g["params"]], grad_clip_norm)
+    if swats:
+        swats.before_step(optimizer)
+    if scaler:
+        scaler.step(optimizer)
+        scaler.update()
+    else:
+        optimizer.step()
+    if swats:
+        swats.after_step(optimizer)
+    if trainee.ema is not None:
+        trainee.ema.update_parameters(trainee.model)
+
+
+def make_ema(model: nn.Module, decay: float) -> torch.optim.swa_utils.AveragedModel:
+    """torch's AveragedModel as an EMA of parameters and buffers (BN statistics), as torchvision's recipe."""
+    from torch.optim.swa_utils import AveragedModel, get_ema_multi_avg_fn
+
+    return AveragedModel(model, multi_avg_fn=get_ema_multi_avg_fn(decay), use_buffers=True)
+
+
+@torch.no_grad()
+def evaluate(model: nn.Module, loader, device: torch.device, amp: str = "none", channels_last: bool = False) -> EvalStats:
+    """Mean loss, top-1 and top-5 accuracy (fractions) over the whole split, all ranks together."""
+    started = time.perf_counter()
+    model.eval()
+    loss_sum = hits1 = hits5 = count = 0.0
+    for images, labels in loader:
+        images, labels = _to_device(images, labels, device, channels_last)
+        with autocast(device, amp):
+            logits, _ = model_output_logits(model(images))
+        logits = logits.float()
+        loss_sum += float(F.cross_entropy(logits, labels, reduction="sum"))
+        top = logits.topk(min(5, logits.shape[1]), dim=1).indices
+        correct = top.eq(labels[:, None])
+        hits1 += float(correct[:, :1].sum())
+        hits5 += float(correct.any(dim=1).sum())
+        count += len(labels)
+    loss_sum, hits1, hits5, count = _all_reduce_sum([loss_sum, hits1, hits5, count], device)
+    seconds = time.perf_counter() - started
+    if count == 0:
+        return EvalStats(float("nan"), float("nan"), float("nan"), 0, seconds)
+    return EvalStats(loss_sum / count, hits1 / count, hits5 / count, int(count), seconds)

@@ -1,0 +1,192 @@
+"""The progress protocol, both ends: the typed events rank 0 emits and the view that shows them.
+
+Rank 0 of a run (`fit.py`) emits `Log`, `Trainability`, `EpochStart`, `Step` (throttled by
+`step_reporter`), `EpochEnd` and `Summary`; they reach the driver directly (`--local`) or through a
+Ray queue. `ProgressView.handle(event)` shows them: a bar per epoch, a row per epoch, a summary
+table; it is the same for `--local` and for Ray runs. Also the process timing the first-step
+figures are measured with (`seconds_since_process_start`).
+"""
+
+from __future__ import annotations
+
+import os
+import time
+from collections.abc import Callable
+from dataclasses import dataclass
+from pathlib import Path
+
+from rich.console import Console
+from rich.markup import escape
+from rich.progress import BarColumn, MofNCompleteColumn, Progress, TextColumn, TimeElapsedColumn
+from rich.table import Table
+
+from orchestrator.store.metrics import DISPLAY, group_lrs
+
+
+@dataclass(frozen=True)
+class Log:
+    text: str
+
+
+@dataclass(frozen=True)
+class Trainability:
+    rows: list[tuple[str, int, int]]
+    """(top-level module, parameters, trainable parameters)"""
+
+
+@dataclass(frozen=True)
+class EpochStart:
+    epoch: int
+    """0-based"""
+    epochs: int
+    steps: int
+    """optimizer steps in the epoch"""
+
+
+@dataclass(frozen=True)
+class Step:
+    epoch: int
+    done: int
+    """optimizer steps done in this epoch"""
+    steps: int
+    loss: float
+    lr: float
+    """the LR of the last parameter group"""
+    images_per_s: float
+    """all workers together, since the previous Step event"""
+
+
+@dataclass(frozen=True)
+class EpochEnd:
+    row: dict
+    """the epoch's metric row (metrics.epoch_row)"""
+    best: bool
+
+
+@dataclass(frozen=True)
+class Summary:
+    summary: dict
+
+
+Event = Log | Trainability | EpochStart | Step | EpochEnd | Summary
+STEP_EVENT_INTERVAL_S = 0.5
+
+
+def step_reporter(emit: Callable[[Event], None], start: EpochStart, first_step: int, global_batch_size: int):
+    """on_step(step, loss, lrs) emitting at most one Step per STEP_EVENT_INTERVAL_S (and the first and last)."""
+    last = {"time": time.perf_counter(), "done": 0}
+
+    def on_step(step: int, loss: float, lrs: list[float]) -> None:
+        done = step - first_step + 1
+        now = time.perf_counter()
+        if done not in (1, start.steps) and now - last["time"] < STEP_EVENT_INTERVAL_S:
+            return
+        images_per_s = (done - last["done"]) * global_batch_size / max(now - last["time"], 1e-9)
+        last.update(time=now, done=done)
+        emit(Step(start.epoch, done, start.steps, loss, lrs[-1] if lrs else 0.0, images_per_s))
+
+    return on_step
+
+
+def _fmt(value, digits: int = 4) -> str:
+    return "-" if value is None else f"{value:.{digits}f}"
+
+
+class ProgressView:
+    def __init__(self, console: Console):
+        self.console = console
+        self.progress = Progress(
+            TextColumn("[bold]epoch {task.fields[epoch]}/{task.fields[epochs]}"), BarColumn(), MofNCompleteColumn(),
+            TextColumn("loss {task.fields[loss]}  lr {task.fields[lr]}  {task.fields[ips]} img/s"), TimeElapsedColumn(),
+            console=console, transient=True,
+        )
+        self.task = None
+        self.header_shown = False
+        self.summary: dict | None = None
+        self.first_step_at: float | None = None
+        """time.time() when the first training step was seen"""
+
+    def __enter__(self):
+        self.progress.start()
+        return self
+
+    def __exit__(self, *exc):
+        self.progress.stop()
+
+    def handle(self, event: Event) -> None:
+        if isinstance(event, Log):
+            self.console.print(f"[dim]{escape(event.text)}[/dim]")
+        elif isinstance(event, Trainability):
+            self.console.print(trainability_table(event.rows))
+        elif isinstance(event, EpochStart):
+            if self.task is not None:
+                self.progress.remove_task(self.task)
+            self.task = self.progress.add_task("", total=event.steps, epoch=event.epoch + 1, epochs=event.epochs,
+                                               loss="-", lr="-", ips="-")
+        elif isinstance(event, Step) and self.task is not None:
+            if self.first_step_at is None:
+                self.first_step_at = time.time()
+            self.progress.update(self.task, completed=event.done, loss=f"{event.loss:.4f}", lr=f"{event.lr:.3g}",
+                                 ips=f"{event.images_per_s:.0f}")
+        elif isinstance(event, EpochEnd):
+            self._row(event.row, event.best)
+        elif isinstance(event, Summary):
+            self.summary = event.summary
+
+    def _row(self, row: dict, best: bool) -> None:
+        """One line per epoch: epoch, the metrics.DISPLAY columns, the highest group LR, img/s, seconds."""
+        if not self.header_shown:
+            cells = [f"{'epoch':>5}"] + [f"{name:>{width}}" for name, width, _ in DISPLAY]
+            self.console.print("[bold]" + " ".join(cells + [f"{'lr':>10}", f"{'img/s':>9}", f"{'epoch_s':>8}"]))
+            self.header_shown = True
+        lrs = [lr for lr in group_lrs(row).values() if lr is not None]
+        cells = [f"{row['epoch'] + 1:>5}"] + [f"{_fmt(row[name], digits):>{width}}" for name, width, digits in DISPLAY]
+        cells += [f"{max(lrs):.4g}".rjust(10) if lrs else f"{'-':>10}", f"{row['images_per_s']:>9.0f}", f"{row['epoch_s']:>8.1f}"]
+        self.console.print(" ".join(cells) + ("  [green]* best[/green]" if best else ""))
+
+
+def trainability_table(rows) -> Table:
+    table = Table(title="trainable parameters", title_justify="left")
+    for column in ("module", "params", "trainable"):
+        table.add_column(column, justify="left" if column == "module" else "right")
+    for module, total, trainable in rows:
+        style = None if trainable else "dim"
+        table.add_row(escape(module), f"{total:,}", f"{trainable:,}", style=style)
+    return table
+
+
+def summary_table(summary: dict) -> Table:
+    table = Table(title=f"summary: {summary['name']} ({summary['status']})", show_header=False, title_justify="left")
+    table.add_column("key", style="bold")
+    table.add_column("value")
+    rows = [
+        ("test acc@1", _fmt(summary.get("test_acc1"))),
+        ("test acc@5", _fmt(summary.get("test_acc5"))),
+        ("best val acc@1", f"{_fmt(summary.get('best_val_acc1'))} (epoch {summary['best_epoch'] + 1})" if summary.get("best_epoch") is not None else "-"),
+        ("epochs", f"{summary['epochs_completed']} of {summary['epochs']}"),
+        ("images/s (mean)", _fmt(summary.get("images_per_s_mean"), 0)),
+        ("training time", f"{summary['wall_s']:.1f} s"),
+        ("run folder", summary["run_folder"]),
+    ]
+    for key, value in rows:
+        table.add_row(key, value)
+    return table
+
+
+_IMPORTED_AT = time.time()
+
+
+def process_start_time() -> float:
+    """Wall-clock time this process started (Linux: from /proc; elsewhere: when this module was imported)."""
+    try:
+        ticks = os.sysconf("SC_CLK_TCK")
+        start_ticks = int(Path("/proc/self/stat").read_text().rsplit(")", 1)[1].split()[19])
+        boot = next(int(line.split()[1]) for line in Path("/proc/stat").read_text().splitlines() if line.startswith("btime"))
+        return boot + start_ticks / ticks
+    except (OSError, ValueError, StopIteration, IndexError):
+        return _IMPORTED_AT
+
+
+def seconds_since_process_start(at: float | None) -> float | None:
+    """Seconds from this process's start to the wall-clock time `at`."""
+    return None if at is None else at - process_start_time()
