@@ -149,16 +149,19 @@ def cmd_predict(args) -> int:
 
 
 def add_runs(p: argparse.ArgumentParser) -> None:
+    """one row per run and sweep folder in a storage: status, epochs, accuracy, time"""
     p.add_argument("storage", nargs="?", default="./runs", help="run.storage to list (path or URI; default ./runs)")
     p.add_argument("--json", action="store_true", help="print the rows as JSON")
 
 
 def add_report(p: argparse.ArgumentParser) -> None:
+    """PNG plots and one self-contained HTML page of a run or a sweep"""
     p.add_argument("run", metavar="RUN_OR_SWEEP", help="run or sweep folder (path or URI)")
     p.add_argument("--out", help="local folder to write to (default: the run folder's report/)")
 
 
 def add_export(p: argparse.ArgumentParser) -> None:
+    """the run's best weights as ONNX, a torch.export program or safetensors"""
     p.add_argument("run", help="run folder (path or URI)")
     p.add_argument("--format", choices=list(EXPORT_FORMATS), default="onnx", help="file format (default onnx)")
     p.add_argument("--fold-bn", action="store_true", help="fold every conv+BatchNorm pair, check it on the run's images, time it")
@@ -166,6 +169,7 @@ def add_export(p: argparse.ArgumentParser) -> None:
 
 
 def add_evaluate(p: argparse.ArgumentParser) -> None:
+    """acc@1/@5, per-class accuracy and a confusion matrix of a run's model on a split"""
     p.add_argument("run", help="run folder (path or URI)")
     p.add_argument("--data", metavar="SOURCE", help="another data.source with the run's classes (default: the run's data)")
     p.add_argument("--split", choices=["test", "val", "train"], default="test")
@@ -174,6 +178,7 @@ def add_evaluate(p: argparse.ArgumentParser) -> None:
 
 
 def add_predict(p: argparse.ArgumentParser) -> None:
+    """classify image files with a run's model (or an exported .safetensors/.onnx)"""
     p.add_argument("run", help="run folder, or a file written by orchestrator export")
     p.add_argument("images", nargs="+", metavar="IMAGE")
     p.add_argument("--top-k", type=int, default=3, help="classes to show per image (default 3)")

@@ -91,6 +91,7 @@ def cmd_bench(args) -> int:
 
 
 def add_bench(p: argparse.ArgumentParser) -> None:
+    """benchmarks that print their figures as ratios to a baseline measured in the same run"""
     p.add_argument("what", choices=list(BENCHMARKS),
                    help="; ".join(f"{name}: {bench.measures}" for name, bench in BENCHMARKS.items()))
     p.add_argument("--runs", type=int, default=3, help="reliability: runs with a killed worker")

@@ -91,12 +91,14 @@ DASHBOARD_HELP = "the cluster's dashboard, e.g. http://127.0.0.1:8265 (auto: `or
 
 
 def add_submit(p: argparse.ArgumentParser) -> None:
+    """validate the job here, then run it on a Ray cluster through the Jobs API"""
     add_job_options(p)
     add_cluster_options(p, DASHBOARD_HELP, required=True)
     p.add_argument("--follow", action="store_true", help="stream the logs; exit 0 only if the job succeeds")
 
 
 def add_jobs(p: argparse.ArgumentParser) -> None:
+    """list, inspect, follow or stop jobs on a Ray cluster"""
     p.add_argument("action", choices=["list", "status", "logs", "stop"])
     p.add_argument("job_id", nargs="?", help="job id (status, logs, stop)")
     add_cluster_options(p, DASHBOARD_HELP, required=True)
@@ -104,6 +106,7 @@ def add_jobs(p: argparse.ArgumentParser) -> None:
 
 
 def add_up(p: argparse.ArgumentParser) -> None:
+    """start a warm local Ray cluster (token auth, loopback) for --address auto"""
     p.add_argument("--workers", type=int, default=0,
                    help="worker nodes besides the head (default 0: one node does the work; N: a head with no CPUs + N nodes)")
     p.add_argument("--cpus", type=int, default=None, help="CPUs for Ray to schedule, all nodes together (default: all)")
@@ -112,4 +115,4 @@ def add_up(p: argparse.ArgumentParser) -> None:
 
 
 def add_down(p: argparse.ArgumentParser) -> None:
-    """`down` takes no options."""
+    """stop the cluster `orchestrator up` started (nothing else)"""

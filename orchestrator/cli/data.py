@@ -47,6 +47,7 @@ def cmd_pack(args) -> int:
 
 
 def add_pack(p: argparse.ArgumentParser) -> None:
+    """pack an ImageFolder tree into Parquet shards + manifest.json (data.source: shards:OUT)"""
     p.add_argument("src", help="folder with train/ (val/, test/) of class folders, or the class folders themselves")
     p.add_argument("out", help="folder or URI (s3://, gs://, file://) to write the shards and manifest to")
     p.add_argument("--shard-size-mb", type=float, default=256, help="about this many MB of images per shard (default 256)")

@@ -241,16 +241,19 @@ def cmd_find_lr(args) -> int:
 
 
 def add_validate(p: argparse.ArgumentParser) -> None:
+    """check a job file; exit 2 with one line per problem"""
     add_job_options(p)
 
 
 def add_plan(p: argparse.ArgumentParser) -> None:
+    """print the resolved plan: global batch, scaled LR, steps, parameter groups"""
     add_job_options(p)
     p.add_argument("--json", action="store_true", help="print the plan as JSON")
     p.add_argument("--local", action="store_true", help="plan for one in-process worker (as train --local)")
 
 
 def add_train(p: argparse.ArgumentParser) -> None:
+    """train the job: Ray Train DDP workers, or --local in this process"""
     add_job_options(p)
     p.add_argument("--local", action="store_true", help="run the same loop in this process (world size 1, no Ray)")
     add_cluster_options(p, "Ray cluster to run on: auto (the cluster `orchestrator up` started, else Ray's auto), "
@@ -259,6 +262,7 @@ def add_train(p: argparse.ArgumentParser) -> None:
 
 
 def add_sweep(p: argparse.ArgumentParser) -> None:
+    """ASHA sweep over the job's sweep.space with Ray Tune; leaderboard, results.parquet, best.yaml"""
     add_job_options(p)
     p.add_argument("--resume", action="store_true", help="continue an interrupted sweep of the same name")
     add_cluster_options(p, "Ray cluster to run on (auto: the one `orchestrator up` started); default: start a local Ray",
@@ -266,6 +270,7 @@ def add_sweep(p: argparse.ArgumentParser) -> None:
 
 
 def add_find_lr(p: argparse.ArgumentParser) -> None:
+    """LR range test on one process at the job's global batch; suggests optim.base_lr"""
     add_job_options(p)
     p.add_argument("--steps", type=int, default=100, help="optimizer steps of the exponential ramp (default 100)")
     p.add_argument("--start-lr", type=float, default=1e-6, help="LR at the first step (default 1e-6)")

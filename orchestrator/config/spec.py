@@ -53,9 +53,13 @@ class SyntheticSpec(_Section):
     """patterns: a random pattern per class plus noise (easy); glyphs: a letter per class drawn at a random
     size, angle, place and colour on clutter, with noise (learnable, not trivial)"""
     num_classes: int = Field(10, ge=2)
+    """`synthetic`: classes"""
     train_samples: int = Field(512, ge=1)
+    """generated training images"""
     val_samples: int = Field(128, ge=0)
+    """generated validation images"""
     test_samples: int = Field(128, ge=0)
+    """generated test images"""
 
 
 class DataSpec(_Section):
@@ -87,8 +91,11 @@ class DataSpec(_Section):
     cutmix_alpha: float = Field(0.0, ge=0)
     """CutMix's Beta(alpha, alpha) (torchvision v2 CutMix); 0 = off; with mixup too, one of them per batch"""
     mean: tuple[float, float, float] = (0.485, 0.456, 0.406)
+    """per-channel mean subtracted after scaling to [0, 1] (ImageNet's by default)"""
     std: tuple[float, float, float] = (0.229, 0.224, 0.225)
+    """per-channel standard deviation divided by after the mean (ImageNet's by default)"""
     synthetic: SyntheticSpec = Field(default_factory=SyntheticSpec)
+    """the generated images of data.source: synthetic"""
 
     @field_validator("augment")
     @classmethod
@@ -127,6 +134,7 @@ class ModelSpec(_Section):
     weights: str | None = None
     """null | DEFAULT | torchvision weight name | .pth/.pt/.safetensors file | run folder"""
     num_classes: int | Literal["auto"] = "auto"
+    """classes of the new head; `auto` counts them in the data"""
     head_init: str = "kaiming_normal"
     """init of new layers: a name of catalog.HEAD_INIT_NAMES"""
     keep_head: bool = False
@@ -181,6 +189,7 @@ class ParamGroupSpec(_Section):
     match: str
     """glob over parameter names, e.g. 'fc.*' or 'layer4.*'"""
     lr_mult: float = Field(1.0, gt=0)
+    """this group's LR = lr_mult x the scaled LR (e.g. 10 for a new head)"""
     weight_decay: float | None = Field(None, ge=0)
     """None: the optimizer's weight_decay"""
     schedule: dict[str, Any] | None = None
@@ -193,12 +202,19 @@ class OptimSpec(_Section):
     base_lr: float = Field(0.1, gt=0)
     """the LR at base_batch_size images per optimizer step"""
     base_batch_size: int = Field(256, ge=1)
+    """images per step at which `base_lr` holds"""
     lr_scaling: Literal["linear", "sqrt", "none"] = "linear"
+    """`linear`, `sqrt`, `none` (see above)"""
     momentum: float = Field(0.9, ge=0, lt=1)
+    """SGD and RMSprop momentum"""
     nesterov: bool = False
+    """Nesterov momentum (SGD, LARS)"""
     betas: tuple[float, float] = (0.9, 0.999)
+    """Adam-family (adam, adamw, lamb) moment decays (beta1, beta2); SWATS uses beta2 for its estimate"""
     eps: float = Field(1e-8, gt=0)
+    """added to the denominator of adaptive optimizers"""
     weight_decay: float = Field(1e-4, ge=0)
+    """L2 (decoupled for AdamW)"""
     norm_bias_weight_decay: float | None = Field(0.0, ge=0)
     """weight decay of norm layers and biases; None = same as weight_decay"""
     param_groups: list[ParamGroupSpec] = Field(default_factory=list)
@@ -217,9 +233,11 @@ class ScheduleSpec(_Section):
     name: str = "cosine"
     """a name of catalog.DECAY_NAMES"""
     epochs: int = Field(10, ge=1)
+    """training epochs"""
     warmup_epochs: float = Field(0.0, ge=0)
     """linear ramp from warmup_start_factor x scaled_lr to scaled_lr, per step"""
     warmup_start_factor: float = Field(0.1, gt=0, le=1)
+    """warmup starts at this fraction of the peak LR"""
     step_size: int = Field(30, ge=1)
     """step: epochs between decays"""
     milestones: list[int] = Field(default_factory=lambda: [30, 60, 80])
@@ -251,22 +269,32 @@ class ScheduleSpec(_Section):
 
 class ScalingSpec(_Section):
     num_workers: int = Field(2, ge=1)
+    """Ray Train workers (one GPU each with `use_gpu`)"""
     use_gpu: bool = False
+    """one GPU per worker, NCCL; otherwise CPU and gloo"""
     cpus_per_worker: float = Field(1.0, gt=0)
+    """CPUs reserved per worker; torch uses that many threads"""
     per_worker_batch_size: int = Field(32, ge=1)
     """images per worker per micro-step; global batch = this x num_workers x grad_accum_steps"""
     grad_accum_steps: int = Field(1, ge=1)
+    """micro-steps per optimizer step (DDP syncs only on the last)"""
     amp: Literal["none", "bf16", "fp16"] = "none"
+    """`none`, `bf16` (CPU or GPU), `fp16` (GPU, with a GradScaler)"""
     channels_last: bool = False
+    """NHWC memory format"""
     placement_strategy: Literal["PACK", "SPREAD", "STRICT_PACK", "STRICT_SPREAD"] = "PACK"
+    """Ray placement of the workers: `PACK`, `SPREAD`, `STRICT_PACK`, `STRICT_SPREAD`"""
     sync_bn: bool = False
+    """SyncBatchNorm across workers"""
 
 
 class RunSpec(_Section):
     storage: str = "./runs"
     """local path or URI shared by all nodes; the run folder is <storage>/<name>/"""
     keep_checkpoints: int = Field(2, ge=1)
+    """latest epoch checkpoints kept (the best is kept besides)"""
     max_failures: int = Field(2, ge=0)
+    """worker-group restarts from the latest checkpoint before the run fails"""
     deterministic: bool = False
     """torch.use_deterministic_algorithms: bitwise-repeatable on CPU, slower"""
     checkpoint_every_steps: int | None = Field(None, ge=1)
@@ -278,16 +306,22 @@ class AshaSpec(_Section):
     grace_period: int = Field(1, ge=1)
     """epochs every trial runs before it can be stopped"""
     reduction_factor: float = Field(3, gt=1)
+    """ASHA keeps 1 / reduction_factor of the trials at each rung"""
 
 
 class SweepSpec(_Section):
     metric: str = "val_acc1"
     """a name of catalog.WATCHABLE"""
     mode: Literal["max", "min"] = "max"
+    """whether a higher or a lower sweep.metric is better"""
     num_samples: int = Field(8, ge=1)
+    """trials"""
     max_concurrent_trials: int | None = Field(None, ge=1)
+    """trials at once; `null` = what the cluster fits"""
     asha: AshaSpec = Field(default_factory=AshaSpec)
+    """ASHA's early stopping (epochs are its time unit; max_t = schedule.epochs)"""
     space: dict[str, dict[str, Any]] = Field(default_factory=dict)
+    """`{optim.base_lr: {loguniform: [1e-4, 1e-1]}, schedule.name: {choice: [cosine, step]}}`; kinds `loguniform`, `uniform`, `randint`, `choice`, `grid`"""
 
     _known_metric = named("metric", WATCHABLE, "metric")
 
@@ -298,16 +332,25 @@ NAME_MAX_CHARS = 100
 
 class JobSpec(_Section):
     name: str = Field("run", max_length=NAME_MAX_CHARS)
+    """run folder name (letters, digits, `.`, `_`, `-`; at most 100 characters): the run lives in `<run.storage>/<name>/`"""
     seed: int = Field(0, ge=0, lt=2**32)
     """numpy takes seeds in [0, 2**32)"""
     data: DataSpec = Field(default_factory=DataSpec)
+    """what trains: the source, its splits, image size, augmentation, loaders"""
     model: ModelSpec = Field(default_factory=ModelSpec)
+    """the architecture, its weights, head and freezing"""
     loss: LossSpec = Field(default_factory=LossSpec)
+    """the training loss"""
     optim: OptimSpec = Field(default_factory=OptimSpec)
+    """the optimizer, its LR at base_batch_size and how it scales, parameter groups"""
     schedule: ScheduleSpec = Field(default_factory=ScheduleSpec)
+    """the LR schedule: epochs, warmup, decay"""
     scaling: ScalingSpec = Field(default_factory=ScalingSpec)
+    """workers, batch sizes, accumulation, precision"""
     run: RunSpec = Field(default_factory=RunSpec)
+    """where the run folder lives, checkpoints, failures"""
     sweep: SweepSpec = Field(default_factory=SweepSpec)
+    """read by orchestrator sweep: the metric, the trials, ASHA and the search space"""
 
     @field_validator("name")
     @classmethod
