@@ -6,8 +6,9 @@ replace whole objects anyway). Owns the layout: `spec.yaml`, `plan.json`, `metri
 `run.keep_checkpoints`), `checkpoint_best/checkpoint.pt`, `checkpoint_step/checkpoint.pt` (mid-epoch), `workers.json` (where each rank ran) and
 `ray.log` (Ray's own log lines), `run.lock`, `tensorboard/` (event files), and what later commands
 write: `report/` (report, evaluate) and `export/`. A sweep's folder holds `sweep.json`,
-`results.parquet`, `best.yaml` and `trials/<trial id>/` (each a run folder). Every module names
-these files through the constants here.
+`results.parquet`, `best.yaml` and `trials/<trial id>/` (each a run folder, `trials_storage`). Every
+module names these files through the constants here. `with_absolute_paths` makes a job's local paths
+absolute for workers whose working directory is not the user's.
 """
 
 from __future__ import annotations
@@ -20,6 +21,7 @@ import re
 import uuid
 from dataclasses import dataclass
 from pathlib import Path
+from typing import TYPE_CHECKING
 
 import pyarrow as pa
 import pyarrow.fs as pafs
@@ -27,7 +29,9 @@ import pyarrow.parquet as pq
 
 from orchestrator.config.catalog import SOURCES
 from orchestrator.config.errors import UserError
-from orchestrator.config.spec import JobSpec
+
+if TYPE_CHECKING:   # pydantic is not needed to list runs or write a file
+    from orchestrator.config.spec import JobSpec
 
 SPEC_FILE = "spec.yaml"
 PLAN_FILE = "plan.json"
