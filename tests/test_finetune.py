@@ -118,7 +118,7 @@ def test_weights_of_another_architecture_are_named_before_any_download(monkeypat
 
 def test_a_whole_pickled_model_gets_its_own_message(tmp_path):
     torch.save(build_architecture("resnet18", 5, 32), tmp_path / "model.pth")
-    with pytest.raises(WeightsError, match=r"holds a whole pickled model \(torch.save\(model\)\).*model.state_dict"):
+    with pytest.raises(WeightsError, match=r"holds a whole pickled model \(.*\).*torch.save\(model.state_dict\(\)"):
         build_model(ModelSpec(arch="resnet18", weights=str(tmp_path / "model.pth")), 5, 32)
 
 

@@ -9,6 +9,8 @@ import threading
 from rich.console import Console
 from rich.markup import escape
 
+from orchestrator.config.errors import plain_text
+
 EXIT_USER_ERROR = 2
 
 console = Console(highlight=False, soft_wrap=True)
@@ -19,7 +21,7 @@ def report_user_error(exc: BaseException) -> int:
     """Each of the error's lines as `error: ...` on stderr; the exit code of a user error."""
     lines = getattr(exc, "problems", None) or str(exc).splitlines() or [type(exc).__name__]
     for line in lines:
-        err_console.print(f"[red]error:[/red] {escape(line)}", markup=True, soft_wrap=True)
+        err_console.print(f"[red]error:[/red] {escape(plain_text(line))}", markup=True, soft_wrap=True)
     return EXIT_USER_ERROR
 
 

@@ -12,6 +12,7 @@ Imports nothing of orchestrator.
 from __future__ import annotations
 
 import difflib
+import re
 
 
 class UserError(Exception):
@@ -56,3 +57,11 @@ def one_of(value: str, names, what: str = "value") -> str:
     if value not in names:
         raise ValueError(f"unknown {what} {value!r}{did_you_mean(value, names)}; valid: {', '.join(names)}")
     return value
+
+
+ANSI_ESCAPE = re.compile(r"\x1b\[[0-9;?]*[A-Za-z]")
+
+
+def plain_text(text: str) -> str:
+    """A library's message fit to be part of ours: its terminal colour and style escapes removed."""
+    return ANSI_ESCAPE.sub("", text)

@@ -132,7 +132,11 @@ class ModelSpec(_Section):
     arch: str = "resnet18"
     """any torchvision classification model name"""
     weights: str | None = None
-    """null | DEFAULT | torchvision weight name | .pth/.pt/.safetensors file | run folder"""
+    """null | DEFAULT | torchvision weight name | run folder | a weights file of any tool (torchvision's
+    references, timm, Lightning, plain state dicts, safetensors; .pth, .pt, .pth.tar, .ckpt, .bin, ...), read by content"""
+    weights_ema: bool | Literal["auto"] = "auto"
+    """take the EMA weights of model.weights (model_ema, state_dict_ema, ...): auto when the file holds them
+    (and say so), true requires them, false takes the trained model's"""
     num_classes: int | Literal["auto"] = "auto"
     """classes of the new head; `auto` counts them in the data"""
     head_init: str = "kaiming_normal"

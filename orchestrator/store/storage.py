@@ -237,6 +237,16 @@ class RunFolder:
         return Path(self.path(relative))
 
 
+def read_uri_bytes(uri: str) -> bytes:
+    """The bytes of one file named by a URI (s3://, gs://, file://); StorageError names it when unreadable."""
+    try:
+        fs, path = pafs.FileSystem.from_uri(uri)
+        with fs.open_input_stream(path) as stream:
+            return stream.read()
+    except (OSError, pa.ArrowException) as exc:
+        raise StorageError(f"cannot read {uri}: {_cause(exc)}") from None
+
+
 def write_atomic(path: Path, data: bytes) -> None:
     """Write bytes to a local file through a temp file and os.replace."""
     path.parent.mkdir(parents=True, exist_ok=True)

@@ -309,7 +309,7 @@ def build_model(spec: ModelSpec, num_classes: int, image_size: int, class_names:
 def load_weights(model: nn.Module, spec: ModelSpec, head: tuple[str, ...], class_names: list[str] | None) -> LoadReport:
     """Load what fits of model.weights; the head is new unless model.keep_head. Refuses weights of which
     too little of the backbone loads (model.min_backbone_loaded), and a kept head for other classes."""
-    source = read_source_weights(spec.weights, spec.arch)
+    source = read_source_weights(spec.weights, spec.arch, spec.weights_ema)
     state_dict, key_note = align_keys(source.state_dict, set(model.state_dict()), spec.weights_prefix)
     if spec.keep_head and source.class_names and class_names and source.class_names != class_names:
         raise ModelError(f"model.keep_head: the head of {source.description} was trained on other classes "
@@ -322,8 +322,7 @@ def load_weights(model: nn.Module, spec: ModelSpec, head: tuple[str, ...], class
         raise ModelError(f"model.keep_head: the head of {source.description} does not fit this job's classes: {name} is "
                          f"{tuple(got)}, the model needs {tuple(want)} ({want[0]} classes in the data, {got[0]} in the "
                          "weights); drop model.keep_head for a new head, or train on the weights' classes")
-    if key_note:
-        report.notes.append(key_note)
+    report.notes += [note for note in (source.note, key_note) if note]
     if not spec.keep_head:
         report.notes.append(f"new head {', '.join(head)}: initialised with {spec.head_init} "
                             "(model.keep_head: true keeps the source's head)")

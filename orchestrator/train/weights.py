@@ -1,13 +1,12 @@
 """Pretrained weights: reading them (files, torchvision's hub cache, run folders) and loading what fits.
 
-A `model.weights` value becomes a state_dict (`read_source_weights`), always read with
-`weights_only=True` or from safetensors. `load_matching` copies a tensor when its name AND shape
+A `model.weights` value becomes a state_dict (`read_source_weights`); files are read by content
+(`train/weight_files.py`: safetensors, or torch files with `weights_only=True`). `load_matching` copies a tensor when its name AND shape
 fit the model, and its `LoadReport` says what was skipped, missing and unexpected. Imports no Ray.
 """
 
 from __future__ import annotations
 
-import io
 import json
 import re
 from collections import OrderedDict
@@ -18,15 +17,10 @@ import torch
 import torchvision
 from torch import nn
 
-from orchestrator.config.errors import JobError, SpecError
+from orchestrator.config.errors import SpecError
 from orchestrator.config.spec import JobSpec
-from orchestrator.store.storage import WEIGHTS_FILE, RunFolder
-
-WEIGHT_FILE_SUFFIXES = (".pth", ".pt", ".safetensors")
-
-
-class WeightsError(JobError):
-    """Weights that cannot be found or read; the message says what and where."""
+from orchestrator.store.storage import WEIGHTS_FILE, RunFolder, read_uri_bytes
+from orchestrator.train.weight_files import WEIGHT_FILE_SUFFIXES, EmaChoice, WeightsError, read_weights
 
 
 @dataclass
@@ -75,6 +69,8 @@ class SourceWeights:
     description: str
     class_names: list[str] | None = None
     """the source's classes, when known (a run folder of this tool)"""
+    note: str | None = None
+    """which part of the file was taken (its EMA weights, the state dict under 'model', ...)"""
 
 
 def align_keys(state_dict: dict, model_keys: set[str], prefix: str | None) -> tuple[dict, str | None]:
@@ -109,44 +105,6 @@ def _without(key: str, prefix: str) -> str:
     return key[len(prefix):] if key.startswith(prefix) else key
 
 
-def state_dict_of(payload, where: str) -> dict[str, torch.Tensor]:
-    """The tensors of a loaded payload: a state_dict, one of our checkpoints, or {'state_dict': ...}."""
-    if isinstance(payload, dict) and isinstance(payload.get("model"), dict):
-        from orchestrator.train.checkpoint import evaluated_weights
-
-        payload = evaluated_weights(payload)  # one of our checkpoints: the weights it evaluated (its EMA, when kept)
-    elif isinstance(payload, dict) and isinstance(payload.get("state_dict"), dict):
-        payload = payload["state_dict"]
-    if not isinstance(payload, dict) or not all(isinstance(v, torch.Tensor) for v in payload.values()):
-        raise WeightsError(f"model.weights: {where} holds no state_dict (a mapping of names to tensors)")
-    return payload
-
-
-def read_weights_bytes(data: bytes, suffix: str, where: str) -> dict[str, torch.Tensor]:
-    """A state_dict from the bytes of a .safetensors file or a .pth/.pt file (read with weights_only=True)."""
-    if suffix == ".safetensors":
-        from safetensors.torch import load
-
-        try:
-            return load(data)
-        except Exception as exc:
-            raise WeightsError(f"model.weights: cannot read safetensors file {where}: {exc}") from None
-    try:
-        payload = torch.load(io.BytesIO(data), map_location="cpu", weights_only=True)
-    except Exception as exc:
-        first = str(exc).strip().splitlines()[0] if str(exc).strip() else type(exc).__name__
-        if "not an allowed global" in str(exc) and re.search(r"GLOBAL (torch|torchvision|timm)\.\S*\.[A-Z]", str(exc)):
-            raise WeightsError(f"model.weights: {where} holds a whole pickled model (torch.save(model)), which cannot "
-                               "be read safely; save its weights instead: torch.save(model.state_dict(), PATH)") from None
-        raise WeightsError(f"model.weights: cannot load {where} with weights_only=True: {first}") from None
-    return state_dict_of(payload, where)
-
-
-def read_weights_file(path: Path) -> dict[str, torch.Tensor]:
-    """A state_dict from .safetensors, a plain .pth/.pt state_dict, or one of our checkpoints."""
-    return read_weights_bytes(path.read_bytes(), path.suffix, str(path))
-
-
 def torchvision_weights(arch: str, name: str):
     """The torchvision Weights enum member for `name` ('DEFAULT', 'IMAGENET1K_V1' or 'ResNet18_Weights.X')."""
     try:
@@ -165,7 +123,13 @@ def torchvision_weights(arch: str, name: str):
     return weights
 
 
-def read_torchvision_weights(arch: str, name: str) -> SourceWeights:
+def read_weights_file(path: Path, ema: EmaChoice = "auto") -> SourceWeights:
+    """A local weights file of any tool, read by its content (see weight_files.read_weights)."""
+    found = read_weights(path, str(path), ema)
+    return SourceWeights(found.state_dict, str(path), note=found.note)
+
+
+def read_torchvision_weights(arch: str, name: str, ema: EmaChoice = "auto") -> SourceWeights:
     """State dict of a torchvision weight through the torch hub cache, or a message saying where to put it."""
     weights = torchvision_weights(arch, name)
     file_name = weights.url.rsplit("/", 1)[-1]
@@ -174,7 +138,7 @@ def read_torchvision_weights(arch: str, name: str) -> SourceWeights:
     label = f"{type(weights).__name__}.{weights.name}"
     classes = list(weights.meta.get("categories") or []) or None
     if cached.is_file():
-        return SourceWeights(read_weights_file(cached), f"{label} ({cached})", classes)
+        return SourceWeights(read_weights(cached, str(cached), ema).state_dict, f"{label} ({cached})", classes)
     try:
         state = torch.hub.load_state_dict_from_url(weights.url, progress=False, weights_only=True)
     except Exception as exc:
@@ -185,17 +149,17 @@ def read_torchvision_weights(arch: str, name: str) -> SourceWeights:
     return SourceWeights(state, f"{label} ({cached})", classes)
 
 
-def read_run_folder_weights(folder: RunFolder) -> SourceWeights:
+def read_run_folder_weights(folder: RunFolder, ema: EmaChoice = "auto") -> SourceWeights:
     """A run folder's best checkpoint (else its latest), with its classes from model.safetensors when written."""
     found = folder.best_or_latest_checkpoint()
     if found is None:
         raise WeightsError(f"model.weights: run folder {folder.uri} holds no checkpoint (checkpoint_*/checkpoint.pt)")
-    state = read_weights_bytes(folder.read_bytes(found), ".pt", f"{folder.uri}/{found}")
+    read = read_weights(folder.read_bytes(found), f"{folder.uri}/{found}", ema)
     classes = None
     if folder.exists(WEIGHTS_FILE):
         written = safetensors_metadata(folder.read_bytes(WEIGHTS_FILE)).get("classes")
         classes = written.split(",") if written else None
-    return SourceWeights(state, f"run {folder.uri} ({found})", classes)
+    return SourceWeights(read.state_dict, f"run {folder.uri} ({found})", classes, read.note)
 
 
 def safetensors_metadata(data: bytes) -> dict[str, str]:
@@ -204,55 +168,69 @@ def safetensors_metadata(data: bytes) -> dict[str, str]:
     return json.loads(data[8:8 + length]).get("__metadata__") or {}
 
 
-def weights_problem(weights: str, arch: str) -> str | None:
-    """Why `model.weights` names nothing that exists, checked without reading any tensor; None when it may.
-
-    URIs are not checked here (that needs the network): they are read when the run starts.
-    """
+def weights_kind(weights: str) -> str:
+    """What a `model.weights` value names: 'remote file', 'remote run', 'run', 'file', 'missing' (a path
+    that is not there) or 'torchvision' (a weight name). Local files are files whatever their name."""
     if "://" in weights:
-        return None
+        return "remote file" if Path(weights).suffix in WEIGHT_FILE_SUFFIXES else "remote run"
     path = Path(weights).expanduser()
     if path.is_dir():
-        if RunFolder(str(path.parent), path.name).best_or_latest_checkpoint() is None:
-            return f"model.weights: run folder {path} holds no checkpoint (checkpoint_*/checkpoint.pt)"
-        return None
+        return "run"
+    if path.is_file():
+        return "file"
     if path.suffix in WEIGHT_FILE_SUFFIXES or "/" in weights or weights.startswith((".", "~")):
-        return None if path.is_file() else f"model.weights: no such file or run folder {path}"
+        return "missing"
+    return "torchvision"
+
+
+def weights_problem(weights: str, arch: str, ema: EmaChoice = "auto") -> str | None:
+    """Why `model.weights` cannot be read, or None. A local file is read as training reads it (its tensors
+    mapped, not copied), so validate and train accept the same files. URIs are read when the run starts."""
+    kind = weights_kind(weights)
+    path = Path(weights).expanduser()
     try:
-        torchvision_weights(arch, weights)
+        if kind == "run" and RunFolder(str(path.parent), path.name).best_or_latest_checkpoint() is None:
+            return f"model.weights: run folder {path} holds no checkpoint (checkpoint_*/checkpoint.pt)"
+        if kind == "file":
+            read_weights(path, str(path), ema)
+        if kind == "missing":
+            return f"model.weights: no such file or run folder {path}"
+        if kind == "torchvision":
+            torchvision_weights(arch, weights)
     except WeightsError as exc:
         return str(exc)
     return None
 
 
 def check_references(spec: JobSpec) -> JobSpec:
-    """The spec, or SpecError when what it names on this machine is not there (`model.weights`).
+    """The spec, or SpecError when what it names on this machine is not there or not readable (`model.weights`).
 
     Not part of `validate_spec`: `submit` sends jobs whose paths exist on the cluster, not here.
     """
     if spec.model.weights is not None:
-        problem = weights_problem(spec.model.weights, spec.model.arch)
+        problem = weights_problem(spec.model.weights, spec.model.arch, spec.model.weights_ema)
         if problem:
             raise SpecError([problem])
     return spec
 
 
-def read_source_weights(weights: str, arch: str) -> SourceWeights:
+def read_source_weights(weights: str, arch: str, ema: EmaChoice = "auto") -> SourceWeights:
     """The state_dict (and what is known of it) for a `model.weights` value other than null."""
+    kind = weights_kind(weights)
     path = Path(weights).expanduser()
-    if "://" in weights and Path(weights).suffix not in WEIGHT_FILE_SUFFIXES:
-        storage, _, name = weights.rstrip("/").rpartition("/")
-        return read_run_folder_weights(RunFolder(storage, name))
-    if path.is_dir():
-        return read_run_folder_weights(RunFolder(str(path.parent), path.name))
-    if path.suffix in WEIGHT_FILE_SUFFIXES:
-        if not path.is_file():
-            raise WeightsError(f"model.weights: no such file {path}")
-        return SourceWeights(read_weights_file(path), str(path))
+    if kind == "remote file":
+        found = read_weights(read_uri_bytes(weights), weights, ema)
+        return SourceWeights(found.state_dict, weights, note=found.note)
+    if kind in ("remote run", "run"):
+        storage, _, name = (weights.rstrip("/") if kind == "remote run" else str(path)).rpartition("/")
+        return read_run_folder_weights(RunFolder(storage, name), ema)
+    if kind == "file":
+        return read_weights_file(path, ema)
+    if kind == "missing":
+        raise WeightsError(f"model.weights: no such file or run folder {path}")
     if re.fullmatch(r"[A-Za-z0-9_]+(\.[A-Za-z0-9_]+)?", weights):
-        return read_torchvision_weights(arch, weights)
-    raise WeightsError(f"model.weights: {weights!r} is neither a weights file ({', '.join(WEIGHT_FILE_SUFFIXES)}), "
-                       "a run folder, nor a torchvision weight name")
+        return read_torchvision_weights(arch, weights, ema)
+    raise WeightsError(f"model.weights: {weights!r} is neither a file, a run folder, nor a torchvision weight name")
 
 
 def load_matching(model: nn.Module, state_dict: dict[str, torch.Tensor], source: str,
