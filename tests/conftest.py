@@ -76,3 +76,31 @@ def tiny_job(storage, name: str, **sections) -> dict:
         else:
             job[section] = values
     return job
+
+
+def run_in_terminal(args: list[str], columns: int, env: dict | None = None, timeout: float = 120) -> str:
+    """Run a command with a pseudo-terminal `columns` wide as stdout and stderr; its output, ANSI escapes removed."""
+    import fcntl
+    import pty
+    import re
+    import struct
+    import subprocess
+    import termios
+
+    master, slave = pty.openpty()
+    fcntl.ioctl(slave, termios.TIOCSWINSZ, struct.pack("HHHH", 50, columns, 0, 0))
+    env = {**(env or os.environ), "COLUMNS": str(columns), "TERM": "xterm"}
+    with subprocess.Popen(args, stdout=slave, stderr=slave, env=env) as proc:
+        os.close(slave)
+        chunks = []
+        while True:
+            try:
+                chunk = os.read(master, 65536)
+            except OSError:      # EIO: the command closed the terminal
+                break
+            if not chunk:
+                break
+            chunks.append(chunk)
+        proc.wait(timeout=timeout)
+    os.close(master)
+    return re.sub(r"\x1b\[[0-9;?]*[A-Za-z]|\r", "", b"".join(chunks).decode(errors="replace"))

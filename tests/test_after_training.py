@@ -268,11 +268,14 @@ def test_bad_input_is_one_line_exit_2_and_writes_nothing(run, tmp_path, capsys):
     capsys.readouterr()
 
 
-def test_a_run_that_fails_after_starting_says_failed_in_its_summary(tmp_path, write_job, capsys):
+def test_a_run_that_fails_after_starting_says_failed_in_its_summary(tmp_path, write_job, capsys, monkeypatch):
     from test_data import make_folder
+
+    from orchestrator.data import image_check
 
     root = make_folder(tmp_path / "pics", classes=("cat", "dog"), per_class=8, size=16, splits=("train", "val"))
     (root / "val" / "dog" / "bad.png").write_bytes(b"not a png")
+    monkeypatch.setattr(image_check, "check_images", lambda paths: {})   # it broke after the check read it
     job = write_job(tiny_job(tmp_path / "runs", "badval", data={"source": f"imagefolder:{root}", "classes": None,
                                                                  "max_per_class": None},
                              scaling={"num_workers": 1, "per_worker_batch_size": 8}))

@@ -85,12 +85,12 @@ def test_missing_folder_is_named(tmp_path):
         load_splits(DataSpec(source=f"imagefolder:{tmp_path / 'nope'}"), seed=0)
 
 
-def test_corrupt_image_is_reported_with_its_path(tmp_path):
+def test_an_image_damaged_after_the_check_is_reported_with_its_path(tmp_path):
     make_folder(tmp_path)
-    bad = tmp_path / "train" / "dog" / "broken.png"
-    bad.write_bytes(b"\x89PNG\r\n\x1a\n garbage")
+    bad = tmp_path / "train" / "dog" / "1.png"
     spec = DataSpec(source=f"imagefolder:{tmp_path}", val_fraction=0.0)
     splits = load_splits(spec, seed=0)
+    bad.write_bytes(b"\x89PNG\r\n\x1a\n garbage")       # overwritten while the run goes
     dataset = make_dataset(splits.train, spec, True, "train")
     index = splits.train.items.index(str(bad))
     with pytest.raises(ImageReadError, match=f"cannot read image {bad}"):

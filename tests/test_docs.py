@@ -8,7 +8,7 @@ import sys
 import pytest
 
 from conftest import REPO
-from orchestrator.cli.main import build_parser
+from orchestrator.cli.app import build_parser
 
 DOCS = [REPO / "README.md", *sorted((REPO / "docs").glob("*.md"))]
 

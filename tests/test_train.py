@@ -81,20 +81,24 @@ def test_ray_train_two_workers_run_folder_and_resume(ray_session, tmp_path, writ
 
 
 @pytest.mark.ray
-def test_an_error_of_the_data_on_a_worker_is_not_retried_and_exits_2(ray_session, tmp_path, write_job, capsys):
+def test_three_bad_images_are_all_named_in_one_exit_2_before_any_worker_starts(ray_session, tmp_path, write_job, capsys):
     from test_data import make_folder
 
     root = make_folder(tmp_path / "pics", classes=("cat", "dog"), per_class=8, size=16, splits=("train", "val"))
-    (root / "val" / "dog" / "bad.png").write_bytes(b"not a png")    # every epoch evaluates it
+    (root / "val" / "dog" / "bad.png").write_bytes(b"not a png")
+    (root / "train" / "dog" / "empty.jpg").write_bytes(b"")
+    (root / "train" / "cat" / "cut.png").write_bytes((root / "train" / "cat" / "0.png").read_bytes()[:60])
     job = write_job(tiny_job(tmp_path / "runs", "badimage", data={"source": f"imagefolder:{root}", "classes": None,
                                                                    "max_per_class": None},
                              run={"storage": str(tmp_path / "runs"), "max_failures": 2}))
     assert main(["train", str(job)]) == 2
     captured = capsys.readouterr()
-    assert "error: cannot read image" in captured.err and "bad.png" in captured.err and "Traceback" not in captured.err
-    assert captured.out.count("weights: none") == 1            # one attempt: the error cannot change on a retry
-    summary = json.loads((tmp_path / "runs" / "badimage" / "summary.json").read_text())
-    assert summary["status"] == "failed" and "bad.png" in summary["message"]
+    assert "3 of 35 image files cannot be read" in captured.err and "Traceback" not in captured.err
+    for name in ("val/dog/bad.png: not an image", "train/dog/empty.jpg: empty file", "train/cat/cut.png: damaged"):
+        assert name in captured.err
+    assert "weights: none" not in captured.out                 # no worker started
+    written = [p.name for p in (tmp_path / "runs" / "badimage").rglob("*")] if (tmp_path / "runs" / "badimage").exists() else []
+    assert written == []                                       # the run never started: its folder holds nothing
 
 
 def test_diverging_run_stops_naming_epoch_and_step(tmp_path, write_job, capsys):

@@ -120,7 +120,8 @@ def predict_files(trained: Trained, paths: list[str], top_k: int) -> list[Predic
     if top_k < 1:
         raise TrainedError(f"--top-k: {top_k}; give at least 1")
     transform = trained.preprocess.transform()
-    images = torch.stack([transform(decode_image(path, path)) for path in paths])
+    upright = trained.preprocess.exif_transpose
+    images = torch.stack([transform(decode_image(path, path, upright)) for path in paths])
     k = min(top_k, len(trained.class_names))
     predictions = []
     for start in range(0, len(paths), EVAL_BATCH_SIZE):

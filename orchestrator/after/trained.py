@@ -42,15 +42,17 @@ class Preprocess:
     std: tuple[float, float, float]
     resize: int | None = None
     """short side resized to this before the center crop (data.eval_resize); None: to image_size"""
+    exif_transpose: bool = True
+    """images are turned upright by their EXIF orientation before anything else (data.exif_transpose)"""
 
     def to_metadata(self) -> dict[str, str]:
         return {"image_size": str(self.image_size), "mean": json.dumps(list(self.mean)), "std": json.dumps(list(self.std)),
-                "eval_resize": json.dumps(self.resize)}
+                "eval_resize": json.dumps(self.resize), "exif_transpose": json.dumps(self.exif_transpose)}
 
     @classmethod
     def from_metadata(cls, meta: dict[str, str]) -> "Preprocess":
         return cls(int(meta["image_size"]), tuple(json.loads(meta["mean"])), tuple(json.loads(meta["std"])),
-                   json.loads(meta.get("eval_resize", "null")))
+                   json.loads(meta.get("eval_resize", "null")), json.loads(meta.get("exif_transpose", "true")))
 
     def transform(self):
         from orchestrator.data.transforms import eval_transform
@@ -153,7 +155,8 @@ def load_run(folder: RunFolder) -> Trained:
     model = build_architecture(spec.model.arch, len(class_names), spec.data.image_size, spec.model.dropout)
     ckpt.load_model_state(model, state, f"{folder.uri}/{source}")
     model.eval()
-    preprocess = Preprocess(spec.data.image_size, tuple(spec.data.mean), tuple(spec.data.std), spec.data.eval_resize)
+    preprocess = Preprocess(spec.data.image_size, tuple(spec.data.mean), tuple(spec.data.std), spec.data.eval_resize,
+                            spec.data.exif_transpose)
     return Trained(f"{folder.uri}/{source}", class_names, preprocess, torch_logits(model, spec.scaling.amp),
                    model, spec, folder)
 

@@ -26,7 +26,7 @@ import yaml
 from rich.console import Console
 
 from orchestrator.bench.common import figures_table, run_train, warm_cluster
-from orchestrator.train.progress import process_start_time
+from orchestrator.train.progress import boot_clock, process_start_time
 
 BARE_PATTERN = re.compile(r"bare first step ([0-9.]+) s")
 
@@ -100,7 +100,7 @@ def bare_trainer_main(address: str | None, workers: int = 1, cpus_per_worker: in
     events = Queue()
 
     def loop(config):
-        config["queue"].put(time.time())
+        config["queue"].put(boot_clock())
 
     with tempfile.TemporaryDirectory() as storage:
         TorchTrainer(loop, train_loop_config={"queue": events},

@@ -22,7 +22,9 @@ def cmd_runs(args) -> int:
     if not found:
         console.print(f"no runs in {args.storage}")
         return 0
-    console.print(runs_table(found, args.storage))
+    from orchestrator.train.progress import print_listing
+
+    print_listing(console, runs_table(found, args.storage), ("name",))
     return 0
 
 def runs_table(found, storage: str) -> Table:
@@ -144,7 +146,9 @@ def cmd_predict(args) -> int:
     table.add_column(f"top {min(args.top_k, len(trained.class_names))} (probability)")
     for p in predictions:
         table.add_row(escape(p.image), ", ".join(f"{escape(c)} {prob:.3f}" for c, prob in p.top))
-    console.print(table)
+    from orchestrator.train.progress import print_listing
+
+    print_listing(console, table, ("image",))
     return 0
 
 

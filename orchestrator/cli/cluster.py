@@ -45,18 +45,16 @@ def cmd_jobs(args) -> int:
     submit.check_transport(args.address, args.insecure)
     jobs = submit.client(args.address)
     if args.action == "list":
-        table = Table(title=f"jobs on {args.address}", title_justify="left")
-        for column in ("job id", "status", "entrypoint", "start"):
-            table.add_column(column)
-        for job in jobs.list_jobs():
-            started = time.strftime("%Y-%m-%d %H:%M:%S", time.localtime(job.start_time / 1000)) if job.start_time else "-"
-            table.add_row(job.submission_id or job.job_id or "-", str(job.status.value), escape(job.entrypoint), started)
-        console.print(table)
-        return 0
+        return _list_jobs(jobs.list_jobs(), args)
     if not args.job_id:
         raise SubmitUsageError(f"orchestrator jobs {args.action} needs a job id")
     if args.action == "status":
         info = jobs.get_job_info(args.job_id)
+        if args.json:
+            from orchestrator.store.storage import strict_json
+
+            print(strict_json(_job_json(info)))
+            return 0
         console.print(f"{args.job_id}: {info.status.value}" + (f" ({escape(info.message)})" if info.message else ""))
         return 0
     if args.action == "logs":
@@ -97,12 +95,39 @@ def add_submit(p: argparse.ArgumentParser) -> None:
     p.add_argument("--follow", action="store_true", help="stream the logs; exit 0 only if the job succeeds")
 
 
+def _job_json(job) -> dict:
+    return {"job_id": job.submission_id or job.job_id, "status": str(job.status.value), "entrypoint": job.entrypoint,
+            "start_time": job.start_time / 1000 if job.start_time else None,
+            "end_time": job.end_time / 1000 if job.end_time else None, "message": job.message or None,
+            "name": (job.metadata or {}).get("orchestrator_job")}
+
+
+def _list_jobs(found: list, args) -> int:
+    from orchestrator.store.storage import strict_json
+    from orchestrator.train.progress import print_listing
+
+    if args.json:
+        print(strict_json([_job_json(job) for job in found]))
+        return 0
+    table = Table(title=f"jobs on {args.address}", title_justify="left")
+    for column in ("job id", "status", "job", "entrypoint", "start"):
+        table.add_column(column)
+    for job in found:
+        started = time.strftime("%Y-%m-%d %H:%M:%S", time.localtime(job.start_time / 1000)) if job.start_time else "-"
+        table.add_row(job.submission_id or job.job_id or "-", str(job.status.value),
+                      escape((job.metadata or {}).get("orchestrator_job", "-")), escape(job.entrypoint), started)
+    print_listing(console, table, ("job id",))
+    return 0
+
+
 def add_jobs(p: argparse.ArgumentParser) -> None:
     """list, inspect, follow or stop jobs on a Ray cluster"""
     p.add_argument("action", choices=["list", "status", "logs", "stop"])
     p.add_argument("job_id", nargs="?", help="job id (status, logs, stop)")
     add_cluster_options(p, DASHBOARD_HELP, required=True)
     p.add_argument("--follow", action="store_true", help="logs: stream until the job ends")
+    p.add_argument("--json", action="store_true",
+                   help='list, status: print [{"job_id", "status", "entrypoint", "start_time", "end_time", "message", "name"}] (one object for status)')
 
 
 def add_up(p: argparse.ArgumentParser) -> None:

@@ -17,6 +17,8 @@ def cmd_pack(args) -> int:
 
     if args.shard_size_mb <= 0 or (args.max_side is not None and args.max_side < 8) or (args.workers is not None and args.workers < 1):
         raise PackError("--shard-size-mb must be > 0, --max-side >= 8, --workers >= 1")
+    if not 0 <= args.val_fraction < 1:
+        raise PackError(f"--val-fraction: {args.val_fraction}; give a share in [0, 1)")
     check_out(args.out)
     show = err_console if args.json else console
     reused = []
@@ -29,7 +31,8 @@ def cmd_pack(args) -> int:
             if entry["reused"]:
                 reused.append(entry["file"])
 
-        manifest = pack(args.src, args.out, args.shard_size_mb, args.max_side, args.workers, on_shard)
+        manifest = pack(args.src, args.out, args.shard_size_mb, args.max_side, args.workers, on_shard,
+                        val_fraction=args.val_fraction)
     for item in manifest["skipped"][:20]:
         show.print(f"[yellow]skipped[/yellow] {escape(item['path'])}: {escape(item['error'])}")
     if len(manifest["skipped"]) > 20:
@@ -52,5 +55,7 @@ def add_pack(p: argparse.ArgumentParser) -> None:
     p.add_argument("out", help="folder or URI (s3://, gs://, file://) to write the shards and manifest to")
     p.add_argument("--shard-size-mb", type=float, default=256, help="about this many MB of images per shard (default 256)")
     p.add_argument("--max-side", type=int, default=None, help="re-encode images whose longer side exceeds PX (JPEG); default: keep bytes")
+    p.add_argument("--val-fraction", type=float, default=0.2,
+                   help="SRC of class folders (no train/): pack this stratified share of each class as val (default 0.2)")
     p.add_argument("--workers", type=int, default=None, help="processes packing shards (default: all cores)")
     p.add_argument("--json", action="store_true", help='print {"shards", "splits", "classes", "skipped", "reused"}')

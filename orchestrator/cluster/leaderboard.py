@@ -11,6 +11,7 @@ from orchestrator.config.keys import with_values
 from orchestrator.config.spec import JobSpec
 from orchestrator.store.runs import TrialRow, trial_rows
 from orchestrator.store.storage import SWEEP_BEST_FILE, SWEEP_RESULTS_FILE, SWEEP_TRIALS_DIR, RunFolder
+from orchestrator.train.progress import print_listing
 
 
 def leaderboard_rows(sweep: RunFolder, spec: JobSpec, trials: list[dict]) -> list[TrialRow]:
@@ -35,7 +36,7 @@ def leaderboard(rows: list[TrialRow], spec: JobSpec, title: str) -> Table:
 
 def finish_sweep(spec: JobSpec, raw: dict, sweep: RunFolder, rows: list[TrialRow], console: Console) -> dict:
     """results.parquet, best.yaml, the final table and the ASHA saving."""
-    console.print(leaderboard(rows, spec, f"sweep {spec.name}: every trial"))
+    print_listing(console, leaderboard(rows, spec, f"sweep {spec.name}: every trial"), ("trial",))
     sweep.write_rows(SWEEP_RESULTS_FILE, [
         {"trial_id": r.trial_id, **{k: _cell(v) for k, v in r.values.items()}, "epochs_run": r.epochs_run,
          f"best_{spec.sweep.metric}": r.best, "status": r.status} for r in rows])

@@ -114,10 +114,13 @@ def _free_port(preferred: int) -> int:
 
 
 def ray_env() -> dict[str, str]:
-    """The environment for `ray start` and its nodes: token auth on, a token generated when none is configured."""
+    """The environment for `ray start` and its nodes: token auth on, a token generated when none is
+    configured, and this interpreter's folder first on PATH, so a job's `python` (a submitted entrypoint)
+    is the Python that started the cluster, venv activated or not."""
     from orchestrator.cluster.session import auth_token_available
 
-    env = {**os.environ, "RAY_AUTH_MODE": "token"}
+    path = os.pathsep.join([str(Path(sys.executable).parent), os.environ.get("PATH", "")])
+    env = {**os.environ, "RAY_AUTH_MODE": "token", "PATH": path}
     if not auth_token_available():
         done = subprocess.run([*RAY_CLI, "get-auth-token", "--generate"], capture_output=True, text=True, env=env)
         if done.returncode != 0:

@@ -39,7 +39,8 @@ def decode_batch(batch: dict, data: dict) -> dict:
         spec = DataSpec.model_validate(data)
         _transforms[key] = build_transform(spec, True, pre_sized=False, uint8_out=delivers_uint8(spec))
     transform = _transforms[key]
-    images = [transform(decode_image(blob, "a packed shard (Ray Data)")) for blob in batch["image"]]
+    upright = data.get("exif_transpose", True)
+    images = [transform(decode_image(blob, "a packed shard (Ray Data)", upright)) for blob in batch["image"]]
     return {"image": torch.stack(images).numpy(), "label": np.asarray(batch["label"], dtype=np.int64)}
 
 

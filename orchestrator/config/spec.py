@@ -81,6 +81,11 @@ class DataSpec(_Section):
     """keep only these labels (indices or class names); None keeps all"""
     max_per_class: int | None = Field(None, ge=1)
     """few-shot: at most this many training images per class (seeded choice)"""
+    on_bad_image: Literal["error", "skip"] = "error"
+    """an image folder's files are all checked before training: error lists every unreadable one and
+    stops (exit 2); skip leaves them out, says how many and lists them in the run folder's bad_images.txt"""
+    exif_transpose: bool = True
+    """turn images upright by their EXIF orientation (phone photos) in training, evaluation, predict and pack"""
     num_train_samples: int | None = Field(None, ge=1)
     """training-set size for planning when the data is not on this machine"""
     eval_resize: int | None = Field(None, ge=8, le=4096)

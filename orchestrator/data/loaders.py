@@ -30,12 +30,13 @@ EVAL_BATCH_SIZE = 256
 class ImageDataset(Dataset):
     """(normalised image, label) pairs of one split."""
 
-    def __init__(self, split: Split, transform: v2.Compose, image_size: int, name: str):
+    def __init__(self, split: Split, transform: v2.Compose, image_size: int, name: str, exif_transpose: bool = True):
         self.kind = split.kind
         self.items = resize_array(split.items, image_size) if split.kind == "array" else split.items
         self.labels = torch.as_tensor(split.labels, dtype=torch.long)
         self.transform = transform
         self.name = name
+        self.exif_transpose = exif_transpose
 
     def __len__(self) -> int:
         return len(self.labels)
@@ -49,9 +50,9 @@ class ImageDataset(Dataset):
         if self.kind == "array":
             image = torch.from_numpy(item).permute(2, 0, 1)
         elif self.kind == "bytes":
-            image = decode_image(item, f"{self.name} row {index}")
+            image = decode_image(item, f"{self.name} row {index}", self.exif_transpose)
         else:
-            image = decode_image(item, item)
+            image = decode_image(item, item, self.exif_transpose)
         return self.transform(image), self.labels[index]
 
 
@@ -73,7 +74,7 @@ def make_dataset(split, data: DataSpec, train: bool, name: str) -> ImageDataset 
                                 uint8_out=train and delivers_uint8(data))
     if streamed:
         return StreamedDataset(split, transform)
-    return ImageDataset(split, transform, data.image_size, name)
+    return ImageDataset(split, transform, data.image_size, name, data.exif_transpose)
 
 
 def loader_workers(data: DataSpec, cpus_per_worker: float) -> int:

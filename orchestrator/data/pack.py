@@ -1,7 +1,8 @@
 """`orchestrator pack SRC OUT`: an ImageFolder tree becomes Parquet shards plus a manifest (see data/shards.py).
 
-SRC holds train/ (and val/, test/) with one folder per class, or the class folders themselves (all of
-it training data). Each split's images are shuffled once (seed PACK_SEED, so row groups are random
+SRC holds train/ (and val/, test/) with one folder per class, or the class folders themselves: those
+are split as training splits such a folder, a stratified `val_fraction` of each class (seed PACK_SEED)
+packed as val. Each split's images are shuffled once (seed PACK_SEED, so row groups are random
 samples of the split) and cut into shards of about --shard-size-mb by file size; row groups of about
 ROW_GROUP_MB. Images keep their encoded bytes unless --max-side asks for a re-encode of larger ones
 (JPEG, quality JPEG_QUALITY). Every image is decoded once on the way: one that does not decode is
@@ -25,9 +26,11 @@ from pathlib import Path
 import numpy as np
 
 from orchestrator.config.errors import UserError
+from orchestrator.data.decode import library_message, rgb_image
 from orchestrator.data.readers import class_dirs, image_files
 from orchestrator.data.shards import (MANIFEST_FILE, MANIFEST_FORMAT, MANIFEST_VERSION, PACK_SPLITS, open_fs,
                                       storage_message)
+from orchestrator.data.splits import stratified_split
 
 PACK_SEED = 0
 ROW_GROUP_MB = 32
@@ -57,10 +60,18 @@ class ShardTask:
         return hashlib.sha256(text.encode()).hexdigest()[:16]
 
 
-def scan(src: Path) -> tuple[list[str], dict[str, list[tuple[str, int]]]]:
-    """(class names, {split: [(path, label)]}) of an ImageFolder tree; PackError when it has no classes."""
+def scan(src: Path, val_fraction: float = 0.2) -> tuple[list[str], dict[str, list[tuple[str, int]]]]:
+    """(class names, {split: [(path, label)]}) of an ImageFolder tree, a val split held out of a flat one
+    (class folders at the top); PackError (one line) when SRC is no such tree or cannot be listed."""
     if not src.is_dir():
         raise PackError(f"SRC: {src} is not a folder")
+    try:
+        return _scan(src, val_fraction)
+    except OSError as exc:
+        raise PackError(f"SRC: cannot list {exc.filename or src}: {exc.strerror or exc}") from None
+
+
+def _scan(src: Path, val_fraction: float) -> tuple[list[str], dict[str, list[tuple[str, int]]]]:
     nested = (src / "train").is_dir()
     base = src / "train" if nested else src
     class_names = class_dirs(base)
@@ -68,7 +79,7 @@ def scan(src: Path) -> tuple[list[str], dict[str, list[tuple[str, int]]]]:
         raise PackError(f"SRC: {base} has {len(class_names)} class folder(s); a classifier needs at least two")
     splits = {}
     for split in PACK_SPLITS if nested else ("train",):
-        folder = src / split
+        folder = src / split if nested else src
         if split != "train" and not folder.is_dir():
             continue
         extra = [c for c in class_dirs(folder) if c not in class_names]
@@ -76,6 +87,10 @@ def scan(src: Path) -> tuple[list[str], dict[str, list[tuple[str, int]]]]:
             raise PackError(f"SRC: {folder} has classes that {base} lacks: {', '.join(extra[:10])}")
         splits[split] = [(str(path), label) for label, name in enumerate(class_names) if (folder / name).is_dir()
                          for path in image_files(folder / name)]
+    if not nested and val_fraction > 0:
+        train = splits["train"]
+        keep, held = stratified_split(np.array([label for _, label in train]), val_fraction, PACK_SEED)
+        splits["train"], splits["val"] = [train[i] for i in keep], [train[i] for i in held]
     return class_names, splits
 
 
@@ -107,7 +122,7 @@ def encode_row(path: str, max_side: int | None) -> bytes:
         image.load()
         if max_side is None or max(image.size) <= max_side:
             return data
-        image = image.convert("RGB")
+        image = rgb_image(image)   # upright and 8-bit before the EXIF and the bit depth are lost
         image.thumbnail((max_side, max_side), Image.Resampling.BICUBIC)
         out = io.BytesIO()
         image.save(out, format="JPEG", quality=JPEG_QUALITY)
@@ -161,7 +176,7 @@ def _image_error(exc: Exception) -> str:
 
     if isinstance(exc, UnidentifiedImageError):
         return "not an image format PIL reads"
-    return f"{type(exc).__name__}: {' '.join(str(exc).split())[:200]}"
+    return library_message(exc)
 
 
 def _write_group(writer, schema, rows: dict[str, list]) -> int:
@@ -189,12 +204,12 @@ def _existing_entry(fs, target: str, digest: str) -> dict | None:
 
 
 def pack(src: str, out: str, shard_size_mb: float = 256, max_side: int | None = None, workers: int | None = None,
-         on_shard=None, row_group_mb: float = ROW_GROUP_MB) -> dict:
+         on_shard=None, row_group_mb: float = ROW_GROUP_MB, val_fraction: float = 0.2) -> dict:
     """Pack SRC into OUT; returns the manifest. `on_shard(entry, images_total)` is called as each shard ends."""
     import pyarrow as pa
 
     source = Path(src).expanduser().resolve()
-    class_names, splits = scan(source)
+    class_names, splits = scan(source, val_fraction)
     tasks = plan_shards(splits, int(shard_size_mb * 2**20), str(source))
     try:
         fs, root = open_fs(out)

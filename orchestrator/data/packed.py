@@ -5,7 +5,7 @@ the `StreamedSplit` whose streams `data.streaming` reads (see `data.shards` for 
 
 from __future__ import annotations
 
-from dataclasses import dataclass
+from dataclasses import dataclass, replace
 
 import numpy as np
 
@@ -23,6 +23,8 @@ class ShardSplit(StreamedSplit):
     name: str
     held_out: bool = False
     """cut from the pack's train split by whole row groups (no val split packed): not whole files"""
+    exif_transpose: bool = True
+    """decode images upright by their EXIF orientation (data.exif_transpose)"""
 
     def __len__(self) -> int:
         return sum(u.rows for u in self.units)
@@ -44,13 +46,13 @@ class ShardSplit(StreamedSplit):
         return sorted({f"{self.uri}/{unit.file}" for unit in self.units})
 
 
-def packed_split(manifest: Manifest, uri: str, name: str) -> ShardSplit | None:
+def packed_split(manifest: Manifest, uri: str, name: str, exif_transpose: bool = True) -> ShardSplit | None:
     """The split `name` of a pack as the manifest lists it, or None when the pack has no images of it."""
     entry = manifest.splits.get(name)
     if not entry or not entry["images"]:
         return None
     units = [Unit(s["file"], i, rows) for s in entry["shards"] for i, rows in enumerate(s["row_groups"]) if rows]
-    return ShardSplit(uri.rstrip("/"), units, name)
+    return ShardSplit(uri.rstrip("/"), units, name, exif_transpose=exif_transpose)
 
 
 def hold_out(split: ShardSplit, fraction: float, seed: int) -> tuple[ShardSplit, ShardSplit]:
@@ -64,7 +66,8 @@ def hold_out(split: ShardSplit, fraction: float, seed: int) -> tuple[ShardSplit,
     held = set(order[:held_count].tolist())
     keep = [u for i, u in enumerate(split.units) if i not in held]
     held_units = [u for i, u in enumerate(split.units) if i in held]
-    return ShardSplit(split.uri, keep, "train", held_out=True), ShardSplit(split.uri, held_units, "val", held_out=True)
+    return (replace(split, units=keep, name="train", held_out=True),
+            replace(split, units=held_units, name="val", held_out=True))
 
 
 def load_packed(data: DataSpec, seed: int) -> Splits:
@@ -78,7 +81,7 @@ def load_packed(data: DataSpec, seed: int) -> Splits:
              + f" images of {len(manifest.class_names)} classes"]
     if manifest.skipped:
         notes.append(f"warning: the pack skipped {len(manifest.skipped)} unreadable image(s); see {uri}/manifest.json")
-    train, val, test = (packed_split(manifest, uri, name) for name in ("train", "val", "test"))
+    train, val, test = (packed_split(manifest, uri, name, data.exif_transpose) for name in ("train", "val", "test"))
     if train is None:
         raise DataError(f"data.source: {uri} has no training images")
     if val is None:

@@ -14,6 +14,7 @@ import numpy as np
 
 from orchestrator.config.catalog import SOURCES, same_names
 from orchestrator.config.spec import DataSpec
+from orchestrator.data.image_check import screen_splits
 from orchestrator.data.packed import load_packed
 from orchestrator.data.readers import read_digits, read_imagefolder, read_parquet, read_synthetic
 from orchestrator.data.splits import DataError, Split, Splits, cap_per_class, stratified_split
@@ -52,13 +53,15 @@ def _keep_classes(class_names: list[str], splits: dict[str, Split], keep: list[i
 
 
 def load_splits(data: DataSpec, seed: int) -> Splits:
-    """Train/val/test of the configured source, after class selection, val split and few-shot cap."""
+    """Train/val/test of the configured source, after class selection, the check of every image file
+    (data.on_bad_image), val split and few-shot cap."""
     read = READERS[data.source_kind]
     if SOURCES[data.source_kind].streams:
         return read(data, seed)
     class_names, splits, notes = read(data, seed)
     if data.classes is not None:
         class_names, splits = _keep_classes(class_names, splits, data.classes)
+    splits, bad_images = screen_splits(splits, data.on_bad_image, notes)
     train = splits["train"]
     if "val" in splits:
         val = splits["val"]
@@ -84,4 +87,4 @@ def load_splits(data: DataSpec, seed: int) -> Splits:
     if len(class_names) < 2:
         raise DataError(f"data.source: {data.source} has one class ({', '.join(class_names)}); a classifier needs at "
                         "least two (one class would reach 'accuracy 1.0' learning nothing)")
-    return Splits(class_names, train, val, test, notes)
+    return Splits(class_names, train, val, test, notes, bad_images)

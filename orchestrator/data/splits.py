@@ -77,6 +77,8 @@ class Splits:
     test: Split | StreamedSplit | None
     notes: list[str] = field(default_factory=list)
     """what was derived or is missing, said once on screen ('no test split: ...')"""
+    bad_images: list[list[str]] = field(default_factory=list)
+    """[[path, reason], ...] of the files left out as unreadable (data.on_bad_image: skip)"""
 
     @property
     def num_classes(self) -> int:

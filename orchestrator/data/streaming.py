@@ -80,7 +80,8 @@ class ShardTrainStream(IterableDataset):
                 for position in range(max(lo, skip), hi):
                     row = int(permutation[position - lo])
                     torch.default_generator.manual_seed(base + position)   # CPU only: torch.manual_seed also queues CUDA seeding, 1.4 ms a call
-                    images.append(self.transform(decode_image(encoded[row], f"{self.split.uri} ({self.split.name} split)")))
+                    images.append(self.transform(decode_image(encoded[row], f"{self.split.uri} ({self.split.name} split)",
+                                                             self.split.exif_transpose)))
                     labels.append(int(chunk_labels[row]))
                     if len(images) == batch:
                         yield self._collate(images, labels)
@@ -113,5 +114,6 @@ class ShardEvalStream(IterableDataset):
         reader = UnitReader(self.split)
         for first in range(lo, hi, self.batch_size):
             encoded, labels = reader.rows(pieces(self.split, order, first, min(hi, first + self.batch_size)))
-            images = [self.transform(decode_image(blob, f"{self.split.uri} ({self.split.name} split)")) for blob in encoded]
+            images = [self.transform(decode_image(blob, f"{self.split.uri} ({self.split.name} split)",
+                                                      self.split.exif_transpose)) for blob in encoded]
             yield torch.stack(images), torch.as_tensor(labels, dtype=torch.long)

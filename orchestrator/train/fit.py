@@ -25,7 +25,7 @@ from orchestrator.data.loaders import (EVAL_BATCH_SIZE, eval_loader, loader_work
 from orchestrator.data.sources import load_splits
 from orchestrator.data.splits import Splits
 from orchestrator.store.metrics import epoch_row, improved
-from orchestrator.store.storage import (BEST_CHECKPOINT, METRICS_FILE, PLAN_FILE, SPEC_FILE, STEP_CHECKPOINT, STEP_DIR,
+from orchestrator.store.storage import (BAD_IMAGES_FILE, BEST_CHECKPOINT, METRICS_FILE, PLAN_FILE, SPEC_FILE, STEP_CHECKPOINT, STEP_DIR,
                                         SUMMARY_FILE, WEIGHTS_FILE, RunFolder)
 from orchestrator.train import checkpoint as ckpt
 from orchestrator.train import progress
@@ -68,7 +68,7 @@ def fit(spec: JobSpec, plan: Plan, env: WorkerEnv, splits: Splits | None = None)
                                                  env.rank, spec.seed, num_classes, workers),
                eval_loader(make_dataset(splits.val, spec.data, False, "val"), spec.data, EVAL_BATCH_SIZE, env.rank,
                            env.world_size, workers))
-    _start(run, resume_point)
+    _start(run, resume_point, splits.bad_images)
     try:
         diverged = _train_epochs(run, trainee, loaders)
     finally:
@@ -104,9 +104,10 @@ def _announce(env: WorkerEnv, splits: Splits, built: BuiltModel, spec: JobSpec) 
         env.emit(progress.Trainability(trainability_rows(built.model)))
 
 
-def _start(run: Run, resume_point: tuple[dict, str] | None) -> None:
-    """Every check has passed: from here the run folder changes. Rank 0 writes spec.yaml and plan.json
-    and, when resuming, puts the checkpoint's metric rows back (no epoch missing, none counted twice)."""
+def _start(run: Run, resume_point: tuple[dict, str] | None, bad_images: list[list[str]]) -> None:
+    """Every check has passed: from here the run folder changes. Rank 0 writes spec.yaml, plan.json, the
+    unreadable images left out (bad_images.txt) and, when resuming, puts the checkpoint's metric rows
+    back (no epoch missing, none counted twice)."""
     env = run.env
     env.on_start()
     if resume_point is not None:
@@ -117,6 +118,8 @@ def _start(run: Run, resume_point: tuple[dict, str] | None) -> None:
     if env.rank == 0:
         run.folder.write_text(SPEC_FILE, spec_to_yaml(run.spec))
         run.folder.write_json(PLAN_FILE, run.plan.to_dict())
+        if bad_images:
+            run.folder.write_text(BAD_IMAGES_FILE, "".join(f"{path}\t{reason}\n" for path, reason in bad_images))
         if resume_point is not None:
             run.folder.write_rows(METRICS_FILE, run.state.rows)
         run.events = EventLog(run.folder, run.state.step)

@@ -104,7 +104,7 @@ class ProgressView:
         self.header_shown = False
         self.summary: dict | None = None
         self.first_step_at: float | None = None
-        """time.time() when the first training step was seen"""
+        """boot_clock() when the first training step was seen"""
 
     def __enter__(self):
         self.progress.start()
@@ -125,7 +125,7 @@ class ProgressView:
                                                loss="-", lr="-", ips="-")
         elif isinstance(event, Step) and self.task is not None:
             if self.first_step_at is None:
-                self.first_step_at = time.time()
+                self.first_step_at = boot_clock()
             self.progress.update(self.task, completed=event.done, loss=f"{event.loss:.4f}", lr=f"{event.lr:.3g}",
                                  ips=f"{event.images_per_s:.0f}")
         elif isinstance(event, EpochEnd):
@@ -173,20 +173,70 @@ def summary_table(summary: dict) -> Table:
     return table
 
 
-_IMPORTED_AT = time.time()
+def boot_clock() -> float:
+    """Seconds on the machine's boot-time clock (CLOCK_BOOTTIME: monotonic, counts suspend, never stepped by
+    NTP or a user setting the date; time.monotonic where there is none). The same clock in every process of
+    a machine, and the one /proc counts a process's start on."""
+    clock = getattr(time, "CLOCK_BOOTTIME", None)
+    return time.clock_gettime(clock) if clock is not None else time.monotonic()
+
+
+_IMPORTED_AT = boot_clock()
 
 
 def process_start_time() -> float:
-    """Wall-clock time this process started (Linux: from /proc; elsewhere: when this module was imported)."""
+    """When this process started, in boot_clock() seconds (Linux: its start tick in /proc/self/stat, counted
+    from boot; elsewhere: when this module was imported). No wall clock is involved: a clock step after
+    boot cannot move it."""
     try:
         ticks = os.sysconf("SC_CLK_TCK")
         start_ticks = int(Path("/proc/self/stat").read_text().rsplit(")", 1)[1].split()[19])
-        boot = next(int(line.split()[1]) for line in Path("/proc/stat").read_text().splitlines() if line.startswith("btime"))
-        return boot + start_ticks / ticks
-    except (OSError, ValueError, StopIteration, IndexError):
+        return start_ticks / ticks if hasattr(time, "CLOCK_BOOTTIME") else _IMPORTED_AT
+    except (OSError, ValueError, IndexError):
         return _IMPORTED_AT
 
 
 def seconds_since_process_start(at: float | None) -> float | None:
-    """Seconds from this process's start to the wall-clock time `at`."""
+    """Seconds from this process's start to `at`, a boot_clock() reading (of this or another process of this machine)."""
     return None if at is None else at - process_start_time()
+
+
+def print_listing(console: Console, table: Table, identifiers: tuple[str, ...]) -> None:
+    """A listing whose identifier columns (run names, trial and job ids) never fold or truncate.
+
+    In a terminal the other columns fold to fit its width (to READABLE_CELLS at least), and the rightmost
+    of them are left out, and named, when even that does not fit. Piped or redirected, the table is
+    printed whole at its natural width, without borders, one row per line: every cell can be copied,
+    grepped and cut.
+    """
+    widths = [max(_cell_width(cell) for cell in [column.header, *column._cells]) for column in table.columns]
+    for column, width in zip(table.columns, widths):
+        is_id = column.header in identifiers
+        column.no_wrap = is_id or not console.is_terminal
+        column.overflow = "ignore" if column.no_wrap else "fold"
+        column.min_width = width if column.no_wrap else min(width, READABLE_CELLS)
+    if not console.is_terminal:
+        table.box, table.show_edge, table.pad_edge = None, False, False
+        whole = Console(file=console.file, width=sum(widths) + 2 * len(widths) + 1, highlight=False, color_system=None)
+        whole.print(table, crop=False)
+        return
+    dropped = []
+    while sum(c.min_width for c in table.columns) + 3 * len(table.columns) + 1 > console.width:
+        others = [i for i, column in enumerate(table.columns) if column.header not in identifiers]
+        if len(others) <= 1:
+            break
+        dropped.insert(0, str(table.columns.pop(others[-1]).header))
+    console.print(table)
+    if dropped:
+        console.print(f"[dim]left out for the terminal's width: {escape(', '.join(dropped))} (--json has every field)[/dim]")
+
+
+READABLE_CELLS = 8
+"""the narrowest a folded column of a listing gets in a terminal"""
+
+
+def _cell_width(cell) -> int:
+    from rich.text import Text
+
+    text = cell if isinstance(cell, Text) else Text.from_markup(str(cell))
+    return text.cell_len
