@@ -11,7 +11,7 @@ import time
 
 import pytest
 import yaml
-from conftest import REPO, tiny_job
+from conftest import REPO, run_in_terminal, tiny_job
 
 CLUSTER = REPO / "cluster"
 
@@ -164,3 +164,9 @@ def test_submit_follows_to_success_and_a_failing_job_reports_failed(local_cluste
     listed = subprocess.run([sys.executable, "-m", "orchestrator.cli", "jobs", "list", "--address", address],
                             cwd=REPO, capture_output=True, text=True, timeout=120)
     assert listed.returncode == 0 and "SUCCEEDED" in listed.stdout and "FAILED" in listed.stdout
+    assert any(line.startswith(job_id) and "SUCCEEDED" in line for line in listed.stdout.splitlines())  # piped: whole rows
+    narrow = run_in_terminal([sys.executable, "-m", "orchestrator.cli", "jobs", "list", "--address", address], columns=40)
+    assert job_id in narrow and "…" not in narrow
+    as_json = subprocess.run([sys.executable, "-m", "orchestrator.cli", "jobs", "list", "--address", address, "--json"],
+                             cwd=REPO, capture_output=True, text=True, timeout=120)
+    assert {job["job_id"]: job["status"] for job in json.loads(as_json.stdout)}[job_id] == "SUCCEEDED"

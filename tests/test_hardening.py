@@ -102,10 +102,14 @@ def test_nan_weights_are_refused_naming_the_tensor(tmp_path, write_job, capsys):
 
 def test_an_image_over_the_decompression_bomb_limit_is_named(tmp_path, monkeypatch):
     root = make_folder(tmp_path / "pics", size=32)
+    spec = DataSpec(source=f"imagefolder:{root}", image_size=16)
+    splits = load_splits(spec, seed=0)
     monkeypatch.setattr(Image, "MAX_IMAGE_PIXELS", 200)     # 32 x 32 = 1024 pixels: over twice the limit
-    splits = load_splits(DataSpec(source=f"imagefolder:{root}", image_size=16), seed=0)
     with pytest.raises(ImageReadError, match=r"too large to decode safely.*decompression bomb"):
         make_dataset(splits.train, DataSpec(image_size=16), False, "train")[0]
+    monkeypatch.setenv("XDG_CACHE_HOME", str(tmp_path / "cache"))     # the check's cached answers predate the limit
+    with pytest.raises(DataError, match=r"12 of 12 image files cannot be read(.|\n)*0.png: too large to decode safely"):
+        load_splits(spec, seed=0)                                         # checked up front too
 
 
 def test_an_empty_class_folder_is_an_error_not_a_smaller_head(tmp_path):

@@ -118,8 +118,12 @@ def test_bad_weights_are_named(weights, expected):
 
 def test_corrupt_weights_file(tmp_path):
     (tmp_path / "bad.pth").write_bytes(b"not a checkpoint")
-    with pytest.raises(WeightsError, match="cannot load .*bad.pth with weights_only=True"):
+    with pytest.raises(WeightsError, match="bad.pth is not a weights file"):
         build_model(ModelSpec(arch="resnet18", weights=str(tmp_path / "bad.pth")), num_classes=5, image_size=32)
+    torch.save(build_architecture("resnet18", 5).state_dict(), tmp_path / "cut.pth")
+    (tmp_path / "cut.pth").write_bytes((tmp_path / "cut.pth").read_bytes()[:5000])     # a download cut short
+    with pytest.raises(WeightsError, match="cannot load .*cut.pth with weights_only=True"):
+        build_model(ModelSpec(arch="resnet18", weights=str(tmp_path / "cut.pth")), num_classes=5, image_size=32)
 
 
 def test_unknown_arch_suggests():
