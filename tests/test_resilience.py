@@ -17,7 +17,7 @@ from orchestrator.config.jobfile import validate_spec
 from orchestrator.train.fit import fit
 from orchestrator.train.resolve import resolve_plan
 
-TIMING = {"images_per_s", "train_s", "val_s", "epoch_s", "wall_s"}
+TIMING = {"images_per_s", "train_s", "data_wait_s", "val_s", "epoch_s", "wall_s"}
 
 
 class StopRun(Exception):

@@ -143,7 +143,7 @@ def test_a_run_killed_mid_epoch_resumes_at_the_next_step_bitwise(tmp_path, sourc
     b = torch.load(tmp_path / "b" / "mid" / "checkpoint_epoch_0001" / "checkpoint.pt", weights_only=True)
     for name in a["model"]:
         assert torch.equal(a["model"][name], b["model"][name]), name
-    timing = {"images_per_s", "train_s", "val_s", "epoch_s", "wall_s"}
+    timing = {"images_per_s", "train_s", "data_wait_s", "val_s", "epoch_s", "wall_s"}
     rows = [[{k: v for k, v in r.items() if k not in timing} for r in pq.read_table(tmp_path / side / "mid" / "metrics.parquet").to_pylist()]
             for side in ("a", "b")]
     assert rows[0] == rows[1]

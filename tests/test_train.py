@@ -1,6 +1,7 @@
 """End to end: `orchestrator train` with --local and with real Ray Train workers (DDP over gloo)."""
 
 import json
+import re
 
 import pyarrow.parquet as pq
 import pytest
@@ -78,6 +79,18 @@ def test_ray_train_two_workers_run_folder_and_resume(ray_session, tmp_path, writ
     out = capsys.readouterr().out
     assert "skipped" in out and "from checkpoint_epoch_0001/checkpoint.pt (epoch 2 of 4 done" in out
     assert [r["epoch"] for r in pq.read_table(run / "metrics.parquet").to_pylist()] == [0, 1, 2, 3]
+
+
+@pytest.mark.ray
+def test_two_ray_workers_stop_together_on_divergence_naming_the_step(ray_session, tmp_path, write_job):
+    """Without a per-step collective: the ranks check the loss at the same steps, so both stop there."""
+    job = write_job(tiny_job(tmp_path / "runs", "diverge2", optim={"base_lr": 1.0e30},
+                             schedule={"epochs": 2, "warmup_epochs": 0}))
+    assert main(["train", str(job)]) == 1
+    run = tmp_path / "runs" / "diverge2"
+    summary = json.loads((run / "summary.json").read_text())
+    assert summary["status"] == "diverged" and re.search(r"at epoch 0, step [0-3] ", summary["message"])
+    assert not (run / "metrics.parquet").exists() and not list(run.glob("checkpoint_*"))
 
 
 @pytest.mark.ray

@@ -114,6 +114,25 @@ def series_plot(rows: Sequence[dict], keys: Sequence[tuple[str, str]], ylabel: s
     return figure_png(fig)
 
 
+def throughput_plot(rows: Sequence[dict]) -> bytes:
+    """Training images/s per epoch and, on a second axis, the share of the training time spent waiting for
+    data (data_wait_s / train_s, in %; runs from before it was recorded have none)."""
+    fig, ax = new_figure()
+    epochs = _epochs(rows)
+    ax.plot(epochs, [r.get("images_per_s") for r in rows], "o-", markersize=3, label="images/s")
+    ax.set_ylabel("training images / s")
+    waits = [(e, 100 * r["data_wait_s"] / r["train_s"]) for e, r in zip(epochs, rows)
+             if r.get("data_wait_s") is not None and r.get("train_s")]
+    if waits:
+        share = ax.twinx()
+        share.plot(*zip(*waits), "s--", markersize=3, color="tab:red", label="waiting for data")
+        share.set_ylabel("waiting for data, % of training time")
+        share.set_ylim(0, 100)
+    _integer_epochs(ax)
+    ax.set_title("throughput")
+    return figure_png(fig)
+
+
 def run_plots(spec, plan, rows: Sequence[dict]) -> dict[str, bytes]:
     """File name -> PNG bytes of a run's plots."""
     return {
@@ -121,7 +140,7 @@ def run_plots(spec, plan, rows: Sequence[dict]) -> dict[str, bytes]:
         "loss.png": series_plot(rows, [("train_loss", "train loss"), ("val_loss", "val loss")], "cross-entropy", "loss",
                                 log_when_spread=True),
         "accuracy.png": series_plot(rows, [("val_acc1", "val acc@1"), ("val_acc5", "val acc@5")], "accuracy", "validation accuracy"),
-        "throughput.png": series_plot(rows, [("images_per_s", "images/s")], "training images / s", "throughput"),
+        "throughput.png": throughput_plot(rows),
     }
 
 
@@ -176,7 +195,7 @@ def run_report(folder: RunFolder) -> dict[str, bytes]:
              ("test acc@1", summary.get("test_acc1")), ("wall time (s)", info.wall_s)]
     if summary.get("message"):
         facts.append(("message", summary["message"]))
-    columns = ["epoch", "step", "train_loss", "val_loss", "val_acc1", "val_acc5", "images_per_s", "epoch_s"]
+    columns = ["epoch", "step", "train_loss", "val_loss", "val_acc1", "val_acc5", "images_per_s", "data_wait_s", "epoch_s"]
     body = (_table(None, facts, "facts")
             + "<h2>Learning rate</h2>" + _img("lr.png", plots["lr.png"])
             + "<h2>Loss and accuracy</h2>" + _img("loss.png", plots["loss.png"]) + _img("accuracy.png", plots["accuracy.png"])

@@ -175,6 +175,11 @@ def _check_data(spec: JobSpec) -> list[str]:
     if streams and (data.classes is not None or data.max_per_class is not None):
         problems.append(f"data.classes / data.max_per_class: not available with {data.source_kind}: (they stream); "
                         "pack what you want to train on")
+    if data.decode == "gpu" and (data.source_kind != "shards" or data.loader != "torch"):
+        problems.append("data.decode: gpu decodes packed shards read by data.loader: torch; pack the images "
+                        f"(orchestrator pack) for data.source: shards: (now {data.source}, loader {data.loader})")
+    if data.decode == "gpu" and (data.mixup_alpha > 0 or data.cutmix_alpha > 0):
+        problems.append("data.decode: gpu does not mix batches yet; set data.mixup_alpha and data.cutmix_alpha to 0")
     if data.loader == "ray_data" and not streams:
         problems.append(f"data.loader: ray_data reads packed shards; data.source is {data.source} (orchestrator pack it first)")
     if data.loader == "ray_data" and spec.run.checkpoint_every_steps is not None:

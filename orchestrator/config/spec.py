@@ -74,9 +74,14 @@ class DataSpec(_Section):
     """share of train held out for validation when the source has no val split (stratified, seeded)"""
     augment: list[str | dict[str, Any]] = Field(default_factory=list)
     """training augmentations in the order written: a name, or {name: NAME, <its arguments>}"""
-    loader_workers: int | None = Field(None, ge=0)
-    """DataLoader worker processes per training worker; None: 0 for builtin/synthetic data, else
-    scaling.cpus_per_worker - 1 (decoding is the work)"""
+    decode: Literal["cpu", "gpu"] = "cpu"
+    """where packed shards' training JPEGs are decoded: cpu (loader processes), or gpu: the loaders only read,
+    and each batch is decoded on the training device in one call (torchvision's batched decode_jpeg), then
+    cropped and flipped there; with scaling.use_gpu and shards:, not with MixUp/CutMix"""
+    loader_workers: int | Literal["auto"] = "auto"
+    """DataLoader worker processes per training worker, alive for the whole run; auto: 0 for in-memory
+    data, else picked at start from a short measurement of a batch's decode+augment against a step's
+    (0, in-process, where that is fastest), at most scaling.cpus_per_worker - 1; the run says what and why"""
     classes: list[int | str] | None = None
     """keep only these labels (indices or class names); None keeps all"""
     max_per_class: int | None = Field(None, ge=1)
@@ -102,6 +107,12 @@ class DataSpec(_Section):
     synthetic: SyntheticSpec = Field(default_factory=SyntheticSpec)
     """the generated images of data.source: synthetic"""
 
+    @field_validator("loader_workers", mode="before")
+    @classmethod
+    def _null_is_auto(cls, value):
+        """null (what this key took before auto existed) means auto."""
+        return "auto" if value is None else value
+
     @field_validator("augment")
     @classmethod
     def _known_augmentations(cls, entries: list) -> list:
@@ -124,6 +135,19 @@ class DataSpec(_Section):
     @property
     def source_path(self) -> str:
         return self.source.partition(":")[2]
+
+
+class CompileSpec(_Section):
+    """torch.compile of the model (`model.compile: {mode: ...}`)."""
+
+    mode: Literal["default", "reduce-overhead", "max-autotune", "max-autotune-no-cudagraphs"] = "default"
+    """torch.compile's mode: reduce-overhead adds CUDA graphs, max-autotune tries kernel variants (slow to compile)"""
+    backend: str = "inductor"
+    """inductor generates kernels (a C++ compiler on CPU, Triton on GPU); aot_eager only traces (no speed-up)"""
+    fullgraph: bool = False
+    """refuse graph breaks (an error instead of falling back to Python between graphs)"""
+    dynamic: bool | None = None
+    """compile for varying shapes: None decides after a shape changes, false never"""
 
 
 class UnfreezeStep(_Section):
@@ -165,6 +189,9 @@ class ModelSpec(_Section):
     zero_init_residual: bool = False
     """zero the last BatchNorm gamma of every residual block that got no weights (Goyal et al. 2017): each
     block starts as the identity; torchvision ResNet, ResNeXt and Wide ResNet"""
+    compile: bool | CompileSpec = False
+    """torch.compile the model's forward in place (checkpoints and exports keep plain names): true, or
+    {mode, backend, fullgraph, dynamic}; the first step pays the compilation (about 1.5 min for resnet18 on 2 CPUs)"""
     ema_decay: float | None = Field(None, gt=0, lt=1)
     """keep an exponential moving average of the weights (and BN statistics), updated every optimizer step;
     it is what is evaluated each epoch, checkpointed as best, tested and exported; None = off"""

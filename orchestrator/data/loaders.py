@@ -77,12 +77,12 @@ def make_dataset(split, data: DataSpec, train: bool, name: str) -> ImageDataset 
     return ImageDataset(split, transform, data.image_size, name, data.exif_transpose)
 
 
-def loader_workers(data: DataSpec, cpus_per_worker: float) -> int:
-    """data.loader_workers, or by default: none for in-memory arrays, else one per CPU of the worker beyond
-    the one that trains (decoding encoded images is the work)."""
-    if data.loader_workers is not None:
+def loader_workers(data: DataSpec, cpus_per_worker: float) -> int | None:
+    """data.loader_workers when a number; for auto, 0 for in-memory arrays or when the worker has no CPU
+    beside the one that trains, else None: to be measured (train/pace.py picks it)."""
+    if data.loader_workers != "auto":
         return data.loader_workers
-    return 0 if SOURCES[data.source_kind].in_memory else max(0, int(cpus_per_worker) - 1)
+    return 0 if SOURCES[data.source_kind].in_memory or int(cpus_per_worker) < 2 else None
 
 
 def seed_worker(worker_id: int) -> None:
@@ -149,23 +149,28 @@ class MixBatches:
 
 
 def train_loader(dataset: Dataset | StreamedDataset, data: DataSpec, plan: Plan, rank: int, seed: int,
-                 num_classes: int | None = None, workers: int = 0) -> DataLoader:
+                 num_classes: int | None = None, workers: int = 0, pin_memory: bool = False) -> DataLoader:
     """This rank's micro-batches of the plan's global batches, reshuffled by `start_epoch`; mixed
     by MixUp/CutMix when data.mixup_alpha or data.cutmix_alpha is set (needs `num_classes`).
-    `workers`: DataLoader worker processes (see `loader_workers`)."""
+    `workers`: DataLoader worker processes (see `loader_workers`), alive for the whole run: each epoch's
+    order reaches them through the sampler (in this process) or the stream's shared epoch state.
+    `pin_memory`: batches in page-locked memory, for non-blocking copies to a GPU. With data.decode: gpu
+    a stream yields encoded batches (wrap the loader in device_decode.DeviceDecoded)."""
     generator = torch.Generator().manual_seed(seed + rank)
     mixing = data.mixup_alpha > 0 or data.cutmix_alpha > 0
     if mixing and num_classes is None:
         raise ValueError("train_loader: MixUp/CutMix need num_classes")
     if isinstance(dataset, StreamedDataset):
-        stream = dataset.split.train_stream(dataset.transform, plan.per_worker_batch_size,
+        stream = dataset.split.train_stream(None if data.decode == "gpu" else dataset.transform, plan.per_worker_batch_size,
                                             plan.steps_per_epoch * plan.grad_accum_steps, rank, plan.world_size, seed,
                                             mix=MixBatches(data, num_classes).mix if mixing else None)
-        return DataLoader(stream, batch_size=None, num_workers=workers, worker_init_fn=seed_worker, generator=generator)
+        return DataLoader(stream, batch_size=None, num_workers=workers, worker_init_fn=seed_worker, generator=generator,
+                          persistent_workers=workers > 0, pin_memory=pin_memory)
     sampler = GlobalBatchSampler(len(dataset), plan.per_worker_batch_size, plan.world_size, rank, plan.grad_accum_steps, seed)
     return DataLoader(dataset, batch_size=plan.per_worker_batch_size, sampler=sampler, drop_last=True,
                       num_workers=workers, worker_init_fn=seed_worker, generator=generator,
-                      collate_fn=MixBatches(data, num_classes) if mixing else None)
+                      collate_fn=MixBatches(data, num_classes) if mixing else None, persistent_workers=workers > 0,
+                      pin_memory=pin_memory)
 
 
 def start_epoch(loader: DataLoader, epoch: int, skip_batches: int = 0) -> None:
@@ -175,11 +180,12 @@ def start_epoch(loader: DataLoader, epoch: int, skip_batches: int = 0) -> None:
 
 
 def eval_loader(dataset: Dataset | StreamedDataset, data: DataSpec, batch_size: int, rank: int, world_size: int,
-                workers: int = 0) -> DataLoader:
+                workers: int = 0, pin_memory: bool = False) -> DataLoader:
     """In order, strided by rank (packed shards: a contiguous share), nothing padded or dropped: the shares sum to the split."""
     if isinstance(dataset, StreamedDataset):
         stream = dataset.split.eval_stream(dataset.transform, batch_size, rank, world_size)
-        return DataLoader(stream, batch_size=None, num_workers=workers, worker_init_fn=seed_worker)
+        return DataLoader(stream, batch_size=None, num_workers=workers, worker_init_fn=seed_worker,
+                          persistent_workers=workers > 0, pin_memory=pin_memory)
     indices = list(range(rank, len(dataset), world_size))
     return DataLoader(dataset, batch_size=batch_size, sampler=indices, num_workers=workers,
-                      worker_init_fn=seed_worker)
+                      worker_init_fn=seed_worker, persistent_workers=workers > 0, pin_memory=pin_memory)

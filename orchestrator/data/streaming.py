@@ -29,37 +29,49 @@ class ShardTrainStream(IterableDataset):
     """This rank's `num_batches` micro-batches of `batch_size` images an epoch (see shards.py for the order).
 
     `set_epoch(epoch, skip_batches)` before iterating: the first `skip_batches` of the rank's batches are
-    skipped without decoding (a mid-epoch resume)."""
+    skipped without decoding (a mid-epoch resume). `transform` None (data.decode: gpu): batches are
+    (encoded uint8 tensors, labels, augmentation seeds), for `device_decode.DeviceDecoded`."""
 
     def __init__(self, split, transform, batch_size: int, num_batches: int, rank: int, world_size: int,
                  seed: int, mix=None):
         self.split, self.transform, self.batch_size, self.num_batches = split, transform, batch_size, num_batches
         self.rank, self.world_size, self.seed, self.mix = rank, world_size, seed, mix
-        self.epoch, self.skip_batches = 0, 0
+        self._position = torch.zeros(2, dtype=torch.int64).share_memory_()
+        """(epoch, batches to skip), in shared memory: loader workers that live for the whole run read the
+        values `set_epoch` wrote at each new epoch's iteration"""
         start, stop = rank_span(len(split), world_size, rank)
         if num_batches * batch_size > stop - start:
             raise ValueError(f"{num_batches} batches of {batch_size} do not fit a rank's share of {len(split)} images")
         UnitReader(split).warm_up()
 
     def set_epoch(self, epoch: int, skip_batches: int = 0) -> None:
-        self.epoch, self.skip_batches = epoch, skip_batches
+        self._position[0], self._position[1] = epoch, skip_batches
+
+    @property
+    def epoch(self) -> int:
+        return int(self._position[0])
+
+    @property
+    def skip_batches(self) -> int:
+        return int(self._position[1])
 
     def __len__(self) -> int:
         return self.num_batches
 
     def __iter__(self):
         loader_worker, workers = _worker()
+        epoch, skip_batches = self.epoch, self.skip_batches   # read once: set_epoch may write the next epoch's
         # a DataLoader asks its workers in turn from worker 0: after skipping s batches, the next one (s) is
         # owed by stretch s mod W, so loader worker i serves stretch (i + s) mod W
-        worker = (loader_worker + self.skip_batches) % workers
+        worker = (loader_worker + skip_batches) % workers
         batch = self.batch_size
         mine = worker_batches(self.num_batches, workers, worker) * batch
         offset = sum(worker_batches(self.num_batches, workers, v) for v in range(worker)) * batch
-        skip = worker_batches(self.skip_batches, workers, worker) * batch
+        skip = worker_batches(skip_batches, workers, worker) * batch
         span_start = rank_span(len(self.split), self.world_size, self.rank)[0] + offset
-        order = unit_order(len(self.split.units), self.seed, self.epoch)
-        base = seed_base(self.seed, self.epoch, self.rank, worker, workers)
-        reader = UnitReader(self.split)
+        order = unit_order(len(self.split.units), self.seed, epoch)
+        base = seed_base(self.seed, epoch, self.rank, worker, workers)
+        reader = self._reader_here()
         chunks = [(chunk, chunk * SHUFFLE_CHUNK_ROWS, min(mine, (chunk + 1) * SHUFFLE_CHUNK_ROWS))
                   for chunk in range(math.ceil(mine / SHUFFLE_CHUNK_ROWS))]
         chunks = [(chunk, lo, hi) for chunk, lo, hi in chunks if hi > skip]
@@ -67,7 +79,7 @@ class ShardTrainStream(IterableDataset):
         def read(lo: int, hi: int):
             return reader.rows(pieces(self.split, order, span_start + lo, span_start + hi))
 
-        images, labels = [], []
+        images, labels, seeds = [], [], []
         # the next chunk is read in a thread while this one decodes (pyarrow reads without the GIL), so a
         # worker does not stall at a chunk's start for longer than its queued batches last
         with ThreadPoolExecutor(max_workers=1) as pool:
@@ -76,17 +88,32 @@ class ShardTrainStream(IterableDataset):
                 encoded, chunk_labels = pending.result()
                 if index + 1 < len(chunks):
                     pending = pool.submit(read, *chunks[index + 1][1:])
-                permutation = chunk_permutation(hi - lo, self.seed, self.epoch, self.rank, worker, chunk)
+                permutation = chunk_permutation(hi - lo, self.seed, epoch, self.rank, worker, chunk)
                 for position in range(max(lo, skip), hi):
                     row = int(permutation[position - lo])
-                    torch.default_generator.manual_seed(base + position)   # CPU only: torch.manual_seed also queues CUDA seeding, 1.4 ms a call
-                    images.append(self.transform(decode_image(encoded[row], f"{self.split.uri} ({self.split.name} split)",
-                                                             self.split.exif_transpose)))
+                    images.append(self._image(encoded[row], base + position))
                     labels.append(int(chunk_labels[row]))
+                    seeds.append(base + position)
                     if len(images) == batch:
-                        yield self._collate(images, labels)
-                        images, labels = [], []
+                        yield (self._collate(images, labels) if self.transform is not None
+                               else (images, torch.tensor(labels), seeds))
+                        images, labels, seeds = [], [], []
                 del encoded, chunk_labels
+
+    def _reader_here(self) -> UnitReader:
+        """This process's reader, kept by a loader worker that lives for the run: its filesystem and last
+        row group carry over from one epoch to the next."""
+        if getattr(self, "_kept_reader", None) is None:
+            self._kept_reader = UnitReader(self.split)
+        return self._kept_reader
+
+    def _image(self, blob, seed: int):
+        """The decoded, augmented image (its augmentation drawn from `seed`); with no transform (data.decode:
+        gpu) the encoded bytes as a uint8 tensor, for the device to decode."""
+        if self.transform is None:
+            return torch.frombuffer(bytearray(blob), dtype=torch.uint8)
+        torch.default_generator.manual_seed(seed)   # CPU only: torch.manual_seed also queues CUDA seeding, 1.4 ms a call
+        return self.transform(decode_image(blob, f"{self.split.uri} ({self.split.name} split)", self.split.exif_transpose))
 
     def _collate(self, images: list, labels: list):
         from torch.utils.data import default_collate

@@ -25,13 +25,14 @@ def epoch_row(epoch: int, step: int, lrs: dict[str, float], train, val, wall_s: 
     """The row of a finished epoch (0-based) after `step` optimizer steps in all.
 
     `lrs`: group name -> LR; `train`: loop.EpochStats; `val`: loop.EvalStats; `wall_s`: seconds since
-    the run started (resumes included). Times in seconds, images_per_s over the training part.
+    the run started (resumes included). Times in seconds, images_per_s over the training part;
+    data_wait_s: of train_s, the seconds rank 0 waited for its loader's next batch.
     """
     row = {"epoch": epoch, "step": step, **{lr_column(name): lr for name, lr in lrs.items()}}
     row.update({
         "train_loss": train.train_loss, "val_loss": val.loss, "val_acc1": val.acc1, "val_acc5": val.acc5,
         "images_per_s": train.images / train.seconds if train.seconds > 0 else 0.0,
-        "train_s": train.seconds, "val_s": val.seconds, "epoch_s": train.seconds + val.seconds, "wall_s": wall_s,
+        "train_s": train.seconds, "data_wait_s": train.data_wait_s, "val_s": val.seconds, "epoch_s": train.seconds + val.seconds, "wall_s": wall_s,
     })
     return row
 

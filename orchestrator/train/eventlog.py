@@ -16,7 +16,7 @@ from pathlib import Path
 
 from orchestrator.store.storage import TENSORBOARD_DIR, RunFolder
 
-EPOCH_SCALARS = ("train_loss", "val_loss", "val_acc1", "val_acc5", "images_per_s", "epoch_s")
+EPOCH_SCALARS = ("train_loss", "val_loss", "val_acc1", "val_acc5", "images_per_s", "epoch_s", "train_s", "data_wait_s")
 FLUSH_S = 10
 
 
@@ -30,9 +30,11 @@ class EventLog:
         self.local = folder.local_path(TENSORBOARD_DIR) if folder.is_local else Path(self._staging.name)
         self.writer = SummaryWriter(str(self.local), purge_step=steps_done + 1, flush_secs=FLUSH_S)
 
-    def step(self, step: int, loss: float, lrs: dict[str, float]) -> None:
-        """After optimizer step `step` (0-based): rank 0's loss and each group's LR."""
-        self.writer.add_scalar("step/train_loss_rank0", loss, step + 1)
+    def step(self, step: int, loss: float | None, lrs: dict[str, float]) -> None:
+        """After optimizer step `step` (0-based): each group's LR, and rank 0's loss when the progress line
+        read it (about 2/s, the first and last step of every epoch: other steps leave it on the device)."""
+        if loss is not None:
+            self.writer.add_scalar("step/train_loss_rank0", loss, step + 1)
         for name, lr in lrs.items():
             self.writer.add_scalar(f"lr/{name}", lr, step + 1)
 

@@ -20,8 +20,9 @@ from torch import nn
 from orchestrator.config.jobfile import spec_to_yaml
 from orchestrator.config.plan import Plan, PlanError
 from orchestrator.config.spec import JobSpec
-from orchestrator.data.loaders import (EVAL_BATCH_SIZE, eval_loader, loader_workers, make_dataset, start_epoch,
-                                       train_loader)
+from orchestrator.data.loaders import (EVAL_BATCH_SIZE, StreamedDataset, eval_loader, loader_workers, make_dataset,
+                                       start_epoch, train_loader)
+from orchestrator.data.device_decode import DeviceDecoded
 from orchestrator.data.sources import load_splits
 from orchestrator.data.splits import Splits
 from orchestrator.store.metrics import epoch_row, improved
@@ -29,10 +30,12 @@ from orchestrator.store.storage import (BAD_IMAGES_FILE, BEST_CHECKPOINT, METRIC
                                         SUMMARY_FILE, WEIGHTS_FILE, RunFolder)
 from orchestrator.train import checkpoint as ckpt
 from orchestrator.train import progress
+from orchestrator.train.compiled import compile_in_place
 from orchestrator.train.eventlog import EventLog
 from orchestrator.train.loop import DivergenceError, Tally, Trainee, evaluate, train_one_epoch
 from orchestrator.train.models import BuiltModel, build_model, frozen_norm_layers, set_trainable, trainability_rows
 from orchestrator.train.optim import rebuild_keeping_state, switch_to_sgd
+from orchestrator.train.pace import pick_loader_workers, stall_line
 from orchestrator.train.resolve import resolve_num_classes
 from orchestrator.train.resume import find_resume_point, restore_trainee
 from orchestrator.train.run import Run, WorkerEnv, build_trainee, seed_epoch
@@ -63,11 +66,13 @@ def fit(spec: JobSpec, plan: Plan, env: WorkerEnv, splits: Splits | None = None)
         ckpt.load_model_state(built.model, payload["model"], where)
         run.state = ckpt.TrainingState.from_payload(payload)
     trainee = _make_trainee(run, built, payload)
-    workers = loader_workers(spec.data, spec.scaling.cpus_per_worker)
-    loaders = (env.train_batches or train_loader(make_dataset(splits.train, spec.data, True, "train"), spec.data, plan,
-                                                 env.rank, spec.seed, num_classes, workers),
+    train_set = make_dataset(splits.train, spec.data, True, "train")
+    run.loader_workers = _loader_workers(run, train_set, trainee)
+    pinned = env.device.type == "cuda"
+    loaders = (env.train_batches or _on_device(train_loader(train_set, spec.data, plan, env.rank, spec.seed, num_classes,
+                                                            run.loader_workers, pinned), train_set, run),
                eval_loader(make_dataset(splits.val, spec.data, False, "val"), spec.data, EVAL_BATCH_SIZE, env.rank,
-                           env.world_size, workers))
+                           env.world_size, run.loader_workers, pinned))
     _start(run, resume_point, splits.bad_images)
     try:
         diverged = _train_epochs(run, trainee, loaders)
@@ -81,6 +86,28 @@ def fit(spec: JobSpec, plan: Plan, env: WorkerEnv, splits: Splits | None = None)
     return summary
 
 
+def _on_device(loader, train_set, run: Run):
+    """The training loader, its encoded batches decoded on the device with data.decode: gpu."""
+    if run.spec.data.decode != "gpu":
+        return loader
+    return DeviceDecoded(loader, train_set.transform, run.env.device, run.spec.data.exif_transpose)
+
+
+def _loader_workers(run: Run, train_set, trainee: Trainee) -> int:
+    """data.loader_workers, or for auto: measured (train/pace.py) for data read by index; a stream's
+    order depends on its loader processes, so it takes every CPU but the trainer's (the same on a resume)."""
+    spec = run.spec
+    workers = loader_workers(spec.data, spec.scaling.cpus_per_worker)
+    if workers is not None:
+        return workers
+    if isinstance(train_set, StreamedDataset):
+        return int(spec.scaling.cpus_per_worker) - 1
+    workers, why = pick_loader_workers(spec, train_set, trainee.model, run.env.device, run.plan.per_worker_batch_size)
+    if run.env.rank == 0:
+        run.env.log(why)
+    return workers
+
+
 def _train_epochs(run: Run, trainee: Trainee, loaders) -> str | None:
     """The remaining epochs, each saved; returns the divergence message that stopped them, or None."""
     for epoch in range(run.state.next_epoch, run.plan.epochs):
@@ -90,6 +117,9 @@ def _train_epochs(run: Run, trainee: Trainee, loaders) -> str | None:
         except DivergenceError as exc:
             return str(exc)
         _save_epoch(run, trainee, row)
+        stall = stall_line(row, run.spec, run.loader_workers)
+        if stall and run.env.rank == 0:
+            run.env.log(stall)
     return None
 
 
@@ -137,6 +167,8 @@ def _make_trainee(run: Run, built: BuiltModel, payload: dict | None) -> Trainee:
     trainee = build_trainee(spec, run.plan, model, frozen, run.env.device)
     if payload is not None:
         restore_trainee(trainee, payload, spec)
+    if compile_in_place(model, spec.model.compile) and run.env.rank == 0:
+        run.env.log("model.compile: the forward is compiled in place; the first step pays the compilation")
     trainee.wrapped = run.env.wrap_model(model)
     return trainee
 
@@ -242,11 +274,10 @@ def _on_step(run: Run, start: progress.EpochStart, trainee: Trainee, save=None):
     reporter = progress.step_reporter(env.emit, start, run.state.step, run.plan.global_batch_size) if env.rank == 0 else None
     names = [group["name"] for group in trainee.optimizer.param_groups]
 
-    def on_step(step: int, loss: float, lrs: list[float]) -> None:
-        if reporter:
-            reporter(step, loss, lrs)
-        if run.events:
-            run.events.step(step, loss, dict(zip(names, lrs)))
+    def on_step(step: int, loss, lrs: list[float]) -> None:
+        shown = reporter(step, loss, lrs) if reporter else None
+        if run.events:   # the loss as the progress line read it: no host wait on the other steps
+            run.events.step(step, shown, dict(zip(names, lrs)))
         if save:
             save(step)
         if env.step_hook:
@@ -304,8 +335,8 @@ def _finish(run: Run, splits: Splits, model: nn.Module, diverged: str | None) ->
         ckpt.load_model_state(model, ckpt.evaluated_weights(ckpt.read(run.folder, BEST_CHECKPOINT)), BEST_CHECKPOINT)
     if splits.test is not None:
         test_set = make_dataset(splits.test, spec.data, False, "test")
-        workers = loader_workers(spec.data, spec.scaling.cpus_per_worker)
-        test = evaluate(model, eval_loader(test_set, spec.data, EVAL_BATCH_SIZE, run.env.rank, run.env.world_size, workers),
+        test = evaluate(model, eval_loader(test_set, spec.data, EVAL_BATCH_SIZE, run.env.rank, run.env.world_size,
+                                           run.loader_workers),
                         run.env.device, spec.scaling.amp, spec.scaling.channels_last)
         summary.update(test_acc1=test.acc1, test_acc5=test.acc5, test_loss=test.loss, test_images=test.images)
     if run.env.rank == 0:

@@ -4,15 +4,17 @@
 `settings.steps_per_epoch` optimizer steps, each over
 `grad_accum_steps` micro-batches (DDP's `no_sync` on all but the last), sets the LR from the pure
 schedule before every step, and supports AMP (bf16 on CPU and GPU, fp16 with a GradScaler on GPU),
-channels_last and gradient clipping. A NaN or infinite loss raises `DivergenceError` naming the
-epoch and step before the optimizer applies it. `evaluate` sums loss and top-1/top-5 hits over the
-rank's shard and all-reduces them when torch.distributed is up.
+channels_last and gradient clipping. The loss stays on the device: the host reads it only when
+asked (the progress throttle, about 2/s, through `on_step`'s tensor), every DIVERGENCE_CHECK_STEPS
+optimizer steps and at the epoch's end, when a NaN or infinite loss raises `DivergenceError` naming
+the epoch and the first step it happened at (one collective then, none per step). `data_wait_s` is the
+time the loop waited for the loader. `evaluate` sums loss and top-1/top-5 hits over the rank's shard
+and all-reduces them when torch.distributed is up.
 """
 
 from __future__ import annotations
 
 import contextlib
-import math
 import time
 from collections.abc import Callable, Iterator
 from dataclasses import dataclass, field
@@ -26,14 +28,19 @@ from orchestrator.train.models import model_output_logits
 from orchestrator.train.optim import SwatsTracker, apply_lr
 
 AUX_LOSS_WEIGHT = 0.4  # inception/googlenet auxiliary heads, as torchvision's reference recipe
+DIVERGENCE_CHECK_STEPS = 32
+"""optimizer steps between the host's checks that the loss is finite (one small all-reduce each); a
+diverged run stops within this many steps, naming the step it diverged at"""
 
 
 class DivergenceError(RuntimeError):
     """The training loss (`what` "loss") or the validation loss ("validation loss") became NaN or infinite."""
 
-    def __init__(self, epoch: int, step: int, loss: float, what: str = "loss"):
+    def __init__(self, epoch: int, step: int, loss: float, what: str = "loss", noticed_at: int | None = None):
         self.epoch, self.step, self.loss = epoch, step, loss
         where = f"step {step} (optimizer step, 0-based)" if what == "loss" else f"after step {step} (optimizer steps done)"
+        if noticed_at is not None and noticed_at != step:
+            where += f", noticed at step {noticed_at}"
         super().__init__(f"{what} diverged ({loss}) at epoch {epoch}, {where}; "
                          "lower optim.base_lr, add warmup, or set optim.grad_clip_norm")
 
@@ -47,6 +54,8 @@ class EpochStats:
     seconds: float
     last_lrs: list[float]
     steps: int
+    data_wait_s: float = 0.0
+    """seconds of `seconds` this rank waited for the loader's next batch"""
 
 
 @dataclass
@@ -76,6 +85,14 @@ class StepSettings:
     """of the training cross-entropy (loss.label_smoothing)"""
     mean_std: tuple | None = None
     """(mean, std) to normalise uint8 training batches with on the device (data.datasets.delivers_uint8)"""
+    checkpoint_every_steps: int | None = None
+    """run.checkpoint_every_steps: the loss is checked before every mid-epoch checkpoint"""
+
+    def must_check(self, step: int) -> bool:
+        """Whether the loss is checked after optimizer step `step` (0-based, global): every
+        DIVERGENCE_CHECK_STEPS steps and before a mid-epoch checkpoint; the same steps on every rank."""
+        done = step + 1
+        return done % DIVERGENCE_CHECK_STEPS == 0 or bool(self.checkpoint_every_steps and done % self.checkpoint_every_steps == 0)
 
 
 @dataclass
@@ -124,11 +141,18 @@ def classification_loss(output, labels: torch.Tensor, label_smoothing: float = 0
     return loss, logits
 
 
-def _micro_batches(loader, accum: int, steps: int) -> Iterator[list]:
-    """Groups of `accum` micro-batches, `steps` groups at most (a trailing partial group is dropped)."""
+def _micro_batches(loader, accum: int, steps: int, waited: list[float]) -> Iterator[list]:
+    """Groups of `accum` micro-batches, `steps` groups at most (a trailing partial group is dropped);
+    the seconds spent waiting for the loader are added to waited[0]."""
     group = []
     done = 0
-    for batch in loader:
+    batches = iter(loader)
+    while True:
+        started = time.perf_counter()
+        batch = next(batches, None)
+        waited[0] += time.perf_counter() - started
+        if batch is None:
+            return
         group.append(batch)
         if len(group) == accum:
             yield group
@@ -161,29 +185,66 @@ def _all_reduce_sum(values: list[float], device: torch.device) -> list[float]:
     return tensor.tolist()
 
 
+NO_STEP = 2**62
+
+
+class LossWatch:
+    """An epoch's training loss on the device: its running sum and the first optimizer step whose loss was
+    not finite. Adding to it never makes the host wait for the device; `check` and `total` do."""
+
+    def __init__(self, device: torch.device, carried_sum: float = 0.0):
+        self.sum = torch.tensor(carried_sum, dtype=torch.float64, device=device)
+        self.first_bad = torch.tensor(NO_STEP, dtype=torch.int64, device=device)
+        self.bad_value = torch.tensor(float("nan"), dtype=torch.float64, device=device)
+
+    def add(self, step_loss: torch.Tensor, step: int) -> None:
+        """`step_loss`: the summed loss of optimizer step `step`'s micro-batches (a device scalar)."""
+        value = step_loss.detach().double()
+        self.sum += value
+        new = ~torch.isfinite(value) & (self.first_bad == NO_STEP)
+        self.first_bad = torch.where(new, step, self.first_bad)
+        self.bad_value = torch.where(new, value, self.bad_value)
+
+    def check(self, epoch: int, now: int, device: torch.device) -> None:
+        """DivergenceError on every rank when any rank's loss was not finite: one all-reduce (every rank calls
+        this at the same steps), naming the first such step."""
+        first = torch.stack([self.first_bad.double(), self.bad_value])
+        if dist.is_available() and dist.is_initialized():
+            dist.all_reduce(first[:1], op=dist.ReduceOp.MIN)
+        step, value = first.tolist()
+        if step < NO_STEP:
+            raise DivergenceError(epoch, int(step), value, noticed_at=now)
+
+
 @dataclass
 class Tally:
     """An epoch's running sums on this rank (a mid-epoch checkpoint carries them, so a resumed epoch
     reports what an unbroken one would)."""
 
-    loss_sum: float = 0.0
+    loss_sum: float | torch.Tensor = 0.0
+    """a float, or while the epoch runs a tensor on the device (read by the host only when needed)"""
     micro_batches: int = 0
     images: int = 0
     seconds: float = 0.0
     """training seconds of the epoch before this process took it over"""
+    data_wait_s: float = 0.0
+    """of those, seconds spent waiting for the loader"""
 
     def to_dict(self) -> dict:
-        return {"loss_sum": self.loss_sum, "micro_batches": self.micro_batches, "images": self.images, "seconds": self.seconds}
+        return {"loss_sum": float(self.loss_sum), "micro_batches": self.micro_batches, "images": self.images,
+                "seconds": self.seconds, "data_wait_s": self.data_wait_s}
 
 
 def train_one_epoch(trainee: Trainee, loader, settings: StepSettings, epoch: int, first_step: int,
-                    on_step: Callable[[int, float, list[float]], None] | None = None, skip_steps: int = 0,
+                    on_step: Callable[[int, torch.Tensor, list[float]], None] | None = None, skip_steps: int = 0,
                     tally: Tally | None = None) -> EpochStats:
     """Train `settings.steps_per_epoch` optimizer steps numbered from `first_step` (global, 0-based).
 
     `skip_steps`: steps of this epoch done before (a mid-epoch resume): the loader already skips their
     batches, training starts at step first_step + skip_steps, and `tally` holds their running sums.
-    `on_step(step, loss, lrs)` is called after each step, with `tally` up to date.
+    `on_step(step, loss, lrs)` is called after each step, with `tally` up to date and `loss` the step's
+    mean loss as a device scalar (reading it makes the host wait for the device: do it rarely). The loss
+    is checked to be finite at the steps `settings.must_check` names and at the end (see LossWatch).
     """
     model, optimizer, accum = trainee.wrapped or trainee.model, trainee.optimizer, settings.grad_accum_steps
     model.train()
@@ -191,48 +252,54 @@ def train_one_epoch(trainee: Trainee, loader, settings: StepSettings, epoch: int
         module.eval()
     start = time.perf_counter()
     tally = tally if tally is not None else Tally()
+    watch = LossWatch(settings.device, float(tally.loss_sum))
+    tally.loss_sum = watch.sum
+    waited = [0.0]
     lrs = []
     step = first_step + skip_steps
-    for group in _micro_batches(loader, accum, settings.steps_per_epoch - skip_steps):
+    for group in _micro_batches(loader, accum, settings.steps_per_epoch - skip_steps, waited):
         lrs = apply_lr(optimizer, settings.lr_multiplier(step))
-        step_loss = 0.0
-        for i, (batch_images, labels) in enumerate(group):
-            batch_images, labels = _to_device(batch_images, labels, settings.device, settings.channels_last,
-                                              settings.mean_std)
-            last = i == len(group) - 1
-            sync = contextlib.nullcontext() if last or not hasattr(model, "no_sync") else model.no_sync()
-            with sync:
-                with autocast(settings.device, settings.amp):
-                    loss, _ = classification_loss(model(batch_images), labels, settings.label_smoothing)
-                scaled = loss / accum
-                (trainee.scaler.scale(scaled) if trainee.scaler else scaled).backward()
-            step_loss += float(loss.detach())
-            tally.images += len(labels)
-        _stop_if_diverged(step_loss, epoch, step, settings.device)
+        step_loss = _forward_backward(trainee, model, group, settings)
+        tally.images += sum(len(labels) for _, labels in group)
+        watch.add(step_loss, step)
         _optimizer_step(trainee, settings.grad_clip_norm)
         optimizer.zero_grad(set_to_none=True)
-        tally.loss_sum += step_loss
+        tally.loss_sum = watch.sum
         tally.micro_batches += len(group)
+        if settings.must_check(step):
+            watch.check(epoch, step, settings.device)
         if on_step:
             on_step(step, step_loss / len(group), lrs)
         step += 1
     if step - first_step != settings.steps_per_epoch:
         raise RuntimeError(f"epoch {epoch}: the loader gave {step - first_step} optimizer steps, "
                            f"the plan expects {settings.steps_per_epoch}")
+    watch.check(epoch, step - 1, settings.device)
+    tally.loss_sum = float(watch.sum)
+    tally.data_wait_s += waited[0]
     total_loss, total_micro, total_images = _all_reduce_sum([tally.loss_sum, tally.micro_batches, tally.images],
                                                             settings.device)
     return EpochStats(total_loss / max(total_micro, 1), int(total_images), tally.seconds + time.perf_counter() - start,
-                      lrs, settings.steps_per_epoch)
+                      lrs, settings.steps_per_epoch, tally.data_wait_s)
 
 
-def _stop_if_diverged(step_loss: float, epoch: int, step: int, device: torch.device) -> None:
-    """Raise DivergenceError on every rank when any rank's loss is not finite (before the step applies).
-
-    Every rank has already run backward, so no rank is left waiting in a collective.
-    """
-    bad = 0.0 if math.isfinite(step_loss) else 1.0
-    if _all_reduce_sum([bad], device)[0] > 0:
-        raise DivergenceError(epoch, step, step_loss if bad else float("nan"))
+def _forward_backward(trainee: Trainee, model: nn.Module, group: list, settings: StepSettings) -> torch.Tensor:
+    """Forward and backward over one optimizer step's micro-batches (DDP syncs gradients on the last);
+    returns the summed loss, on the device."""
+    accum = len(group)
+    step_loss = torch.zeros((), device=settings.device)
+    for i, (batch_images, labels) in enumerate(group):
+        batch_images, labels = _to_device(batch_images, labels, settings.device, settings.channels_last,
+                                          settings.mean_std)
+        last = i == accum - 1
+        sync = contextlib.nullcontext() if last or not hasattr(model, "no_sync") else model.no_sync()
+        with sync:
+            with autocast(settings.device, settings.amp):
+                loss, _ = classification_loss(model(batch_images), labels, settings.label_smoothing)
+            scaled = loss / accum
+            (trainee.scaler.scale(scaled) if trainee.scaler else scaled).backward()
+        step_loss = step_loss + loss.detach().float()
+    return step_loss
 
 
 def _optimizer_step(trainee: Trainee, grad_clip_norm: float | None) -> None:
@@ -267,19 +334,19 @@ def evaluate(model: nn.Module, loader, device: torch.device, amp: str = "none", 
     """Mean loss, top-1 and top-5 accuracy (fractions) over the whole split, all ranks together."""
     started = time.perf_counter()
     model.eval()
-    loss_sum = hits1 = hits5 = count = 0.0
+    sums = torch.zeros(3, dtype=torch.float64, device=device)   # loss, top-1 hits, top-5 hits: read once, at the end
+    count = 0
     for images, labels in loader:
         images, labels = _to_device(images, labels, device, channels_last)
         with autocast(device, amp):
             logits, _ = model_output_logits(model(images))
         logits = logits.float()
-        loss_sum += float(F.cross_entropy(logits, labels, reduction="sum"))
         top = logits.topk(min(5, logits.shape[1]), dim=1).indices
         correct = top.eq(labels[:, None])
-        hits1 += float(correct[:, :1].sum())
-        hits5 += float(correct.any(dim=1).sum())
+        sums += torch.stack([F.cross_entropy(logits, labels, reduction="sum"), correct[:, :1].sum(),
+                             correct.any(dim=1).sum()]).double()
         count += len(labels)
-    loss_sum, hits1, hits5, count = _all_reduce_sum([loss_sum, hits1, hits5, count], device)
+    loss_sum, hits1, hits5, count = _all_reduce_sum([*sums.tolist(), count], device)
     seconds = time.perf_counter() - started
     if count == 0:
         return EvalStats(float("nan"), float("nan"), float("nan"), 0, seconds)

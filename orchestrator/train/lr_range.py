@@ -144,8 +144,11 @@ def range_test(spec: JobSpec, steps: int = 100, start_lr: float = 1e-6, end_lr: 
     losses: list[float] = []
     best, beta, average = math.inf, smoothing_beta(steps), 0.0
 
-    def record(step: int, loss: float, group_lrs: list[float]) -> None:
+    def record(step: int, loss, group_lrs: list[float]) -> None:
         nonlocal best, average
+        loss = float(loss)   # every step's loss is the range test's data: read each one
+        if not math.isfinite(loss):
+            raise _Stop(f"loss not finite at step {step} (lr {ramp_lr(step, steps, start_lr, end_lr):.3g})")
         lrs.append(ramp_lr(step, steps, start_lr, end_lr))
         losses.append(loss)
         average = beta * average + (1 - beta) * loss       # smooth()'s last value, kept as it goes

@@ -73,17 +73,21 @@ STEP_EVENT_INTERVAL_S = 0.5
 
 
 def step_reporter(emit: Callable[[Event], None], start: EpochStart, first_step: int, global_batch_size: int):
-    """on_step(step, loss, lrs) emitting at most one Step per STEP_EVENT_INTERVAL_S (and the first and last)."""
+    """on_step(step, loss, lrs) emitting at most one Step per STEP_EVENT_INTERVAL_S (and the first and last);
+    returns the loss it emitted, else None. `loss` may be a device tensor: it is read (the host waits for
+    the device) only when a Step is emitted."""
     last = {"time": time.perf_counter(), "done": 0}
 
-    def on_step(step: int, loss: float, lrs: list[float]) -> None:
+    def on_step(step: int, loss, lrs: list[float]) -> float | None:
         done = step - first_step + 1
         now = time.perf_counter()
         if done not in (1, start.steps) and now - last["time"] < STEP_EVENT_INTERVAL_S:
-            return
+            return None
         images_per_s = (done - last["done"]) * global_batch_size / max(now - last["time"], 1e-9)
         last.update(time=now, done=done)
-        emit(Step(start.epoch, done, start.steps, loss, lrs[-1] if lrs else 0.0, images_per_s))
+        value = float(loss)
+        emit(Step(start.epoch, done, start.steps, value, lrs[-1] if lrs else 0.0, images_per_s))
+        return value
 
     return on_step
 

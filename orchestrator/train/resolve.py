@@ -16,6 +16,7 @@ from orchestrator.config.spec import JobSpec
 from orchestrator.data.augment import check_transforms
 from orchestrator.data.sources import load_splits
 from orchestrator.data.splits import DataError, Splits
+from orchestrator.train.compiled import check_compile
 from orchestrator.train.models import (build_on_meta, check_arch, check_input_size, freeze_targets, head_module_names,
                                        set_trainable, unfreeze_steps)
 from orchestrator.train.optim import param_group_sizes
@@ -52,6 +53,7 @@ def count_group_sizes(spec: JobSpec, groups: list[PlanGroup], num_classes: int) 
 def resolve_plan(spec: JobSpec, world_size: int, splits: Splits | None = None) -> Resolved:
     """The plan for this spec at this world size, from the data or, when it is out of reach, the spec."""
     check_arch(spec.model.arch)
+    check_compile(spec)
     check_transforms(spec)
     stand_ins = spec.data.num_train_samples is not None and spec.model.num_classes != "auto"
     if splits is None:

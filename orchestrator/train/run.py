@@ -71,6 +71,8 @@ class Run:
     """(epoch, parameter names that start training at it)"""
     events: EventLog | None = None
     """TensorBoard event files (rank 0)"""
+    loader_workers: int = 0
+    """DataLoader processes of this rank's loaders (data.loader_workers, or what auto picked)"""
 
     def step_settings(self) -> StepSettings:
         schedules = {g.name: group_schedule(self.spec.schedule, g.schedule) for g in self.plan.param_groups}
@@ -81,7 +83,8 @@ class Run:
         scaling = self.spec.scaling
         return StepSettings(self.plan.steps_per_epoch, self.plan.grad_accum_steps, multiplier, self.env.device,
                             scaling.amp, scaling.channels_last, self.spec.optim.grad_clip_norm,
-                            self.spec.loss.label_smoothing, (self.spec.data.mean, self.spec.data.std))
+                            self.spec.loss.label_smoothing, (self.spec.data.mean, self.spec.data.std),
+                            self.spec.run.checkpoint_every_steps)
 
 
 def seed_epoch(seed: int, epoch: int, rank: int) -> int:
