@@ -31,11 +31,37 @@ from orchestrator.train.progress import boot_clock, process_start_time
 BARE_PATTERN = re.compile(r"bare first step ([0-9.]+) s")
 
 
-def bench_job(storage: str, name: str, epochs: int) -> dict:
+BENCH_DATA = {
+    "digits": "the builtin digits, in memory, 32 px",
+    "png32": "an image folder of 544 PNGs of 32 px, 4 classes",
+    "photos": "an image folder of 256 JPEGs of 800x600 (photo-size), 4 classes, trained at 64 px",
+}
+"""`bench overhead --data` choices: what the runs read"""
+
+
+def bench_data(kind: str, folder: Path) -> dict:
+    """The job's data section for a BENCH_DATA kind; image folders are written under `folder`."""
+    if kind == "digits":
+        return {"source": "builtin:digits", "image_size": 32, "augment": ["random_crop"]}
+    import numpy as np
+    from PIL import Image
+
+    count, shape, suffix, size = (136, (32, 32), "png", 32) if kind == "png32" else (64, (600, 800), "jpg", 64)
+    rng = np.random.default_rng(0)
+    for label in range(4):
+        (folder / f"c{label}").mkdir(parents=True, exist_ok=True)
+        colour = rng.integers(0, 255, 3)
+        for i in range(count):
+            pixels = np.clip(colour + rng.normal(0, 40, (*shape, 3)), 0, 255).astype(np.uint8)
+            Image.fromarray(pixels).save(folder / f"c{label}" / f"{i}.{suffix}")
+    return {"source": f"imagefolder:{folder}", "image_size": size, "augment": ["random_crop"], "val_fraction": 0.1}
+
+
+def bench_job(storage: str, name: str, epochs: int, data: dict | None = None) -> dict:
     cpus = os.cpu_count() or 1
     return {
         "name": name, "seed": 0,
-        "data": {"source": "builtin:digits", "image_size": 32, "augment": ["random_crop"], "loader_workers": 0},
+        "data": data or bench_data("digits", Path(storage)),
         "model": {"arch": "resnet18"},
         "optim": {"name": "sgd", "base_lr": 0.2, "base_batch_size": 256},
         "schedule": {"name": "cosine", "epochs": epochs, "warmup_epochs": 1},
@@ -44,8 +70,9 @@ def bench_job(storage: str, name: str, epochs: int) -> dict:
     }
 
 
-def plain_loop_epoch_seconds(job: dict, epochs: int) -> list[float]:
-    """A plain PyTorch loop over the same data pipeline, model and batch: seconds per epoch."""
+def plain_loop_epoch_seconds(job: dict, epochs: int, workers: int = 0) -> list[float]:
+    """A plain PyTorch loop over the same data pipeline, model and batch: seconds per epoch; `workers`
+    DataLoader processes that live for the whole loop (0: loading in this process)."""
     import torch
     import torch.nn.functional as F
     import torchvision
@@ -60,7 +87,8 @@ def plain_loop_epoch_seconds(job: dict, epochs: int) -> list[float]:
     torch.manual_seed(0)
     splits = load_splits(spec.data, spec.seed)
     dataset = make_dataset(splits.train, spec.data, True, "train")
-    loader = torch.utils.data.DataLoader(dataset, batch_size=spec.scaling.per_worker_batch_size, shuffle=True, drop_last=True)
+    loader = torch.utils.data.DataLoader(dataset, batch_size=spec.scaling.per_worker_batch_size, shuffle=True, drop_last=True,
+                                         num_workers=workers, persistent_workers=workers > 0)
     model = torchvision.models.resnet18(num_classes=splits.num_classes)
     optimizer = torch.optim.SGD(model.parameters(), lr=0.05, momentum=0.9, weight_decay=1e-4)
     seconds = []
@@ -110,23 +138,28 @@ def bare_trainer_main(address: str | None, workers: int = 1, cpus_per_worker: in
     print(f"bare first step {events.get(timeout=60) - process_start_time():.2f} s", flush=True)
 
 
-def overhead(console: Console, epochs: int = 6, repeats: int = 2) -> dict:
-    """Run every measurement and print the tables; returns the figures."""
-    figures: dict = {}
+def overhead(console: Console, epochs: int = 6, repeats: int = 2, data: str = "digits", compiled: bool = False) -> dict:
+    """Run every measurement and print the tables; returns the figures. `data`: a BENCH_DATA kind;
+    `compiled`: also time `train --local` with model.compile (inductor; its first epoch, which compiles,
+    left out like every first epoch)."""
+    figures: dict = {"data": data}
     with tempfile.TemporaryDirectory() as workdir:
         storage = str(Path(workdir) / "runs")
+        data_section = bench_data(data, Path(workdir) / "images")
 
-        def job_file(name: str) -> Path:
+        def job_file(name: str, **model) -> Path:
+            job = bench_job(storage, name, epochs, data_section)
+            job["model"].update(model)
             path = Path(workdir) / f"{name}.yaml"
-            path.write_text(yaml.safe_dump(bench_job(storage, name, epochs)))
+            path.write_text(yaml.safe_dump(job))
             return path
 
         # The shared CPU's speed drifts, so the plain loop is measured before and after the others, and
         # --local and Ray alternate `repeats` times: per-epoch figures are medians over every round
-        # (each run's first epoch left out), start-up figures the fastest round.
-        console.print(f"plain PyTorch loop, {epochs} epochs ...")
-        plain = plain_loop_epoch_seconds(bench_job(storage, "plain", epochs), epochs)
-        local_first, local_epochs, ray_epochs = [], [], []
+        # (each run's first epoch left out), start-up figures the fastest round. The plain loop is its
+        # best loader setting: in-process, or persistent workers on every CPU but one.
+        plain = _best_plain(console, bench_job(storage, "plain", epochs, data_section), epochs)
+        local_first, local_epochs, ray_epochs, compiled_epochs = [], [], [], []
         cold_bare, cold_ours, warm_bare, warm_ours = [], [], [], []
         for repeat in range(repeats):
             console.print(f"round {repeat + 1} of {repeats}: orchestrator train --local, bare TorchTrainer, "
@@ -138,28 +171,46 @@ def overhead(console: Console, epochs: int = 6, repeats: int = 2) -> dict:
             first_step_s, epoch_s = run_train(job_file(f"ray_cold_{repeat}"), [])
             cold_ours.append(first_step_s)
             ray_epochs += epoch_s[1:]
+            if compiled:
+                console.print("orchestrator train --local with model.compile: true (inductor) ...")
+                compiled_epochs += run_train(job_file(f"compiled_{repeat}", compile=True), ["--local"])[1][1:]
         console.print("starting a warm local cluster (orchestrator up) ...")
         with warm_cluster(Path(workdir) / "cluster") as (address, env):
             for repeat in range(repeats):
                 console.print(f"warm start-up against {address}, round {repeat + 1} of {repeats} ...")
                 warm_bare.append(run_bare(address, env))
                 warm_ours.append(run_train(job_file(f"ray_warm_{repeat}"), ["--address", address], env)[0])
-        console.print(f"plain PyTorch loop again, {epochs} epochs ...")
-        plain_after = plain_loop_epoch_seconds(bench_job(storage, "plain", epochs), epochs)
-    figures.update(plain_epoch_s=plain[1:] + plain_after[1:], local_epoch_s=local_epochs, ray_epoch_s=ray_epochs,
+        plain_after = _best_plain(console, bench_job(storage, "plain", epochs, data_section), epochs)
+    figures.update(plain_epoch_s=plain + plain_after, local_epoch_s=local_epochs, ray_epoch_s=ray_epochs,
                    local_first_step_s=min(local_first), bare_cold_s=min(cold_bare), ray_cold_first_step_s=min(cold_ours),
                    bare_warm_s=min(warm_bare), ray_warm_first_step_s=min(warm_ours))
+    if compiled:
+        figures["compiled_epoch_s"] = compiled_epochs
     print_overhead(console, figures)
     return figures
 
 
+def _best_plain(console: Console, job: dict, epochs: int) -> list[float]:
+    """The plain loop's epochs (the first left out) with its faster loader setting (by median)."""
+    cpus = os.cpu_count() or 1
+    tried = {}
+    for workers in sorted({0, max(0, cpus - 1)}):
+        console.print(f"plain PyTorch loop, {epochs} epochs, {workers} loader processes ...")
+        tried[workers] = plain_loop_epoch_seconds(job, epochs, workers)[1:]
+    return min(tried.values(), key=statistics.median)
+
+
 def print_overhead(console: Console, f: dict) -> None:
     medians = {key: statistics.median(f[key]) for key in ("plain_epoch_s", "local_epoch_s", "ray_epoch_s")}
-    table = figures_table("steady state: seconds per training epoch (median over every round, first epoch of each "
-                          "run left out; plain loop measured before and after the others)",
+    table = figures_table(f"steady state on {BENCH_DATA[f.get('data', 'digits')]}: seconds per training epoch (median over "
+                          "every round, first epoch of each run left out; plain loop measured before and after the others)",
                           ("path", "s/epoch", "ratio to plain loop", "ratio to --local"))
-    for label, key in (("plain PyTorch loop", "plain_epoch_s"), ("orchestrator train --local", "local_epoch_s"),
-                       ("orchestrator train (Ray Train, 1 worker)", "ray_epoch_s")):
+    rows = [("plain PyTorch loop (its best loader setting)", "plain_epoch_s"), ("orchestrator train --local", "local_epoch_s"),
+            ("orchestrator train (Ray Train, 1 worker)", "ray_epoch_s")]
+    if f.get("compiled_epoch_s"):
+        medians["compiled_epoch_s"] = statistics.median(f["compiled_epoch_s"])
+        rows.append(("orchestrator train --local, model.compile: true", "compiled_epoch_s"))
+    for label, key in rows:
         value = medians[key]
         table.add_row(label, f"{value:.3f}", f"{value / medians['plain_epoch_s']:.3f}", f"{value / medians['local_epoch_s']:.3f}")
     console.print(table)

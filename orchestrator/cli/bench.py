@@ -13,7 +13,7 @@ from orchestrator.cli.common import console, err_console
 def _overhead(args) -> None:
     from orchestrator.bench.overhead import overhead
 
-    overhead(console, epochs=args.epochs or 6, repeats=args.repeats)
+    overhead(console, epochs=args.epochs or 6, repeats=args.repeats, data=args.data, compiled=args.compile)
 
 
 def _reliability(args) -> None:
@@ -65,6 +65,19 @@ def _ingest(args) -> None:
         print_ingest(console, figures)
 
 
+def _gpu(args) -> None:
+    from orchestrator.bench.gpu import gpu_bench, print_gpu
+    from orchestrator.store.storage import strict_json
+
+    figures = gpu_bench(err_console if args.json else console, arch=args.arch, batch=args.batch,
+                        size=args.image_size, steps=args.steps, compiled=args.compile)
+    if args.json:
+        print(strict_json({key: figures[key] for key in ("bound_images_per_s", "images_per_s", "ratio",
+                                                         "data_wait_fraction")}))
+    else:
+        print_gpu(console, figures)
+
+
 @dataclass(frozen=True)
 class Benchmark:
     measures: str
@@ -81,6 +94,8 @@ BENCHMARKS = {
     "startup": Benchmark("seconds to the first step of a plain script, --local, and bare TorchTrainer vs ours on a new "
                          "and on a warm Ray", _startup),
     "ingest": Benchmark("images/s that imagefolder, shards and Ray Data deliver to a loop vs decode + augment alone", _ingest),
+    "gpu": Benchmark("training images/s through packed shards (decoded on the GPU) vs tensors already on the device",
+                     _gpu),
 }
 """orchestrator bench NAME -> the benchmark (its code: orchestrator/bench/)"""
 
@@ -103,6 +118,14 @@ def add_bench(p: argparse.ArgumentParser) -> None:
     p.add_argument("--json", action="store_true", help='print the figures as JSON (progress goes to stderr): large-batch '
                    '{"rows": [...]}; startup {"plain_s", "local_s", "bare_fresh_s", "ours_fresh_s", "bare_warm_s", "ours_warm_s"}; '
                    'sweep {"epochs_ratio", "wall_ratio", "best_gap_points"}; ingest {"bound_images_per_s", "paths": '
-                   '{"imagefolder", "shards", "ray_data"}}')
+                   '{"imagefolder", "shards", "ray_data"}}; gpu {"bound_images_per_s", "images_per_s", "ratio", "data_wait_fraction"}')
     p.add_argument("--plot", default="large_batch.png", help="large-batch: where to write the error-vs-batch PNG")
+    p.add_argument("--data", choices=["digits", "png32", "photos"], default="digits",
+                   help="overhead: digits (in memory), png32 (544 PNGs of 32 px), photos (256 JPEGs of 800x600 at 64 px)")
+    p.add_argument("--compile", action="store_true",
+                   help="overhead: add --local with model.compile: true (inductor); gpu: compile the model")
+    p.add_argument("--arch", default="resnet50", help="gpu: the model (default resnet50)")
+    p.add_argument("--batch", type=int, default=64, help="gpu: images per step (default 64)")
+    p.add_argument("--image-size", type=int, default=224, help="gpu: side of the training crops, px (default 224)")
+    p.add_argument("--steps", type=int, default=30, help="gpu: timed steps per path (default 30)")
     p.add_argument("--repeats", type=int, default=2, help="overhead, startup: start-up rounds, cold and warm (the best is kept)")

@@ -36,6 +36,7 @@ COMMANDS = (
     Command("up", cluster.add_up, cluster.cmd_up),
     Command("down", cluster.add_down, cluster.cmd_down),
     Command("find-lr", job.add_find_lr, job.cmd_find_lr),
+    Command("doctor", job.add_doctor, job.cmd_doctor),
     Command("pack", data.add_pack, data.cmd_pack),
     Command("bench", bench.add_bench, bench.cmd_bench),
 )

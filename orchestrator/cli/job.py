@@ -10,6 +10,7 @@ from rich.table import Table
 
 from orchestrator.cli.common import (add_cluster_options, add_job_options, console, err_console, hold_run_folder,
                                      interrupted_exit, write_local)
+from orchestrator.config.errors import UserError
 
 
 def cmd_validate(args) -> int:
@@ -278,3 +279,44 @@ def add_find_lr(p: argparse.ArgumentParser) -> None:
     p.add_argument("--out", help="PNG to write (default ./find_lr_NAME.png)")
     p.add_argument("--json", action="store_true",
                    help='print {"suggested_lr", "suggested_base_lr", "min_loss_lr", "global_batch_size", ..., "points"}')
+
+
+def cmd_doctor(args) -> int:
+    from orchestrator.config.jobfile import load_spec
+    from orchestrator.store.storage import strict_json
+    from orchestrator.train.doctor import diagnose
+    from orchestrator.train.weights import check_references
+
+    if args.steps < 2:
+        raise DoctorUsageError(f"--steps: {args.steps}; give at least 2")
+    spec = check_references(load_spec(args.job, args.set))
+    show = err_console if args.json else console
+    with show.status(f"timing {spec.name}: each stage of a batch, then {args.steps} steps"):
+        found = diagnose(spec, args.steps)
+    if args.json:
+        print(strict_json(found.to_json()))
+        return 0
+    table = Table(title=f"{spec.name}: one batch of {spec.scaling.per_worker_batch_size}, stage by stage, in one process",
+                  title_justify="left")
+    for column in ("stage", "ms"):
+        table.add_column(column, justify="left" if column == "stage" else "right")
+    for stage, ms in found.stages.items():
+        table.add_row(stage.removesuffix("_ms").replace("_", " "), f"{ms:.1f}")
+    console.print(table)
+    console.print(f"{found.images_per_s:.0f} images/s in {args.steps} steps; waiting for data "
+                  f"{100 * found.data_wait_fraction:.0f}% of the time")
+    for line in found.advice:
+        console.print(escape(line))
+    return 0
+
+
+class DoctorUsageError(UserError):
+    """A doctor option out of range."""
+
+
+def add_doctor(p: argparse.ArgumentParser) -> None:
+    """time each stage of the job's batches (read, decode, augment, copy, step) and name the bottleneck"""
+    add_job_options(p)
+    p.add_argument("--steps", type=int, default=30, help="optimizer steps of the timed pass at LR 0 (default 30)")
+    p.add_argument("--json", action="store_true",
+                   help='print {"images_per_s", "data_wait_fraction", "stages": {"read_ms", ...}, "advice": [...]}')
