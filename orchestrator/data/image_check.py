@@ -92,7 +92,7 @@ def check_images(paths: list[str]) -> dict[str, str]:
             cached[path] = keys[path] + [reason]
     if todo:
         try:
-            write_atomic(where, json.dumps({p: cached[p] for p in paths}).encode())
+            write_atomic(where, json.dumps(cached).encode())   # other subsets of the tree (data.classes) stay cached
         except OSError:
             pass   # a cache that cannot be written costs the next run a re-check, nothing else
     return {p: cached[p][2] for p in paths if cached[p][2] is not None}

@@ -213,7 +213,7 @@ def print_listing(console: Console, table: Table, identifiers: tuple[str, ...]) 
     printed whole at its natural width, without borders, one row per line: every cell can be copied,
     grepped and cut.
     """
-    widths = [max(_cell_width(cell) for cell in [column.header, *column._cells]) for column in table.columns]
+    widths = [max(_cell_width(cell) for cell in [column.header, *column.cells]) for column in table.columns]
     for column, width in zip(table.columns, widths):
         is_id = column.header in identifiers
         column.no_wrap = is_id or not console.is_terminal
