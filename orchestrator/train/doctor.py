@@ -17,14 +17,11 @@ import torch
 
 from orchestrator.config.spec import JobSpec
 from orchestrator.data.decode import decode_image
-from orchestrator.data.loaders import loader_workers, make_dataset, start_epoch, train_loader
+from orchestrator.data.loaders import loader_workers, start_epoch, train_loader
 from orchestrator.data.splits import DataError, Split, StreamedSplit
 from orchestrator.train.loop import StepSettings, train_one_epoch
-from orchestrator.train.lr_range import one_process_spec
-from orchestrator.train.models import build_model
+from orchestrator.train.lr_range import one_process
 from orchestrator.train.pace import STALL_SHARE, pick_loader_workers, time_step
-from orchestrator.train.resolve import resolve_plan
-from orchestrator.train.run import build_trainee
 
 DOCTOR_STEPS = 30
 """optimizer steps of the timed pass (fewer when an epoch has fewer)"""
@@ -114,21 +111,14 @@ def advise(stages: dict[str, float], wait_fraction: float, workers: int, spec: J
 
 def diagnose(spec: JobSpec, steps: int = DOCTOR_STEPS) -> Diagnosis:
     """Time the job's stages and a short real pass in this process (see the module's docstring)."""
-    one = one_process_spec(spec)
-    resolved = resolve_plan(one, 1)
-    plan, splits = resolved.plan, resolved.splits
-    if splits is None:
-        raise DataError(f"data.source: {spec.data.source} is not readable here; doctor times the job's own data")
-    device = torch.device("cuda" if spec.scaling.use_gpu and torch.cuda.is_available() else "cpu")
-    torch.manual_seed(spec.seed)
-    built = build_model(one.model, resolved.num_classes, one.data.image_size, splits.class_names)
-    trainee = build_trainee(one, plan, built.model, list(built.frozen), device, averaging=False)
-    train_set = make_dataset(splits.train, one.data, True, "train")
+    run = one_process(spec, lambda message: DataError(f"{message}; doctor times the job's own data"))
+    one, plan, trainee, train_set = run.spec, run.plan, run.trainee, run.train_set
+    device = next(trainee.model.parameters()).device
     workers = loader_workers(one.data, one.scaling.cpus_per_worker)
     if workers is None:
         workers, _ = pick_loader_workers(one, train_set, trainee.model, device, plan.per_worker_batch_size)
-    stages = stage_times(splits.train, train_set, one, plan.per_worker_batch_size, device, trainee.model)
-    loader = train_loader(train_set, one.data, plan, 0, one.seed, resolved.num_classes, workers)
+    stages = stage_times(run.splits.train, train_set, one, plan.per_worker_batch_size, device, trainee.model)
+    loader = train_loader(train_set, one.data, plan, 0, one.seed, run.num_classes, workers)
     start_epoch(loader, 0)
     settings = StepSettings(min(steps, plan.steps_per_epoch), plan.grad_accum_steps, lambda step: 0.0, device,
                             one.scaling.amp, one.scaling.channels_last, None, 0.0, (one.data.mean, one.data.std))

@@ -19,17 +19,20 @@ Imports no Ray.
 from __future__ import annotations
 
 import math
+from collections.abc import Callable
 from dataclasses import dataclass
 
 import torch
 
 from orchestrator.config.errors import UserError
 from orchestrator.config.jobfile import validate_spec
+from orchestrator.config.plan import Plan
 from orchestrator.config.keys import with_values
 from orchestrator.config.spec import JobSpec
 from orchestrator.data.loaders import make_dataset, start_epoch, train_loader
 from orchestrator.train.run import build_trainee, seed_epoch
-from orchestrator.train.loop import DivergenceError, StepSettings, train_one_epoch
+from orchestrator.data.splits import Splits
+from orchestrator.train.loop import DivergenceError, StepSettings, Trainee, train_one_epoch
 from orchestrator.train.models import build_model
 from orchestrator.train.resolve import resolve_plan
 
@@ -175,20 +178,39 @@ def range_test(spec: JobSpec, steps: int = 100, start_lr: float = 1e-6, end_lr: 
                      spec.optim.base_batch_size, spec.optim.lr_scaling, stopped)
 
 
-def _trainee_and_loader(spec: JobSpec):
-    """(the one-process job, its plan, the trainee as `fit` builds it (no EMA, no SWATS), its training loader)."""
+@dataclass
+class OneProcess:
+    """A job built on one process as `fit` builds it (no EMA, no SWATS): what find-lr and doctor train."""
+
+    spec: JobSpec
+    """the one-process job (one_process_spec)"""
+    plan: Plan
+    splits: Splits
+    num_classes: int
+    trainee: Trainee
+    train_set: object
+    """the training split as the loaders read it (data.loaders.make_dataset)"""
+
+
+def one_process(spec: JobSpec, unreadable: Callable[[str], Exception]) -> OneProcess:
+    """The job built on one process; `unreadable(message)` is raised when its data is not on this machine."""
     one = one_process_spec(spec)
     resolved = resolve_plan(one, 1)
     plan, splits = resolved.plan, resolved.splits
     if splits is None:
-        raise RangeTestError(f"data.source: {spec.data.source} is not readable here; find-lr trains on the data")
+        raise unreadable(f"data.source: {spec.data.source} is not readable here")
     device = torch.device("cuda" if spec.scaling.use_gpu and torch.cuda.is_available() else "cpu")
     torch.manual_seed(spec.seed)
     built = build_model(one.model, resolved.num_classes, one.data.image_size, splits.class_names)
     trainee = build_trainee(one, plan, built.model, list(built.frozen), device, averaging=False)
-    loader = train_loader(make_dataset(splits.train, one.data, True, "train"), one.data, plan, 0, one.seed,
-                          resolved.num_classes)
-    return one, plan, trainee, loader
+    return OneProcess(one, plan, splits, resolved.num_classes, trainee, make_dataset(splits.train, one.data, True, "train"))
+
+
+def _trainee_and_loader(spec: JobSpec):
+    """(the one-process job, its plan, its trainee, its training loader)."""
+    run = one_process(spec, lambda message: RangeTestError(f"{message}; find-lr trains on the data"))
+    loader = train_loader(run.train_set, run.spec.data, run.plan, 0, run.spec.seed, run.num_classes)
+    return run.spec, run.plan, run.trainee, loader
 
 
 def _ramp(one: JobSpec, plan, trainee, loader, multiplier, steps: int, record) -> None:
