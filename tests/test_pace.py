@@ -97,7 +97,7 @@ def test_a_stall_line_names_the_wait_and_the_knobs():
     assert stall_line({**row, "data_wait_s": 1.0}, spec, 1) is None
 
 
-def big_jpegs(root, per_class: int = 24, side: int = 1280):
+def big_jpegs(root, per_class: int = 24, side: int = 1600):
     rng = np.random.default_rng(0)
     for name in ("a", "b"):
         (root / name).mkdir(parents=True)
