@@ -32,14 +32,17 @@ def _sweep(args) -> None:
 
 
 def _large_batch(args) -> None:
-    from orchestrator.bench.large_batch import EPOCHS, WARMUP_EPOCHS, large_batch
+    import dataclasses
+
+    from orchestrator.bench.large_batch import PRESETS, WARMUP_EPOCHS, large_batch
     from orchestrator.config.errors import SpecError
 
     if args.epochs is not None and args.epochs <= WARMUP_EPOCHS:
         raise SpecError([f"--epochs: {args.epochs}; large-batch warms up over {WARMUP_EPOCHS:g} epoch(s), "
                          f"so give at least {WARMUP_EPOCHS + 1:g}"])
-    large_batch(err_console if args.json else console, seeds=args.seeds, epochs=args.epochs or EPOCHS,
-                as_json=args.json, plot=args.plot, images=args.images or 10_240)
+    preset = PRESETS[args.preset]
+    preset = dataclasses.replace(preset, epochs=args.epochs or preset.epochs, train_images=args.images or preset.train_images)
+    large_batch(err_console if args.json else console, preset, seeds=args.seeds, as_json=args.json, plot_path=args.plot)
 
 
 def _startup(args) -> None:
@@ -89,7 +92,7 @@ BENCHMARKS = {
     "overhead": Benchmark("Ray Train and --local vs a plain PyTorch loop, per epoch and at start-up", _overhead),
     "reliability": Benchmark("kill a worker mid-run R times, count completed runs, epochs lost or repeated", _reliability),
     "sweep": Benchmark("the same 16 configurations under ASHA and at full budget", _sweep),
-    "large-batch": Benchmark("a miniature of Goyal et al.'s table, batch B0 to 64 x B0 with linear scaling, warmup, LARS",
+    "large-batch": Benchmark("a miniature of Goyal et al.'s table in its regime: B0 to 16 x B0, warmup, LARS, LAMB, steps to target",
                              _large_batch),
     "startup": Benchmark("seconds to the first step of a plain script, --local, and bare TorchTrainer vs ours on a new "
                          "and on a warm Ray", _startup),
@@ -111,10 +114,13 @@ def add_bench(p: argparse.ArgumentParser) -> None:
                    help="; ".join(f"{name}: {bench.measures}" for name, bench in BENCHMARKS.items()))
     p.add_argument("--runs", type=int, default=3, help="reliability: runs with a killed worker")
     p.add_argument("--epochs", type=int, default=None, help="epochs per measured run (overhead: 6, the first left out "
-                                                                  "of the median; large-batch: 8; ingest: 2 passes)")
-    p.add_argument("--seeds", type=int, default=2, help="large-batch: seeds per row")
-    p.add_argument("--images", type=int, default=None, help="large-batch: training images (default 10,240; val a tenth, "
-                                                                 "test a fifth); ingest: generated JPEGs (default 2,000)")
+                                                                  "of the median; large-batch: 12; ingest: 2 passes)")
+    p.add_argument("--seeds", type=int, default=None, help="large-batch: seeds per row (cpu preset 2, gpu 3)")
+    p.add_argument("--preset", choices=["cpu", "gpu"], default="cpu",
+                   help="large-batch: cpu (timm test_resnet, 6,400 glyphs, B0 16; ~35 min on 2 cores) or gpu "
+                        "(resnet18, 51,200 glyphs, B0 128, 3 seeds)")
+    p.add_argument("--images", type=int, default=None, help="large-batch: training images (default: the preset's; val and "
+                                                                 "test a quarter each); ingest: generated JPEGs (default 2,000)")
     p.add_argument("--json", action="store_true", help='print the figures as JSON (progress goes to stderr): large-batch '
                    '{"rows": [...]}; startup {"plain_s", "local_s", "bare_fresh_s", "ours_fresh_s", "bare_warm_s", "ours_warm_s"}; '
                    'sweep {"epochs_ratio", "wall_ratio", "best_gap_points"}; ingest {"bound_images_per_s", "paths": '

@@ -60,6 +60,10 @@ class SyntheticSpec(_Section):
     """generated validation images"""
     test_samples: int = Field(128, ge=0)
     """generated test images"""
+    noise_std: float = Field(12.0, ge=0)
+    """glyphs: standard deviation of the gaussian pixel noise, in 0-255 pixel units (harder when larger)"""
+    clutter_strokes: int = Field(2, ge=0)
+    """glyphs: random lines drawn behind each glyph (harder when more)"""
 
 
 class DataSpec(_Section):

@@ -35,16 +35,17 @@ GLYPHS = "ABCDEFGHJKLMNPQRSTUVWXYZ23456789"
 """glyph classes, in label order: letters and digits that no rotation turns into one another (no I, O, 0, 1)"""
 
 
-def draw_glyph(char: str, size: int, rng: np.random.Generator) -> np.ndarray:
+def draw_glyph(char: str, size: int, rng: np.random.Generator, noise_std: float = 12.0, strokes: int = 2) -> np.ndarray:
     """(size, size, 3) uint8: `char` at a random size (50-90% of the side), angle (+-25 degrees), place and
-    colour (light on dark) over a random background with 2 thin clutter strokes, then gaussian pixel noise (sigma 12)."""
+    colour (light on dark) over a random background with `strokes` thin clutter lines, then gaussian pixel
+    noise of `noise_std` (0-255 units)."""
     from PIL import Image, ImageDraw, ImageFont
 
     canvas = 2 * size                                    # drawn at 2x, then downsampled: antialiased edges
     background = tuple(int(v) for v in rng.integers(0, 110, 3))     # dark, any hue
     image = Image.new("RGB", (canvas, canvas), background)
     draw = ImageDraw.Draw(image)
-    for _ in range(2):
+    for _ in range(strokes):
         points = [tuple(int(v) for v in rng.integers(0, canvas, 2)) for _ in range(2)]
         draw.line(points, fill=tuple(int(v) for v in rng.integers(40, 200, 3)), width=max(1, canvas // 32))
     colour = tuple(int(v) for v in rng.integers(150, 256, 3))       # light, any hue
@@ -55,19 +56,21 @@ def draw_glyph(char: str, size: int, rng: np.random.Generator) -> np.ndarray:
                          translate=tuple(float(v) for v in rng.uniform(-canvas / 8, canvas / 8, 2)))
     image.paste(Image.new("RGB", (canvas, canvas), colour), (0, 0), glyph)
     pixels = np.asarray(image.resize((size, size), Image.BILINEAR), dtype=np.float32)
-    return np.clip(pixels + rng.normal(0, 12, pixels.shape), 0, 255).astype(np.uint8)
+    return np.clip(pixels + rng.normal(0, noise_std, pixels.shape), 0, 255).astype(np.uint8)
 
 
 @functools.lru_cache(maxsize=6)
-def _glyph_images(seed: int, split_index: int, count: int, num_classes: int, size: int) -> np.ndarray:
-    """The images of one glyph split (cached: a benchmark trains many runs on the same data in one process)."""
+def _glyph_images(seed: int, split_index: int, count: int, size: int, style: tuple[int, float, int]) -> np.ndarray:
+    """The images of one glyph split, style (classes, noise_std, clutter strokes); cached: a benchmark trains
+    many runs on the same data in one process."""
+    num_classes, noise_std, strokes = style
     rng = np.random.default_rng([seed, split_index])
-    return np.stack([draw_glyph(GLYPHS[label], size, rng) for label in np.arange(count) % num_classes])
+    return np.stack([draw_glyph(GLYPHS[label], size, rng, noise_std, strokes) for label in np.arange(count) % num_classes])
 
 
-def _glyph_split(seed: int, split_index: int, count: int, num_classes: int, size: int) -> Split:
-    return Split("array", _glyph_images(seed, split_index, count, num_classes, size),
-                 np.arange(count, dtype=np.int64) % num_classes)
+def _glyph_split(seed: int, split_index: int, count: int, size: int, syn) -> Split:
+    style = (syn.num_classes, syn.noise_std, syn.clutter_strokes)
+    return Split("array", _glyph_images(seed, split_index, count, size, style), np.arange(count, dtype=np.int64) % syn.num_classes)
 
 
 def read_synthetic(data: DataSpec, seed: int) -> tuple[list[str], dict[str, Split], list[str]]:
@@ -78,7 +81,7 @@ def read_synthetic(data: DataSpec, seed: int) -> tuple[list[str], dict[str, Spli
     if syn.kind == "glyphs":
         if syn.num_classes > len(GLYPHS):
             raise DataError(f"data.synthetic.num_classes: glyphs has {len(GLYPHS)} classes at most ({GLYPHS})")
-        splits = {name: _glyph_split(seed, index, count, syn.num_classes, size)
+        splits = {name: _glyph_split(seed, index, count, size, syn)
                   for index, (name, count) in enumerate((("train", syn.train_samples), ("val", syn.val_samples),
                                                         ("test", syn.test_samples))) if count}
         return list(GLYPHS[:syn.num_classes]), splits, []

@@ -40,11 +40,24 @@ def classification_models() -> list[str]:
     return sorted(torchvision.models.list_models(module=torchvision.models))
 
 
+TIMM_PREFIX = "timm/"
+"""model.arch `timm/<name>`: any of timm.list_models(), built by timm.create_model without weights"""
+
+
 def check_arch(arch: str) -> None:
     """SpecError naming model.arch when torchvision has no such classification model. The names of
     catalog.ARCH_NAMES pass without importing torchvision's list (the spec accepted them already); another
-    name (a newer torchvision's) is looked up here. `validate`, the planner and `submit` call this."""
+    name (a newer torchvision's) is looked up here, `timm/<name>` in timm's list. `validate`, the planner
+    and `submit` call this."""
     if arch in ARCH_NAMES:
+        return
+    if arch.startswith(TIMM_PREFIX):
+        import timm
+
+        name, names = arch.removeprefix(TIMM_PREFIX), timm.list_models()
+        if name not in names:
+            raise SpecError([f"model.arch: timm has no model {name!r}{did_you_mean(name, names)}; valid: timm/ and "
+                             f"any of timm.list_models() ({len(names)} names: resnet50, convnext_tiny, ...)"])
         return
     names = classification_models()
     if arch not in names:
@@ -63,7 +76,9 @@ def _arch_kwargs(arch: str, image_size: int) -> dict:
 
 
 def build_architecture(arch: str, num_classes: int, image_size: int = 224, dropout: float | None = None) -> nn.Module:
-    """A torchvision classifier with a fresh head for num_classes (no weights loaded)."""
+    """A torchvision (or `timm/<name>`) classifier with a fresh head for num_classes (no weights loaded)."""
+    if arch.startswith(TIMM_PREFIX):
+        return _timm_architecture(arch.removeprefix(TIMM_PREFIX), num_classes, dropout)
     known = classification_models()
     if arch not in known:
         import difflib
@@ -80,6 +95,17 @@ def build_architecture(arch: str, num_classes: int, image_size: int = 224, dropo
         if dropout is not None and "dropout" in str(exc):
             raise ModelError(f"model.dropout: {arch} takes no dropout argument; leave model.dropout null") from None
         raise
+
+
+def _timm_architecture(name: str, num_classes: int, dropout: float | None) -> nn.Module:
+    """timm's model `name` for num_classes, its own init, nothing downloaded (pretrained=False)."""
+    import timm
+
+    kwargs = {} if dropout is None else {"drop_rate": dropout}
+    try:
+        return timm.create_model(name, pretrained=False, num_classes=num_classes, **kwargs)
+    except RuntimeError as exc:
+        raise ModelError(f"model.arch: timm/{name}: {exc}") from None
 
 
 @contextlib.contextmanager
