@@ -1,6 +1,7 @@
 """Issue 13: the large-batch recipe keys. Each test fails if its key is ignored."""
 
 import json
+import math
 
 import numpy as np
 import pyarrow.parquet as pq
@@ -214,30 +215,108 @@ def test_glyphs_are_seeded_sized_and_labelled():
         load_splits(DataSpec(source="synthetic", synthetic={"kind": "glyphs", "num_classes": 40}), 0)
 
 
-# bench large-batch: its rows and its --json contract (tiny: 1 epoch of 1,024 images, one seed)
+# bench large-batch: the rule's regime (issue 24), its summary and its --json contract
 
-def test_the_large_batch_table_has_the_papers_rows():
-    from orchestrator.bench.large_batch import B0, configs, job
+@pytest.mark.parametrize("preset_name", ["cpu", "gpu"])
+def test_every_large_batch_row_is_in_the_rules_regime(preset_name):
+    from orchestrator.bench.large_batch import FACTORS, MIN_STEPS, PRESETS, configs, job
+    from orchestrator.config.schedule import lr_multiplier
 
-    rows = [(c.global_batch_size, c.warmup_epochs > 0, c.optimizer) for c in configs()]
-    assert rows == [(B0, False, "sgd"), (4 * B0, True, "sgd"), (16 * B0, True, "sgd"), (64 * B0, True, "sgd"),
-                    (64 * B0, False, "sgd"), (64 * B0, True, "lars")]
-    for config in configs():
-        spec = validate_spec(job(config, 0, "/tmp/x"))
+    preset = PRESETS[preset_name]
+    b0 = preset.b0
+    rows = [(c.global_batch_size, c.warmup_epochs > 0, c.optimizer) for c in configs(b0)]
+    assert rows == ([(b0, False, "sgd")] + [(k * b0, True, "sgd") for k in FACTORS[1:]]
+                    + [(16 * b0, False, "sgd"), (16 * b0, True, "lars"), (16 * b0, True, "lamb")])
+    for config in configs(b0):
+        spec = validate_spec(job(config, 0, "/tmp/x", preset))
         plan = make_plan(spec, spec.data.synthetic.train_samples, 1)
-        assert plan.global_batch_size == config.global_batch_size
-        assert plan.scaled_lr == pytest.approx(0.4 * config.global_batch_size / 256)     # linear scaling
-        assert plan.steps_per_epoch >= 10                                                # >= 10 steps at 64 x B0
+        assert plan.global_batch_size == config.global_batch_size and spec.schedule.epochs == preset.epochs
+        assert spec.scaling.per_worker_batch_size == b0          # every forward pass: the same micro-batch for BN
+        assert plan.total_steps >= MIN_STEPS and (config.global_batch_size > b0 or plan.total_steps >= 3000)
+        if config.optimizer == "lamb":                            # sqrt scaling of Adam's LR (You et al. 2019)
+            assert plan.scaled_lr == pytest.approx(0.001 * (config.global_batch_size / 256) ** 0.5)
+        else:                                                     # linear scaling from B0's LR, LARS too
+            assert plan.scaled_lr == pytest.approx(plan_of_b0(preset).scaled_lr * config.global_batch_size / b0)
+        if config.warmup_epochs and config.optimizer == "sgd":    # the ramp starts at B0's LR, one epoch long
+            assert plan.scaled_lr * lr_multiplier(0, spec.schedule, plan) == pytest.approx(plan_of_b0(preset).scaled_lr)
+            assert plan.warmup_steps == plan.steps_per_epoch
+
+
+def plan_of_b0(preset):
+    from orchestrator.bench.large_batch import Config, job
+
+    spec = validate_spec(job(Config(preset.b0, 0.0, "sgd"), 0, "/tmp/x", preset))
+    return make_plan(spec, spec.data.synthetic.train_samples, 1)
+
+
+def _result(batch, warmup, optimizer, seed, curve, test_acc1):
+    from orchestrator.bench.large_batch import Config, Result
+
+    return Result(Config(batch, warmup, optimizer), seed, 0.1, test_acc1, curve[-1][0], curve, "completed", 1.0)
+
+
+def test_steps_to_target_reads_the_seeds_mean_curve_and_the_slope_is_log_log():
+    from orchestrator.bench.large_batch import scaling_slope, summarize
+
+    results = [_result(16, 0.0, "sgd", 0, [(100, 0.5), (200, 0.80), (300, 0.90)], 0.89),
+               _result(16, 0.0, "sgd", 1, [(100, 0.6), (200, 0.84), (300, 0.92)], 0.91),
+               _result(32, 1.0, "sgd", 0, [(50, 0.7), (100, 0.90), (150, 0.91)], 0.90),
+               _result(32, 1.0, "sgd", 1, [(50, 0.7), (100, 0.92), (150, 0.91)], 0.88),
+               _result(64, 0.0, "sgd", 0, [(25, 0.1), (50, 0.2), (75, 0.3)], 0.30)]
+    summary = summarize(results, 16)
+    assert summary["target_val_acc1"] == pytest.approx(0.91 - 0.01)         # B0's final mean, less a point
+    rows = {(r["global_batch_size"], r["warmup_epochs"]): r for r in summary["rows"]}
+    assert rows[16, 0.0]["steps_to_target"] == 300                            # mean 0.82 at 200, 0.91 at 300
+    assert rows[32, 1.0]["steps_to_target"] == 100 and rows[64, 0.0]["steps_to_target"] is None
+    assert rows[16, 0.0]["test_acc1"] == pytest.approx(0.90) and rows[16, 0.0]["test_acc1_std"] == pytest.approx(0.01414, abs=1e-4)
+    assert set(rows[16, 0.0]) == {"global_batch_size", "warmup_epochs", "optimizer", "test_acc1", "test_acc1_std",
+                                  "optimizer_steps", "steps_to_target"}
+    assert summary["steps_to_target_slope"] == pytest.approx(-math.log2(3))    # 300 -> 100 steps over 2x: no warmup row left out
+    assert scaling_slope([(16, 800), (32, 400), (64, 200)]) == pytest.approx(-1.0)
+    assert scaling_slope([(16, 800)]) is None
+
+
+def test_bn_sees_the_micro_batch_and_counts_every_forward_under_accumulation():
+    """What BN sees at each large-batch row: the micro-batch's statistics, running stats updated per forward."""
+    from orchestrator.train.loop import StepSettings, Trainee, train_one_epoch
+
+    seen = []
+    model = torch.nn.Sequential(torch.nn.Conv2d(3, 4, 3), torch.nn.BatchNorm2d(4), torch.nn.Flatten(), torch.nn.LazyLinear(3))
+    model(torch.zeros(2, 3, 8, 8))
+    model[1].register_forward_pre_hook(lambda module, inputs: seen.append(inputs[0].shape[0]))
+    model[1].reset_running_stats()
+    data = [(torch.randn(16, 3, 8, 8), torch.randint(0, 3, (16,))) for _ in range(8)]
+    optimizer = build_optimizer(model, plan_groups(JobSpec(), scaled_lr=0.01), JobSpec().optim)
+    train_one_epoch(Trainee(model, optimizer), data, StepSettings(2, 4, lambda step: 1.0, torch.device("cpu")), epoch=0, first_step=0)
+    assert seen == [16] * 8 and int(model[1].num_batches_tracked) == 8
+
+
+def test_timm_resnets_start_with_their_residual_branches_zeroed():
+    """The large-batch bench's model: timm zero-inits each block's last BN gamma (Goyal et al. section 5.1)."""
+    built = build_model(ModelSpec(arch="timm/test_resnet", head_init="default"), 5, 32)   # as the bench builds it
+    blocks = [m for m in built.model.modules() if hasattr(m, "zero_init_last")]
+    last = [(b.bn3 if hasattr(b, "bn3") else b.bn2).weight for b in blocks]
+    assert len(last) == 4 and all(torch.count_nonzero(p) == 0 for p in last)
+    assert built.head == ("fc",)
+
+
+def test_a_timm_arch_is_checked_against_timms_list():
+    from orchestrator.train.models import check_arch
+
+    check_arch("timm/test_resnet")
+    with pytest.raises(SpecError, match=r"model.arch: timm has no model 'test_resnt' \(did you mean 'test_resnet'"):
+        check_arch("timm/test_resnt")
 
 
 @pytest.mark.slow
 def test_bench_large_batch_json(tmp_path, capsys):
     assert main(["bench", "large-batch", "--epochs", "1"]) == 2        # shorter than its warmup: refused at once
     assert "--epochs: 1" in capsys.readouterr().err
-    assert main(["bench", "large-batch", "--json", "--seeds", "1", "--epochs", "2", "--images", "1024",
+    assert main(["bench", "large-batch", "--json", "--seeds", "1", "--epochs", "2", "--images", "512",
                  "--plot", str(tmp_path / "lb.png")]) == 0
-    rows = json.loads(capsys.readouterr().out)["rows"]
-    assert len(rows) == 6 and (tmp_path / "lb.png").is_file()
-    assert {"global_batch_size", "scaled_lr", "warmup_epochs", "optimizer", "test_acc1"} <= set(rows[0])
-    assert [r["optimizer"] for r in rows] == ["sgd"] * 5 + ["lars"]
+    summary = json.loads(capsys.readouterr().out)
+    assert set(summary) >= {"rows", "target_val_acc1"} and (tmp_path / "lb.png").is_file()
+    rows = summary["rows"]
+    assert [r["optimizer"] for r in rows] == ["sgd"] * 6 + ["lars", "lamb"]
+    assert [r["optimizer_steps"] for r in rows] == [64, 32, 16, 8, 4, 4, 4, 4]
     assert all(r["test_acc1"] is not None and 0 <= r["test_acc1"] <= 1 for r in rows)
