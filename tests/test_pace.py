@@ -14,7 +14,7 @@ from orchestrator.cli import main
 from orchestrator.config.jobfile import validate_spec
 from orchestrator.config.spec import DataSpec
 from orchestrator.data.loaders import start_epoch, train_loader
-from orchestrator.train.pace import choose_workers, predicted_step_s, stall_line
+from orchestrator.train.pace import choose_workers, predicted_step_s, share_cpus, stall_line
 
 
 class Pids(torch.utils.data.Dataset):
@@ -70,6 +70,25 @@ def test_a_stream_s_living_workers_follow_the_epoch(tmp_path):
         kept.append(batches(loader))
     assert kept == fresh and fresh[0] != fresh[1]
 
+    # in one process: the last chunk of epoch 0 starts reading epoch 1's first, which epoch 1 (plain, or a
+    # resume that skips batches) takes instead of reading it again
+    in_process = []
+    for epoch in (0, 1):
+        alone = stream()
+        alone.set_epoch(epoch)
+        in_process.append(batches(alone))
+    one = stream()
+    one.set_epoch(0)
+    assert batches(one) == in_process[0] and one._ahead[0][0] == 1
+    reads = []
+    one._pool_here().submit(lambda: None).result()
+    original = one._kept_reader.rows
+    one._kept_reader.rows = lambda parts: reads.append(parts) or original(parts)
+    one.set_epoch(1, 2)
+    assert batches(one) == in_process[1][2:] and one._ahead[0][0] == 2
+    one._ahead[1].result()
+    assert len(reads) == 1                 # epoch 2's read ahead only: epoch 1 read nothing of its own
+
 
 @pytest.mark.parametrize("data_ms, step_ms, cpus, on_cpu, expected", [
     (3, 50, 2, True, 0),       # 32 px PNGs on this machine: a loader would take a core from the step
@@ -86,6 +105,20 @@ def test_predicted_step_time_counts_the_core_a_loader_takes():
     assert predicted_step_s(0, 0.01, 0.05, 2, True) == pytest.approx(0.06)
     assert predicted_step_s(1, 0.01, 0.05, 2, True) == pytest.approx(0.10)    # the step on 1 of 2 cores
     assert predicted_step_s(1, 0.01, 0.05, 2, False) == pytest.approx(0.05)
+
+
+def test_the_step_gets_the_cpus_the_loader_processes_leave():
+    before = torch.get_num_threads()
+    try:
+        assert share_cpus(4, 1, torch.device("cpu")) == "torch threads: 3 (scaling.cpus_per_worker 4 less 1 loader process(es))"
+        assert torch.get_num_threads() == 3
+        share_cpus(2, 3, torch.device("cpu"))
+        assert torch.get_num_threads() == 1                      # never below one
+        torch.set_num_threads(before)
+        assert share_cpus(4, 0, torch.device("cpu")) is None and share_cpus(4, 2, torch.device("cuda")) is None
+        assert torch.get_num_threads() == before                 # in-process loading or a GPU: unchanged
+    finally:
+        torch.set_num_threads(before)
 
 
 def test_a_stall_line_names_the_wait_and_the_knobs():

@@ -65,10 +65,8 @@ class ShardTrainStream(IterableDataset):
         # owed by stretch s mod W, so loader worker i serves stretch (i + s) mod W
         worker = (loader_worker + skip_batches) % workers
         batch = self.batch_size
-        mine = worker_batches(self.num_batches, workers, worker) * batch
-        offset = sum(worker_batches(self.num_batches, workers, v) for v in range(worker)) * batch
+        span_start, mine = self._stretch(worker, workers)
         skip = worker_batches(skip_batches, workers, worker) * batch
-        span_start = rank_span(len(self.split), self.world_size, self.rank)[0] + offset
         order = unit_order(len(self.split.units), self.seed, epoch)
         base = seed_base(self.seed, epoch, self.rank, worker, workers)
         reader = self._reader_here()
@@ -81,24 +79,58 @@ class ShardTrainStream(IterableDataset):
 
         images, labels, seeds = [], [], []
         # the next chunk is read in a thread while this one decodes (pyarrow reads without the GIL), so a
-        # worker does not stall at a chunk's start for longer than its queued batches last
-        with ThreadPoolExecutor(max_workers=1) as pool:
-            pending = pool.submit(read, *chunks[0][1:]) if chunks else None
-            for index, (chunk, lo, hi) in enumerate(chunks):
-                encoded, chunk_labels = pending.result()
-                if index + 1 < len(chunks):
-                    pending = pool.submit(read, *chunks[index + 1][1:])
-                permutation = chunk_permutation(hi - lo, self.seed, epoch, self.rank, worker, chunk)
-                for position in range(max(lo, skip), hi):
-                    row = int(permutation[position - lo])
-                    images.append(self._image(encoded[row], base + position))
-                    labels.append(int(chunk_labels[row]))
-                    seeds.append(base + position)
-                    if len(images) == batch:
-                        yield (self._collate(images, labels) if self.transform is not None
-                               else (images, torch.tensor(labels), seeds))
-                        images, labels, seeds = [], [], []
-                del encoded, chunk_labels
+        # worker does not stall at a chunk's start for longer than its queued batches last; the last chunk's
+        # successor is the next epoch's first, which a worker that lives for the run finds read already
+        pool = self._pool_here()
+        pending = self._first_read(pool, read, epoch, span_start, chunks[0][1:]) if chunks else None
+        for index, (chunk, lo, hi) in enumerate(chunks):
+            encoded, chunk_labels = pending.result()
+            if index + 1 < len(chunks):
+                pending = pool.submit(read, *chunks[index + 1][1:])
+            else:   # a plain next epoch skips nothing: loader worker i serves stretch i
+                self._read_ahead(pool, reader, epoch + 1, *self._stretch(loader_worker, workers))
+            permutation = chunk_permutation(hi - lo, self.seed, epoch, self.rank, worker, chunk)
+            for position in range(max(lo, skip), hi):
+                row = int(permutation[position - lo])
+                images.append(self._image(encoded[row], base + position))
+                labels.append(int(chunk_labels[row]))
+                seeds.append(base + position)
+                if len(images) == batch:
+                    yield (self._collate(images, labels) if self.transform is not None
+                           else (images, torch.tensor(labels), seeds))
+                    images, labels, seeds = [], [], []
+            del encoded, chunk_labels
+
+    def _stretch(self, worker: int, workers: int) -> tuple[int, int]:
+        """(first row in the epoch's stream, rows) of the stretch that `worker` of `workers` owns."""
+        batch = self.batch_size
+        offset = sum(worker_batches(self.num_batches, workers, v) for v in range(worker)) * batch
+        start = rank_span(len(self.split), self.world_size, self.rank)[0]
+        return start + offset, worker_batches(self.num_batches, workers, worker) * batch
+
+    def __getstate__(self) -> dict:
+        """What a loader process gets: no thread, no read in flight (each process keeps its own)."""
+        return {k: v for k, v in self.__dict__.items() if k not in ("_kept_pool", "_ahead")}
+
+    def _pool_here(self) -> ThreadPoolExecutor:
+        """This process's reading thread (one: reads are in order, and the reader is not shared between threads)."""
+        if getattr(self, "_kept_pool", None) is None:
+            self._kept_pool = ThreadPoolExecutor(max_workers=1, thread_name_prefix="shard-read")
+        return self._kept_pool
+
+    def _first_read(self, pool: ThreadPoolExecutor, read, epoch: int, span_start: int, rows: tuple[int, int]):
+        """The epoch's first chunk: the read the previous epoch started ahead when it is this one (same
+        epoch and rows: a plain next epoch, not a resume elsewhere), else a new read."""
+        ahead, self._ahead = getattr(self, "_ahead", None), None
+        if ahead is not None and ahead[0] == (epoch, span_start + rows[0], span_start + rows[1]):
+            return ahead[1]
+        return pool.submit(read, *rows)
+
+    def _read_ahead(self, pool: ThreadPoolExecutor, reader: UnitReader, epoch: int, span_start: int, mine: int) -> None:
+        """Start reading `epoch`'s first chunk of the stretch (span_start, mine rows) while this epoch's last decodes."""
+        order, rows = unit_order(len(self.split.units), self.seed, epoch), min(mine, SHUFFLE_CHUNK_ROWS)
+        future = pool.submit(lambda: reader.rows(pieces(self.split, order, span_start, span_start + rows)))
+        self._ahead = ((epoch, span_start, span_start + rows), future)
 
     def _reader_here(self) -> UnitReader:
         """This process's reader, kept by a loader worker that lives for the run: its filesystem and last

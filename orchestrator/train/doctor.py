@@ -21,7 +21,7 @@ from orchestrator.data.loaders import loader_workers, start_epoch, train_loader
 from orchestrator.data.splits import DataError, Split, StreamedSplit
 from orchestrator.train.loop import StepSettings, train_one_epoch
 from orchestrator.train.lr_range import one_process
-from orchestrator.train.pace import STALL_SHARE, pick_loader_workers, time_step
+from orchestrator.train.pace import STALL_SHARE, pick_loader_workers, share_cpus, time_step
 
 DOCTOR_STEPS = 30
 """optimizer steps of the timed pass (fewer when an epoch has fewer)"""
@@ -117,6 +117,7 @@ def diagnose(spec: JobSpec, steps: int = DOCTOR_STEPS) -> Diagnosis:
     workers = loader_workers(one.data, one.scaling.cpus_per_worker)
     if workers is None:
         workers, _ = pick_loader_workers(one, train_set, trainee.model, device, plan.per_worker_batch_size)
+    share_cpus(one.scaling.cpus_per_worker, workers, device)
     stages = stage_times(run.splits.train, train_set, one, plan.per_worker_batch_size, device, trainee.model)
     loader = train_loader(train_set, one.data, plan, 0, one.seed, run.num_classes, workers)
     start_epoch(loader, 0)

@@ -35,7 +35,7 @@ from orchestrator.train.eventlog import EventLog
 from orchestrator.train.loop import DivergenceError, Tally, Trainee, evaluate, train_one_epoch
 from orchestrator.train.models import BuiltModel, build_model, frozen_norm_layers, set_trainable, trainability_rows
 from orchestrator.train.optim import rebuild_keeping_state, switch_to_sgd
-from orchestrator.train.pace import pick_loader_workers, stall_line
+from orchestrator.train.pace import pick_loader_workers, share_cpus, stall_line
 from orchestrator.train.resolve import resolve_num_classes
 from orchestrator.train.resume import find_resume_point, restore_trainee
 from orchestrator.train.run import Run, WorkerEnv, build_trainee, seed_epoch
@@ -97,14 +97,15 @@ def _loader_workers(run: Run, train_set, trainee: Trainee) -> int:
     """data.loader_workers, or for auto: measured (train/pace.py) for data read by index; a stream's
     order depends on its loader processes, so it takes every CPU but the trainer's (the same on a resume)."""
     spec = run.spec
-    workers = loader_workers(spec.data, spec.scaling.cpus_per_worker)
-    if workers is not None:
-        return workers
-    if isinstance(train_set, StreamedDataset):
-        return int(spec.scaling.cpus_per_worker) - 1
-    workers, why = pick_loader_workers(spec, train_set, trainee.model, run.env.device, run.plan.per_worker_batch_size)
-    if run.env.rank == 0:
-        run.env.log(why)
+    workers, why = loader_workers(spec.data, spec.scaling.cpus_per_worker), None
+    if workers is None and isinstance(train_set, StreamedDataset):
+        workers = int(spec.scaling.cpus_per_worker) - 1
+    elif workers is None:
+        workers, why = pick_loader_workers(spec, train_set, trainee.model, run.env.device, run.plan.per_worker_batch_size)
+    threads = share_cpus(spec.scaling.cpus_per_worker, workers, run.env.device)
+    for line in (why, threads):
+        if line and run.env.rank == 0:
+            run.env.log(line)
     return workers
 
 

@@ -94,6 +94,18 @@ def pick_loader_workers(spec: JobSpec, dataset, model: torch.nn.Module, device: 
     return workers, why
 
 
+def share_cpus(cpus_per_worker: float, workers: int, device: torch.device) -> str | None:
+    """On a CPU device with loader processes, give the step the CPUs they leave (torch.set_num_threads,
+    at least 1), so the two do not fight over the same cores; returns the line that says so, or None
+    (no loader processes, or a GPU: threads unchanged)."""
+    cpus = max(1, int(cpus_per_worker))
+    if device.type != "cpu" or workers <= 0:
+        return None
+    threads = max(1, cpus - workers)
+    torch.set_num_threads(threads)
+    return f"torch threads: {threads} (scaling.cpus_per_worker {cpus} less {workers} loader process(es))"
+
+
 def stall_line(row: dict, spec: JobSpec, workers: int) -> str | None:
     """The doctor's line after an epoch that waited for its data more than STALL_SHARE of its training
     time: what, how much, and the knobs (None when the data kept up)."""
