@@ -8,13 +8,17 @@ calls `same_names` at import, so the two cannot drift apart: `HEAD_INIT_NAMES` =
 `data.augment.AUGMENTATIONS` (names and arguments), `DECAY_NAMES` = `config.schedule.DECAYS`,
 `SEARCH_KINDS` = `cluster.sweep.SEARCH_SPACES`, `EXPORT_FORMATS` = `after.export.WRITERS`.
 `ARCH_NAMES` lists torchvision's classification models (0.29); an architecture a newer torchvision
-adds is checked against torchvision itself (`train.models.check_arch`). Imports nothing of orchestrator.
+adds is checked against torchvision itself (`train.models.check_arch`). `timm_arch_names` reads timm's
+model names (`model.arch: timm/<name>`) from `timm_names.txt` (tools/make_timm_names.py writes it).
+Imports nothing of orchestrator.
 """
 
 from __future__ import annotations
 
+import functools
 from collections.abc import Iterable
 from dataclasses import dataclass
+from importlib import resources
 
 
 def same_names(registry: Iterable[str], names: Iterable[str], what: str) -> None:
@@ -130,6 +134,17 @@ EXPORT_FORMATS = ("onnx", "pt2", "safetensors")
 HEAD_INIT_NAMES = ("default", "kaiming_normal", "kaiming_uniform", "xavier_normal", "xavier_uniform")
 ZERO_INIT_RESIDUAL_FAMILIES = ("resnet", "resnext", "wide_resnet")
 """torchvision families built of BasicBlock/Bottleneck, whose constructor takes zero_init_residual"""
+TIMM_PREFIX = "timm/"
+"""model.arch `timm/<name>`: a model of timm's zoo"""
+
+
+@functools.cache
+def timm_arch_names() -> frozenset[str]:
+    """timm.list_models() of the timm this list was written from (timm_names.txt), read without importing timm."""
+    text = (resources.files("orchestrator.config") / "timm_names.txt").read_text()
+    return frozenset(line for line in text.splitlines() if line and not line.startswith("#"))
+
+
 ARCH_NAMES = (
     "alexnet", "convnext_base", "convnext_large", "convnext_small", "convnext_tiny", "densenet121", "densenet161",
     "densenet169", "densenet201", "efficientnet_b0", "efficientnet_b1", "efficientnet_b2", "efficientnet_b3",

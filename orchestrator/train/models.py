@@ -24,6 +24,7 @@ from torch import nn
 from orchestrator.config.catalog import ARCH_NAMES, HEAD_INIT_NAMES, same_names
 from orchestrator.config.errors import JobError, SpecError, did_you_mean
 from orchestrator.config.spec import ModelSpec
+from orchestrator.train.timm_models import build_timm, check_timm_arch, is_timm, timm_head
 from orchestrator.train.weights import (LoadReport, WeightsError, abbreviate, align_keys, is_buffer_counter,
                                         load_matching, read_source_weights)
 
@@ -40,10 +41,6 @@ def classification_models() -> list[str]:
     return sorted(torchvision.models.list_models(module=torchvision.models))
 
 
-TIMM_PREFIX = "timm/"
-"""model.arch `timm/<name>`: any of timm.list_models(), built by timm.create_model without weights"""
-
-
 def check_arch(arch: str) -> None:
     """SpecError naming model.arch when torchvision has no such classification model. The names of
     catalog.ARCH_NAMES pass without importing torchvision's list (the spec accepted them already); another
@@ -51,13 +48,8 @@ def check_arch(arch: str) -> None:
     and `submit` call this."""
     if arch in ARCH_NAMES:
         return
-    if arch.startswith(TIMM_PREFIX):
-        import timm
-
-        name, names = arch.removeprefix(TIMM_PREFIX), timm.list_models()
-        if name not in names:
-            raise SpecError([f"model.arch: timm has no model {name!r}{did_you_mean(name, names)}; valid: timm/ and "
-                             f"any of timm.list_models() ({len(names)} names: resnet50, convnext_tiny, ...)"])
+    if is_timm(arch):
+        check_timm_arch(arch)
         return
     names = classification_models()
     if arch not in names:
@@ -77,8 +69,8 @@ def _arch_kwargs(arch: str, image_size: int) -> dict:
 
 def build_architecture(arch: str, num_classes: int, image_size: int = 224, dropout: float | None = None) -> nn.Module:
     """A torchvision (or `timm/<name>`) classifier with a fresh head for num_classes (no weights loaded)."""
-    if arch.startswith(TIMM_PREFIX):
-        return _timm_architecture(arch.removeprefix(TIMM_PREFIX), num_classes, dropout)
+    if is_timm(arch):
+        return build_timm(arch, num_classes, dropout, image_size)
     known = classification_models()
     if arch not in known:
         import difflib
@@ -95,17 +87,6 @@ def build_architecture(arch: str, num_classes: int, image_size: int = 224, dropo
         if dropout is not None and "dropout" in str(exc):
             raise ModelError(f"model.dropout: {arch} takes no dropout argument; leave model.dropout null") from None
         raise
-
-
-def _timm_architecture(name: str, num_classes: int, dropout: float | None) -> nn.Module:
-    """timm's model `name` for num_classes, its own init, nothing downloaded (pretrained=False)."""
-    import timm
-
-    kwargs = {} if dropout is None else {"drop_rate": dropout}
-    try:
-        return timm.create_model(name, pretrained=False, num_classes=num_classes, **kwargs)
-    except RuntimeError as exc:
-        raise ModelError(f"model.arch: timm/{name}: {exc}") from None
 
 
 @contextlib.contextmanager
@@ -146,6 +127,8 @@ def build_on_meta(arch: str, num_classes: int, image_size: int = 224) -> nn.Modu
 def head_module_names(arch: str, image_size: int = 224) -> tuple[str, ...]:
     """Names of the modules whose parameters depend on the class count (the head, aux heads too)."""
     a = build_on_meta(arch, 5, image_size)
+    if is_timm(arch):
+        return timm_head(a)
     b = build_on_meta(arch, 6, image_size)
     shapes_b = {k: v.shape for k, v in b.state_dict().items()}
     return tuple(sorted({k.rsplit(".", 1)[0] for k, v in a.state_dict().items() if shapes_b.get(k) != v.shape}))

@@ -17,6 +17,7 @@ import torch
 import torchvision
 from torch import nn
 
+from orchestrator.config.catalog import TIMM_PREFIX
 from orchestrator.config.errors import SpecError
 from orchestrator.config.spec import JobSpec
 from orchestrator.store.storage import WEIGHTS_FILE, RunFolder, read_uri_bytes
@@ -149,6 +150,15 @@ def read_torchvision_weights(arch: str, name: str, ema: EmaChoice = "auto") -> S
     return SourceWeights(state, f"{label} ({cached})", classes)
 
 
+def read_timm_weights(arch: str, tag: str, ema: EmaChoice = "auto") -> SourceWeights:
+    """timm's pretrained weights `tag` of a `timm/<name>` arch, from the cache timm reads (nothing downloads)."""
+    from orchestrator.train.timm_models import timm_weights_file
+
+    path, label = timm_weights_file(arch, tag)
+    found = read_weights(path, str(path), ema)
+    return SourceWeights(found.state_dict, f"{label} ({path})", note=found.note)
+
+
 def read_run_folder_weights(folder: RunFolder, ema: EmaChoice = "auto") -> SourceWeights:
     """A run folder's best checkpoint (else its latest), with its classes from model.safetensors when written."""
     found = folder.best_or_latest_checkpoint()
@@ -195,7 +205,11 @@ def weights_problem(weights: str, arch: str, ema: EmaChoice = "auto") -> str | N
             read_weights(path, str(path), ema)
         if kind == "missing":
             return f"model.weights: no such file or run folder {path}"
-        if kind == "torchvision":
+        if kind == "torchvision" and arch.startswith(TIMM_PREFIX):
+            from orchestrator.train.timm_models import timm_weights_file
+
+            timm_weights_file(arch, weights)
+        elif kind == "torchvision":
             torchvision_weights(arch, weights)
     except WeightsError as exc:
         return str(exc)
@@ -229,6 +243,8 @@ def read_source_weights(weights: str, arch: str, ema: EmaChoice = "auto") -> Sou
     if kind == "missing":
         raise WeightsError(f"model.weights: no such file or run folder {path}")
     if re.fullmatch(r"[A-Za-z0-9_]+(\.[A-Za-z0-9_]+)?", weights):
+        if arch.startswith(TIMM_PREFIX):
+            return read_timm_weights(arch, weights, ema)
         return read_torchvision_weights(arch, weights, ema)
     raise WeightsError(f"model.weights: {weights!r} is neither a file, a run folder, nor a torchvision weight name")
 
