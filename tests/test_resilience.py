@@ -69,6 +69,11 @@ def without_timing(rows: list[dict]) -> list[dict]:
         "optim": {"name": "sgd", "base_lr": 0.05, "base_batch_size": 32,
                   "param_groups": [{"match": "layer*", "schedule": {"name": "lambda", "expression": "0.5 ** epoch"}}]},
         "data": {"augment": [{"name": "rotate", "degrees": 10}, "gaussian_noise"]}}, 1),
+    ("layer_decay_drop_path", {          # issue 25: per-depth LRs and stochastic depth's draws survive a resume
+        "schedule": {"epochs": 3, "warmup_epochs": 1}, "data": {"image_size": 32},
+        "model": {"arch": "timm/test_convnext", "drop_path_rate": 0.2},
+        "optim": {"name": "adamw", "base_lr": 0.002, "base_batch_size": 32, "layer_decay": 0.6,
+                  "param_groups": [{"match": "head.*", "lr_mult": 5}]}}, 0),
 ])
 def test_resumed_run_ends_bitwise_equal_to_an_unbroken_one(tmp_path, case, sections, stop_after):
     base = {"scaling": {"num_workers": 1, "per_worker_batch_size": 8}, "run": {"deterministic": True}}

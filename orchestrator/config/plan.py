@@ -45,6 +45,8 @@ class PlanGroup:
     """schedule keys this group has of its own (param_groups[].schedule); None: the job's schedule"""
     num_params: int | None = None
     trainable: int | None = None
+    layer: int | None = None
+    """optim.layer_decay: the depth this group holds (0 = stem; train.layer_decay says which); None: every depth"""
 
 
 @dataclass
@@ -104,33 +106,42 @@ def scale_lr(base_lr: float, global_batch_size: int, base_batch_size: int, lr_sc
     return scaled, f"scaled_lr = base_lr {base_lr:g} {how} = {scaled:.6g} ({lr_scaling} scaling, global batch {global_batch_size})"
 
 
-def plan_groups(spec: JobSpec, scaled_lr: float) -> list[PlanGroup]:
+def plan_groups(spec: JobSpec, scaled_lr: float, num_layers: int | None = None) -> list[PlanGroup]:
     """The parameter groups the optimizer gets, in match order, `rest` last.
 
-    When norm layers and biases get their own weight decay, each group is split in two.
+    When norm layers and biases get their own weight decay, each group is split in two. With
+    optim.layer_decay and the model's `num_layers`, each is split by depth, its lr_mult times
+    layer_decay ** (num_layers - 1 - depth).
     """
     optim = spec.optim
     norm_bias_wd = optim.weight_decay if optim.norm_bias_weight_decay is None else optim.norm_bias_weight_decay
     split = norm_bias_wd != optim.weight_decay
+    layers = range(num_layers) if optim.layer_decay is not None and num_layers else [None]
     groups: list[PlanGroup] = []
     sources = [(g.match, g.match, g.lr_mult, g.weight_decay, g.schedule) for g in optim.param_groups]
     sources.append((REST_GROUP, None, 1.0, None, None))
-    for name, match, lr_mult, wd, schedule in sources:
+    for source, match, group_mult, wd, schedule in sources:
         decay = optim.weight_decay if wd is None else wd
-        groups.append(PlanGroup(name, match, lr_mult, scaled_lr * lr_mult, decay, schedule=schedule))
-        if split:
-            groups.append(PlanGroup(name + NORM_BIAS_SUFFIX, match, lr_mult, scaled_lr * lr_mult,
-                                    norm_bias_wd if wd is None else wd, norm_bias=True, schedule=schedule))
+        for layer in layers:
+            name = source if layer is None else f"{source} [layer {layer}]"
+            lr_mult = group_mult if layer is None else group_mult * optim.layer_decay ** (num_layers - 1 - layer)
+            groups.append(PlanGroup(name, match, lr_mult, scaled_lr * lr_mult, decay, schedule=schedule, layer=layer))
+            if split:
+                groups.append(PlanGroup(name + NORM_BIAS_SUFFIX, match, lr_mult, scaled_lr * lr_mult,
+                                        norm_bias_wd if wd is None else wd, norm_bias=True, schedule=schedule, layer=layer))
     return groups
 
 
-def assign_group(param_name: str, is_norm_or_bias: bool, groups: list[PlanGroup]) -> int:
-    """Index of the group a parameter belongs to: first matching glob wins, then norm/bias split."""
+def assign_group(param_name: str, is_norm_or_bias: bool, groups: list[PlanGroup], layer: int | None = None) -> int:
+    """Index of the group a parameter belongs to: first matching glob wins, then norm/bias split, then
+    its depth `layer` (optim.layer_decay)."""
     has_split = any(g.norm_bias for g in groups)
     for i, g in enumerate(groups):
         if g.match is not None and not fnmatch.fnmatchcase(param_name, g.match):
             continue
         if has_split and g.norm_bias != is_norm_or_bias:
+            continue
+        if g.layer is not None and g.layer != layer:
             continue
         return i
     raise AssertionError("the rest group matches everything")

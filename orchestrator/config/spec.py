@@ -190,6 +190,9 @@ class ModelSpec(_Section):
     """frozen BatchNorm layers still update their running statistics (fastai's train_bn); false: eval mode"""
     dropout: float | None = Field(None, ge=0, lt=1)
     """classifier dropout for architectures that take one (alexnet, vgg, squeezenet, mobilenet, efficientnet, ...); None = its default"""
+    drop_path_rate: float | None = Field(None, ge=0, lt=1)
+    """stochastic depth: the chance a residual branch is dropped (deepest block; timm's drop_path_rate,
+    torchvision's stochastic_depth_prob for convnext, efficientnet, swin, maxvit); null: the model's default"""
     zero_init_residual: bool = False
     """zero the last BatchNorm gamma of every residual block that got no weights (Goyal et al. 2017): each
     block starts as the identity; torchvision ResNet, ResNeXt and Wide ResNet"""
@@ -263,6 +266,9 @@ class OptimSpec(_Section):
     """SWATS: switch adam/adamw to SGD at this epoch, LR estimated from the Adam steps"""
     grad_clip_norm: float | None = Field(None, gt=0)
     """clip the global gradient norm to this value; None = no clipping"""
+    layer_decay: float | None = Field(None, gt=0, le=1)
+    """per-layer LR factors from the head down (BEiT, timm --layer-decay): layer d of L trains at
+    layer_decay ** (L - 1 - d) x its group's LR; null: every layer at its group's LR"""
     trust_coeff: float = Field(0.001, gt=0)
     """lars: the trust coefficient eta of the layer-wise LR (You et al. 2017)"""
 

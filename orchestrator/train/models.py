@@ -67,10 +67,16 @@ def _arch_kwargs(arch: str, image_size: int) -> dict:
     return kwargs
 
 
-def build_architecture(arch: str, num_classes: int, image_size: int = 224, dropout: float | None = None) -> nn.Module:
-    """A torchvision (or `timm/<name>`) classifier with a fresh head for num_classes (no weights loaded)."""
+STOCHASTIC_DEPTH_FAMILIES = "convnext_*, efficientnet_*, swin_*, maxvit_t"
+"""torchvision's models whose constructor takes stochastic_depth_prob (model.drop_path_rate)"""
+
+
+def build_architecture(arch: str, num_classes: int, image_size: int = 224, dropout: float | None = None,
+                       drop_path_rate: float | None = None) -> nn.Module:
+    """A torchvision (or `timm/<name>`) classifier with a fresh head for num_classes (no weights loaded).
+    `drop_path_rate`: stochastic depth (timm's drop_path_rate, torchvision's stochastic_depth_prob)."""
     if is_timm(arch):
-        return build_timm(arch, num_classes, dropout, image_size)
+        return build_timm(arch, num_classes, dropout, image_size, drop_path_rate)
     known = classification_models()
     if arch not in known:
         import difflib
@@ -81,11 +87,16 @@ def build_architecture(arch: str, num_classes: int, image_size: int = 224, dropo
     kwargs = _arch_kwargs(arch, image_size)
     if dropout is not None:
         kwargs["dropout"] = dropout
+    if drop_path_rate is not None:
+        kwargs["stochastic_depth_prob"] = drop_path_rate
     try:
         return torchvision.models.get_model(arch, weights=None, num_classes=num_classes, **kwargs)
     except TypeError as exc:
         if dropout is not None and "dropout" in str(exc):
             raise ModelError(f"model.dropout: {arch} takes no dropout argument; leave model.dropout null") from None
+        if drop_path_rate is not None and "stochastic_depth_prob" in str(exc):
+            raise ModelError(f"model.drop_path_rate: {arch} has no stochastic depth; torchvision's that have: "
+                             f"{STOCHASTIC_DEPTH_FAMILIES}; timm's: most (timm/<name>)") from None
         raise
 
 
@@ -109,7 +120,7 @@ def _parameters_on_meta():
         nn.Module.register_parameter, nn.Module.register_buffer = register_parameter, register_buffer
 
 
-def build_on_meta(arch: str, num_classes: int, image_size: int = 224) -> nn.Module:
+def build_on_meta(arch: str, num_classes: int, image_size: int = 224, drop_path_rate: float | None = None) -> nn.Module:
     """The architecture with parameters and buffers on the meta device: shapes only, no memory, no init.
 
     Constructors that compute with tensors (RegNet's widths call .tolist()) cannot run under the meta
@@ -117,10 +128,10 @@ def build_on_meta(arch: str, num_classes: int, image_size: int = 224) -> nn.Modu
     """
     try:
         with torch.device("meta"):
-            return build_architecture(arch, num_classes, image_size)
+            return build_architecture(arch, num_classes, image_size, drop_path_rate=drop_path_rate)
     except (NotImplementedError, RuntimeError):
         with _parameters_on_meta():
-            return build_architecture(arch, num_classes, image_size)
+            return build_architecture(arch, num_classes, image_size, drop_path_rate=drop_path_rate)
 
 
 @functools.lru_cache(maxsize=64)
@@ -298,7 +309,7 @@ def build_model(spec: ModelSpec, num_classes: int, image_size: int, class_names:
 
     `class_names`: the data's classes, to refuse keeping a head trained on other classes.
     """
-    model = build_architecture(spec.arch, num_classes, image_size, spec.dropout)
+    model = build_architecture(spec.arch, num_classes, image_size, spec.dropout, spec.drop_path_rate)
     head = head_module_names(spec.arch, image_size)
     report = None
     if spec.weights is None:

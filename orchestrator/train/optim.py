@@ -21,6 +21,7 @@ from torch import nn
 from orchestrator.config.catalog import OPTIMIZER_NAMES, same_names
 from orchestrator.config.plan import GroupSize, PlanGroup, assign_group
 from orchestrator.config.spec import OptimSpec
+from orchestrator.train.layer_decay import layer_ids
 from orchestrator.train.models import FreezeError
 
 OPTIMIZERS: dict[str, Callable[[list[dict], OptimSpec], torch.optim.Optimizer]] = {
@@ -52,8 +53,9 @@ def _timm_optimizer(name: str) -> type[torch.optim.Optimizer]:
 def grouped_parameters(model: nn.Module, groups: list[PlanGroup]) -> list[list[tuple[str, nn.Parameter]]]:
     """Every parameter (trainable or not) sorted into the plan's groups."""
     members: list[list[tuple[str, nn.Parameter]]] = [[] for _ in groups]
+    depth = layer_ids(model)[0] if any(g.layer is not None for g in groups) else {}
     for name, param in model.named_parameters():
-        members[assign_group(name, param.ndim <= 1, groups)].append((name, param))
+        members[assign_group(name, param.ndim <= 1, groups, depth.get(name))].append((name, param))
     return members
 
 

@@ -9,16 +9,26 @@ read or allocated.
 
 from __future__ import annotations
 
-from dataclasses import dataclass
+from dataclasses import dataclass, replace
 
-from orchestrator.config.plan import GroupSize, Plan, PlanGroup, make_plan
+import torch
+
+from orchestrator.config.plan import GroupSize, Plan, PlanGroup, make_plan, plan_groups
 from orchestrator.config.spec import JobSpec
 from orchestrator.data.augment import check_transforms
 from orchestrator.data.sources import load_splits
 from orchestrator.data.splits import DataError, Splits
 from orchestrator.train.compiled import check_compile
-from orchestrator.train.models import (build_on_meta, check_arch, check_input_size, freeze_targets, head_module_names,
-                                       set_trainable, unfreeze_steps)
+from orchestrator.train.layer_decay import layer_ids
+from orchestrator.train.models import (
+    build_on_meta,
+    check_arch,
+    check_input_size,
+    freeze_targets,
+    head_module_names,
+    set_trainable,
+    unfreeze_steps,
+)
 from orchestrator.train.optim import param_group_sizes
 
 
@@ -37,17 +47,29 @@ def resolve_num_classes(spec: JobSpec, splits: Splits | None) -> int:
     return splits.num_classes
 
 
-def count_group_sizes(spec: JobSpec, groups: list[PlanGroup], num_classes: int) -> list[GroupSize]:
-    """Sizes of the plan's groups in the spec's model with its freezing at the start, built on the meta
-    device (no memory, no weights). Freeze and unfreeze entries that select nothing fail here, before
-    any worker starts."""
-    model = build_on_meta(spec.model.arch, num_classes, spec.data.image_size)
+def meta_model(spec: JobSpec, num_classes: int) -> torch.nn.Module:
+    """The spec's model with its freezing at the start, built on the meta device (no memory, no weights).
+    Freeze and unfreeze entries that select nothing fail here, before any worker starts."""
+    model = build_on_meta(spec.model.arch, num_classes, spec.data.image_size, spec.model.drop_path_rate)
     if spec.model.freeze:
         head = head_module_names(spec.model.arch, spec.data.image_size)
         frozen = freeze_targets(model, spec.model.freeze, head)
         set_trainable(model, frozen, False)
         unfreeze_steps(model, spec.model, frozen, head)
-    return param_group_sizes(model, groups)
+    return model
+
+
+def count_group_sizes(spec: JobSpec, groups: list[PlanGroup], num_classes: int) -> list[GroupSize]:
+    """Sizes of the plan's groups in the spec's model with its freezing at the start."""
+    return param_group_sizes(meta_model(spec, num_classes), groups)
+
+
+def with_model_groups(plan: Plan, spec: JobSpec, num_classes: int) -> Plan:
+    """The plan's groups split by the model's depths (optim.layer_decay), with their parameter counts."""
+    model = meta_model(spec, num_classes)
+    if spec.optim.layer_decay is not None:
+        plan = replace(plan, param_groups=plan_groups(spec, plan.scaled_lr, layer_ids(model)[1]))
+    return plan.with_group_sizes(param_group_sizes(model, plan.param_groups))
 
 
 def resolve_plan(spec: JobSpec, world_size: int, splits: Splits | None = None) -> Resolved:
@@ -65,8 +87,7 @@ def resolve_plan(spec: JobSpec, world_size: int, splits: Splits | None = None) -
     num_train = len(splits.train) if splits is not None else spec.data.num_train_samples
     num_classes = resolve_num_classes(spec, splits)
     check_input_size(spec.model.arch, num_classes, spec.data.image_size)
-    plan = make_plan(spec, num_train, world_size)
-    plan = plan.with_group_sizes(count_group_sizes(spec, plan.param_groups, num_classes))
+    plan = with_model_groups(make_plan(spec, num_train, world_size), spec, num_classes)
     return Resolved(plan, num_classes, splits)
 
 

@@ -36,20 +36,29 @@ def check_timm_arch(arch: str) -> None:
                          f"any of timm.list_models() ({len(names)} names: resnet50, convnext_tiny, vit_small_patch16_224, ...)"])
 
 
-def build_timm(arch: str, num_classes: int, dropout: float | None, image_size: int) -> nn.Module:
+def build_timm(arch: str, num_classes: int, dropout: float | None, image_size: int,
+               drop_path_rate: float | None = None) -> nn.Module:
     """timm's model for num_classes, its own init, nothing downloaded (pretrained=False). Models with a
-    fixed input size (ViTs) are built for `image_size`."""
+    fixed input size (ViTs) are built for `image_size`; ModelError naming the key a model does not take."""
     import timm
 
     from orchestrator.train.models import ModelError
 
     name = arch.removeprefix(TIMM_PREFIX)
     kwargs = {} if dropout is None else {"drop_rate": dropout}
+    if drop_path_rate is not None:
+        kwargs["drop_path_rate"] = drop_path_rate
     if _takes_img_size(name):
         kwargs["img_size"] = image_size
     try:
         return timm.create_model(name, pretrained=False, num_classes=num_classes, **kwargs)
-    except (RuntimeError, TypeError, ValueError, AssertionError) as exc:
+    except TypeError as exc:
+        key = next((k for k in ("drop_path_rate", "drop_rate") if k in str(exc)), None)
+        if key is None:
+            raise ModelError(f"model.arch: {arch} cannot be built (TypeError: {str(exc).splitlines()[0][:200]})") from None
+        spec_key = "model.drop_path_rate" if key == "drop_path_rate" else "model.dropout"
+        raise ModelError(f"{spec_key}: {arch} takes no {key}; leave {spec_key} null") from None
+    except (RuntimeError, ValueError, AssertionError) as exc:
         raise ModelError(f"model.arch: {arch} cannot be built ({type(exc).__name__}: {str(exc).splitlines()[0][:200]})") from None
 
 
