@@ -275,6 +275,19 @@ class OptimSpec(_Section):
     _known_optimizer = named("name", OPTIMIZER_NAMES)
 
 
+class EarlyStoppingSpec(_Section):
+    """Stop a run whose metric has stopped improving (HF EarlyStoppingCallback, Keras EarlyStopping)."""
+
+    metric: str = "val_loss"
+    """the metric watched (a name of catalog.WATCHABLE; its better direction is the catalog's)"""
+    patience: int = Field(3, ge=1)
+    """epochs without an improvement after which the run stops"""
+    min_delta: float = Field(0.0, ge=0)
+    """an improvement is a change in the better direction larger than this (in the metric's units)"""
+
+    _known_metric = named("metric", WATCHABLE, "metric")
+
+
 class ScheduleSpec(_Section):
     name: str = "cosine"
     """a name of catalog.DECAY_NAMES"""
@@ -308,6 +321,9 @@ class ScheduleSpec(_Section):
     """onecycle: the LR ends at scaled_lr / (div_factor x final_div_factor)"""
     power: float = Field(1.0, gt=0)
     """poly: the factor is (1 - progress) ** power over the steps after warmup"""
+    early_stopping: EarlyStoppingSpec | None = None
+    """{metric, patience, min_delta}: stop when the metric has not improved for `patience` epochs; the best
+    weights are kept and evaluated; null: train every epoch"""
 
     _known_schedule = named("name", DECAY_NAMES)
     _known_metric = named("plateau_metric", WATCHABLE, "metric")
@@ -337,6 +353,9 @@ class ScalingSpec(_Section):
 class RunSpec(_Section):
     storage: str = "./runs"
     """local path or URI shared by all nodes; the run folder is <storage>/<name>/"""
+    keep_best: int = Field(1, ge=1)
+    """the best checkpoints kept (by val acc@1, ties by val loss) besides the latest keep_checkpoints: the best in
+    checkpoint_best/, the next ones in checkpoint_best_2/ ... checkpoint_best_K/"""
     keep_checkpoints: int = Field(2, ge=1)
     """latest epoch checkpoints kept (the best is kept besides)"""
     max_failures: int = Field(2, ge=0)

@@ -7,6 +7,8 @@ chosen (`improved`), and the columns the driver prints per epoch (`DISPLAY`). No
 
 from __future__ import annotations
 
+from orchestrator.config.catalog import WATCHABLE
+
 LR_PREFIX = "lr/"
 DISPLAY = (("train_loss", 10, 4), ("val_loss", 9, 4), ("val_acc1", 8, 4), ("val_acc5", 8, 4))
 """(column, width, decimals) the progress view prints for every epoch, after the epoch number"""
@@ -44,3 +46,28 @@ def improved(best: dict | None, row: dict) -> bool:
     value, old = row["val_acc1"], best["val_acc1"]
     return value > old or (value == old and row["val_loss"] < best["val_loss"])
 
+
+
+def early_stop(rows: list[dict], metric: str, patience: int, min_delta: float = 0.0) -> tuple[int, int] | None:
+    """(epoch at which a run stops early, epoch of the metric's best), 0-based, or None while it trains on:
+    the first epoch that ends `patience` epochs without the metric improving on its best by more than
+    min_delta (in the direction catalog.WATCHABLE gives). A pure function of the rows, so every rank and
+    a resumed run decide alike."""
+    sign = 1.0 if WATCHABLE[metric] == "max" else -1.0
+    best_value, best_epoch = None, None
+    for row in rows:
+        value = row.get(metric)
+        if value is None:
+            continue
+        if best_value is None or sign * (value - best_value) > min_delta:
+            best_value, best_epoch = value, row["epoch"]
+        elif row["epoch"] - best_epoch >= patience:
+            return row["epoch"], best_epoch
+    return None
+
+
+def best_epochs(rows: list[dict], k: int) -> list[int]:
+    """The epochs of the k best rows, best first, in `improved`'s order (val acc@1, then lower val loss,
+    then the earlier epoch: the one `improved` kept)."""
+    ranked = sorted(rows, key=lambda row: (-row["val_acc1"], row["val_loss"], row["epoch"]))
+    return [row["epoch"] for row in ranked[:k]]

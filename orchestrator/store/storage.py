@@ -3,7 +3,8 @@
 Writes are atomic where the filesystem allows it (write a temp file, then rename; object stores
 replace whole objects anyway). Owns the layout: `spec.yaml`, `plan.json`, `metrics.parquet`,
 `summary.json`, `model.safetensors`, `checkpoint_epoch_NNNN/checkpoint.pt` (the latest
-`run.keep_checkpoints`), `checkpoint_best/checkpoint.pt`, `checkpoint_step/checkpoint.pt` (mid-epoch), `workers.json` (where each rank ran) and
+`run.keep_checkpoints`), `checkpoint_best/checkpoint.pt` (and `checkpoint_best_epoch_NNNN/` for the
+`run.keep_best` best), `checkpoint_step/checkpoint.pt` (mid-epoch), `workers.json` (where each rank ran) and
 `ray.log` (Ray's own log lines), `run.lock`, `tensorboard/` (event files), and what later commands
 write: `report/` (report, evaluate) and `export/`. A sweep's folder holds `sweep.json`,
 `results.parquet`, `best.yaml` and `trials/<trial id>/` (each a run folder, `trials_storage`). Every
@@ -57,6 +58,8 @@ SWEEP_RESULTS_FILE = "results.parquet"
 SWEEP_BEST_FILE = "best.yaml"
 SWEEP_TRIALS_DIR = "trials"
 EPOCH_DIR_PATTERN = re.compile(r"^checkpoint_epoch_(\d+)$")
+BEST_EPOCH_DIR_PATTERN = re.compile(r"^checkpoint_best_epoch_(\d+)$")
+"""run.keep_best K > 1: the K best epochs' checkpoints, checkpoint_best_epoch_NNNN/checkpoint.pt"""
 TEMP_PATTERN = re.compile(r"\.tmp-[0-9a-f]{8}$")
 """temporary files of an atomic write (`<name>.tmp-<8 hex>`); left only by a write that died"""
 
@@ -233,6 +236,18 @@ class RunFolder:
         self.write_bytes(f"{epoch_dir_name(epoch)}/{CHECKPOINT_FILE}", data)
         for _, path in self.epoch_checkpoints()[:-keep]:
             self.delete_dir(path.rsplit("/", 1)[0])
+
+    def keep_best_checkpoints(self, epoch: int, data: bytes, kept: list[int]) -> None:
+        """run.keep_best K > 1: write this epoch's checkpoint as checkpoint_best_epoch_NNNN/ when it is among
+        `kept` (the K best epochs), and delete those no longer among them."""
+        if epoch in kept:
+            self.write_bytes(f"checkpoint_best_epoch_{epoch:04d}/{CHECKPOINT_FILE}", data)
+        if not self.exists(""):
+            return
+        for info in self.fs.get_file_info(pafs.FileSelector(self.root, recursive=False)):
+            match = BEST_EPOCH_DIR_PATTERN.match(info.base_name)
+            if match and int(match.group(1)) not in kept:
+                self.delete_dir(info.base_name)
 
     def local_path(self, relative: str = "") -> Path:
         assert self.is_local, "only for local run folders"

@@ -25,7 +25,7 @@ from orchestrator.data.loaders import (EVAL_BATCH_SIZE, StreamedDataset, eval_lo
 from orchestrator.data.device_decode import DeviceDecoded
 from orchestrator.data.sources import load_splits
 from orchestrator.data.splits import Splits
-from orchestrator.store.metrics import epoch_row, improved
+from orchestrator.store.metrics import best_epochs, early_stop, epoch_row, improved
 from orchestrator.store.storage import (BAD_IMAGES_FILE, BEST_CHECKPOINT, METRICS_FILE, PLAN_FILE, SPEC_FILE, STEP_CHECKPOINT, STEP_DIR,
                                         SUMMARY_FILE, WEIGHTS_FILE, RunFolder)
 from orchestrator.train import checkpoint as ckpt
@@ -112,6 +112,8 @@ def _loader_workers(run: Run, train_set, trainee: Trainee) -> int:
 def _train_epochs(run: Run, trainee: Trainee, loaders) -> str | None:
     """The remaining epochs, each saved; returns the divergence message that stopped them, or None."""
     for epoch in range(run.state.next_epoch, run.plan.epochs):
+        if _stopped_early(run) is not None:
+            break
         _apply_epoch_changes(run, trainee, epoch)
         try:
             row = _run_epoch(run, trainee, loaders, epoch)
@@ -121,7 +123,20 @@ def _train_epochs(run: Run, trainee: Trainee, loaders) -> str | None:
         stall = stall_line(row, run.spec, run.loader_workers)
         if stall and run.env.rank == 0:
             run.env.log(stall)
+    stopped = _stopped_early(run)
+    if stopped is not None and run.env.rank == 0:
+        stop = run.spec.schedule.early_stopping
+        run.env.log(f"early stopping: {stop.metric} has not improved by more than {stop.min_delta:g} for {stop.patience} "
+                    f"epochs (best at epoch {stopped[1] + 1}); stopped after epoch {stopped[0] + 1} of {run.plan.epochs}")
     return None
+
+
+def _stopped_early(run: Run) -> tuple[int, int] | None:
+    """(epoch the run stopped after, epoch of the best metric), 0-based, once schedule.early_stopping says stop."""
+    stop = run.spec.schedule.early_stopping
+    if stop is None or len(run.state.rows) >= run.plan.epochs:
+        return None
+    return early_stop(run.state.rows, stop.metric, stop.patience, stop.min_delta)
 
 
 def _announce(env: WorkerEnv, splits: Splits, built: BuiltModel, spec: JobSpec) -> None:
@@ -300,6 +315,8 @@ def _save_epoch(run: Run, trainee: Trainee, row: dict) -> None:
         data = ckpt.encode(trainee, state, run.spec, run.plan)
         if is_best:
             run.folder.write_bytes(BEST_CHECKPOINT, data)
+        if run.spec.run.keep_best > 1:
+            run.folder.keep_best_checkpoints(row["epoch"], data, best_epochs(state.rows, run.spec.run.keep_best))
     env.report(row, data, row["epoch"])
     if env.rank == 0:
         if run.folder.exists(STEP_CHECKPOINT):
@@ -329,6 +346,7 @@ def _finish(run: Run, splits: Splits, model: nn.Module, diverged: str | None) ->
         "test_acc1": None, "test_acc5": None, "test_loss": None, "test_images": 0,
         "images_per_s_mean": float(np.mean([r["images_per_s"] for r in state.rows])) if state.rows else None,
         "run_folder": run.folder.uri,
+        "stopped_early_at_epoch": stopped[0] + 1 if (stopped := _stopped_early(run)) else None,
     }
     if diverged or not state.rows:
         return summary

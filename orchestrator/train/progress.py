@@ -167,7 +167,8 @@ def summary_table(summary: dict) -> Table:
         ("test acc@1", _fmt(summary.get("test_acc1"))),
         ("test acc@5", _fmt(summary.get("test_acc5"))),
         ("best val acc@1", f"{_fmt(summary.get('best_val_acc1'))} (epoch {summary['best_epoch'] + 1})" if summary.get("best_epoch") is not None else "-"),
-        ("epochs", f"{summary['epochs_completed']} of {summary['epochs']}"),
+        ("epochs", f"{summary['epochs_completed']} of {summary['epochs']}"
+                   + (" (stopped early: schedule.early_stopping)" if summary.get("stopped_early_at_epoch") else "")),
         ("images/s (mean)", _fmt(summary.get("images_per_s_mean"), 0)),
         ("training time", f"{summary['wall_s']:.1f} s"),
         ("run folder", summary["run_folder"]),

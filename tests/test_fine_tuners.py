@@ -1,0 +1,61 @@
+"""Issue 25: what fine-tuners reach for: early stopping and the k best checkpoints (item 4)."""
+
+import json
+
+import pyarrow.parquet as pq
+import pytest
+from conftest import tiny_job
+
+from orchestrator.cli import main
+from orchestrator.store.metrics import best_epochs, early_stop
+
+
+def rows(metric: str, values: list[float]) -> list[dict]:
+    return [{"epoch": epoch, metric: value} for epoch, value in enumerate(values)]
+
+
+def test_early_stop_counts_epochs_without_an_improvement_larger_than_min_delta():
+    assert early_stop(rows("val_loss", [1.0, 0.9, 0.95, 0.91]), "val_loss", patience=2) == (3, 1)
+    assert early_stop(rows("val_loss", [1.0, 0.9, 0.95, 0.89]), "val_loss", patience=2) is None   # improved in time
+    assert early_stop(rows("val_acc1", [0.5, 0.6, 0.6, 0.61]), "val_acc1", patience=2, min_delta=0.02) == (3, 1)
+    assert early_stop(rows("val_acc1", [0.5, 0.4, 0.3]), "val_acc1", patience=3) is None
+    assert best_epochs([{"epoch": 0, "val_acc1": 0.5, "val_loss": 1.0}, {"epoch": 1, "val_acc1": 0.7, "val_loss": 0.8},
+                        {"epoch": 2, "val_acc1": 0.7, "val_loss": 0.6}, {"epoch": 3, "val_acc1": 0.6, "val_loss": 0.5}],
+                       3) == [2, 1, 3]
+
+
+def test_a_run_stops_early_keeps_the_best_k_and_a_rerun_does_not_train_on(tmp_path, write_job, capsys):
+    # min_delta 1.0: accuracy can never improve by more than a whole, so the run stops `patience` epochs in
+    job = write_job(tiny_job(tmp_path / "runs", "es", scaling={"num_workers": 1},
+                             schedule={"epochs": 6, "warmup_epochs": 0,
+                                       "early_stopping": {"metric": "val_acc1", "patience": 2, "min_delta": 1.0}},
+                             run={"keep_best": 2}))
+    assert main(["train", str(job), "--local"]) == 0
+    out = capsys.readouterr().out
+    assert "early stopping: val_acc1 has not improved by more than 1 for 2 epochs (best at epoch 1); " \
+           "stopped after epoch 3 of 6" in " ".join(out.split())
+    run = tmp_path / "runs" / "es"
+    summary = json.loads((run / "summary.json").read_text())
+    assert summary["status"] == "completed" and summary["stopped_early_at_epoch"] == 3 and summary["epochs_completed"] == 3
+    assert summary["test_acc1"] is not None                                # the best weights were evaluated
+    metrics = pq.read_table(run / "metrics.parquet").to_pylist()
+    kept = sorted(p.name for p in run.glob("checkpoint_best_epoch_*"))
+    assert kept == sorted(f"checkpoint_best_epoch_{e:04d}" for e in best_epochs(metrics, 2)) and len(kept) == 2
+    assert (run / "checkpoint_best" / "checkpoint.pt").is_file()
+    assert main(["train", str(job), "--local"]) == 0                       # the re-run stops where the run did
+    assert "epoch    4" not in capsys.readouterr().out
+    assert len(pq.read_table(run / "metrics.parquet").to_pylist()) == 3
+    assert json.loads((run / "summary.json").read_text())["stopped_early_at_epoch"] == 3
+
+
+def test_early_stopping_names_a_metric_it_cannot_watch(tmp_path, write_job, capsys):
+    job = write_job(tiny_job(tmp_path, "bad", schedule={"early_stopping": {"metric": "val_acc2"}}))
+    assert main(["validate", str(job)]) == 2
+    assert "schedule.early_stopping.metric" in capsys.readouterr().err
+
+
+@pytest.mark.parametrize("keep_best", [0])
+def test_keep_best_is_at_least_one(tmp_path, write_job, capsys, keep_best):
+    job = write_job(tiny_job(tmp_path, "kb", run={"keep_best": keep_best}))
+    assert main(["validate", str(job)]) == 2
+    assert "run.keep_best" in capsys.readouterr().err
