@@ -32,8 +32,18 @@ class Evaluation:
     confusion: np.ndarray
     """int64 (classes, classes): row = true class, column = predicted class"""
 
+    @property
+    def balanced_and_f1(self) -> tuple[float, float]:
+        """(balanced accuracy, macro F1) from the confusion matrix, as the training loop computes them."""
+        from orchestrator.train.loop import class_balanced_scores
+
+        tally = np.stack([self.confusion.sum(axis=1), np.diag(self.confusion), self.confusion.sum(axis=0)])
+        return class_balanced_scores(torch.from_numpy(tally).double())
+
     def to_json(self) -> dict:
-        return {"acc1": self.acc1, "acc5": self.acc5, "per_class": self.per_class, "images": self.images}
+        balanced, f1 = self.balanced_and_f1
+        return {"acc1": self.acc1, "acc5": self.acc5, "balanced_acc": balanced, "macro_f1": f1,
+                "per_class": self.per_class, "images": self.images}
 
 
 def split_to_evaluate(trained: Trained, source: str | None, split: str):

@@ -139,7 +139,9 @@ def run_plots(spec, plan, rows: Sequence[dict]) -> dict[str, bytes]:
         "lr.png": lr_plot(spec, plan, rows),
         "loss.png": series_plot(rows, [("train_loss", "train loss"), ("val_loss", "val loss")], "cross-entropy", "loss",
                                 log_when_spread=True),
-        "accuracy.png": series_plot(rows, [("val_acc1", "val acc@1"), ("val_acc5", "val acc@5")], "accuracy", "validation accuracy"),
+        "accuracy.png": series_plot(rows, [("val_acc1", "val acc@1"), ("val_acc5", "val acc@5"),
+                                             ("val_balanced_acc", "val balanced acc"), ("val_macro_f1", "val macro F1")],
+                                      "accuracy", "validation accuracy"),
         "throughput.png": throughput_plot(rows),
     }
 
@@ -195,7 +197,8 @@ def run_report(folder: RunFolder) -> dict[str, bytes]:
              ("test acc@1", summary.get("test_acc1")), ("wall time (s)", info.wall_s)]
     if summary.get("message"):
         facts.append(("message", summary["message"]))
-    columns = ["epoch", "step", "train_loss", "val_loss", "val_acc1", "val_acc5", "images_per_s", "data_wait_s", "epoch_s"]
+    columns = ["epoch", "step", "train_loss", "val_loss", "val_acc1", "val_acc5", "val_balanced_acc", "val_macro_f1",
+               "images_per_s", "data_wait_s", "epoch_s"]
     body = (_table(None, facts, "facts")
             + "<h2>Learning rate</h2>" + _img("lr.png", plots["lr.png"])
             + "<h2>Loss and accuracy</h2>" + _img("loss.png", plots["loss.png"]) + _img("accuracy.png", plots["accuracy.png"])

@@ -120,8 +120,9 @@ def cmd_evaluate(args) -> int:
         print(strict_json(result.to_json()))
         err_console.print(f"wrote {where}/confusion_{result.split}.png")
         return 0
+    balanced, f1 = result.balanced_and_f1
     console.print(f"{trained.where} on the {result.split} split of {result.source}: acc@1 {result.acc1:.4f}, "
-                  f"acc@5 {result.acc5:.4f} ({result.images} images)")
+                  f"acc@5 {result.acc5:.4f}, balanced acc {balanced:.4f}, macro F1 {f1:.4f} ({result.images} images)")
     table = Table(title="per class", title_justify="left")
     for column in ("class", "images", "acc@1"):
         table.add_column(column, justify="left" if column == "class" else "right")
@@ -177,7 +178,7 @@ def add_evaluate(p: argparse.ArgumentParser) -> None:
     p.add_argument("run", help="run folder (path or URI)")
     p.add_argument("--data", metavar="SOURCE", help="another data.source with the run's classes (default: the run's data)")
     p.add_argument("--split", choices=["test", "val", "train"], default="test")
-    p.add_argument("--json", action="store_true", help='print {"acc1", "acc5", "per_class", "images"}')
+    p.add_argument("--json", action="store_true", help='print {"acc1", "acc5", "balanced_acc", "macro_f1", "per_class", "images"}')
     p.add_argument("--out", help="local folder for the confusion matrix PNG (default: the run folder's report/)")
 
 

@@ -56,6 +56,9 @@ def plan_table(plan, num_classes: int, spec=None) -> Table:
     ]
     if spec is not None:
         rows.append(("recipe", ", ".join(f"{k} {v}" for k, v in recipe(spec).items())))
+    if plan.class_weights:
+        rows.append(("class weights", ", ".join(f"{w:.3g}" for w in plan.class_weights)
+                     + (f" (loss.class_weights {spec.loss.class_weights})" if spec is not None and isinstance(spec.loss.class_weights, str) else "")))
     for key, value in rows:
         table.add_row(key, value)
     return table

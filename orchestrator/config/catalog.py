@@ -123,7 +123,8 @@ def augmentation_entry(entry: str | dict) -> tuple[str, dict]:
 
 DECAY_NAMES = ("constant", "step", "multistep", "exponential", "cosine", "plateau", "lambda", "onecycle", "poly")
 """schedule.name values"""
-WATCHABLE = {"val_acc1": "max", "val_acc5": "max", "val_loss": "min", "train_loss": "min"}
+WATCHABLE = {"val_acc1": "max", "val_acc5": "max", "val_balanced_acc": "max", "val_macro_f1": "max", "val_loss": "min",
+             "train_loss": "min"}
 """metric -> the direction that is better; what sweep.metric and schedule.plateau_metric may name"""
 SEARCH_KINDS = ("loguniform", "uniform", "randint", "choice", "grid")
 """sweep.space kinds"""

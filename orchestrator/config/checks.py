@@ -180,6 +180,12 @@ def _check_data(spec: JobSpec) -> list[str]:
                         f"(orchestrator pack) for data.source: shards: (now {data.source}, loader {data.loader})")
     if data.decode == "gpu" and (data.mixup_alpha > 0 or data.cutmix_alpha > 0):
         problems.append("data.decode: gpu does not mix batches yet; set data.mixup_alpha and data.cutmix_alpha to 0")
+    if streams and data.sampler == "balanced":
+        problems.append(f"data.sampler: balanced draws images by index; {data.source_kind}: streams them in packed order "
+                        "(use loss.class_weights: balanced, or an imagefolder source)")
+    if streams and spec.loss.class_weights == "balanced":
+        problems.append(f"loss.class_weights: balanced counts the train split's labels, which {data.source_kind}: does "
+                        "not hold in memory; give one weight per class as a list")
     if data.loader == "ray_data" and not streams:
         problems.append(f"data.loader: ray_data reads packed shards; data.source is {data.source} (orchestrator pack it first)")
     if data.loader == "ray_data" and spec.run.checkpoint_every_steps is not None:

@@ -70,6 +70,8 @@ class Plan:
     total_steps: int
     epochs: int
     param_groups: list[PlanGroup] = field(default_factory=list)
+    class_weights: list[float] | None = None
+    """the training loss's weight of each class, in class order (loss.class_weights); None: unweighted"""
 
     def to_dict(self) -> dict:
         return asdict(self)
@@ -89,6 +91,22 @@ class Plan:
 
 class PlanError(JobError, ValueError):
     """The spec is valid but cannot run on this data or this many workers."""
+
+
+def class_weights(spec: JobSpec, class_counts: list[int] | None) -> list[float] | None:
+    """loss.class_weights for these train-split counts per class: None (none), N / (C x n_c) (balanced,
+    sklearn's; a class without images gets 0), or the list given (PlanError when its length is not C)."""
+    chosen = spec.loss.class_weights
+    if chosen == "none":
+        return None
+    if chosen == "balanced":
+        if class_counts is None:
+            raise PlanError("loss.class_weights: balanced needs the train split's labels, which are not readable here")
+        total, classes = sum(class_counts), len(class_counts)
+        return [total / (classes * n) if n else 0.0 for n in class_counts]
+    if class_counts is not None and len(chosen) != len(class_counts):
+        raise PlanError(f"loss.class_weights: {len(chosen)} weights for {len(class_counts)} classes; give one per class")
+    return list(chosen)
 
 
 def scale_lr(base_lr: float, global_batch_size: int, base_batch_size: int, lr_scaling: str) -> tuple[float, str]:

@@ -9,7 +9,7 @@ checks across keys live in `config.checks`, reading a file and `--set` in `confi
 from __future__ import annotations
 
 import re
-from typing import Any, Literal
+from typing import Annotated, Any, Literal
 
 from pydantic import BaseModel, ConfigDict, Field, field_validator
 
@@ -82,6 +82,9 @@ class DataSpec(_Section):
     """where packed shards' training JPEGs are decoded: cpu (loader processes), or gpu: the loaders only read,
     and each batch is decoded on the training device in one call (torchvision's batched decode_jpeg), then
     cropped and flipped there; with scaling.use_gpu and shards:, not with MixUp/CutMix"""
+    sampler: Literal["shuffle", "balanced"] = "shuffle"
+    """shuffle: every image once an epoch; balanced: each epoch draws as many images with replacement, each class
+    equally often in expectation (seeded by seed and epoch: the global batch, resume and seeding hold)"""
     loader_workers: int | Literal["auto"] = "auto"
     """DataLoader worker processes per training worker, alive for the whole run; auto: 0 for in-memory
     data, else picked at start from a short measurement of a batch's decode+augment against a step's
@@ -226,6 +229,9 @@ class LossSpec(_Section):
     label_smoothing: float = Field(0.0, ge=0, lt=1)
     """training cross-entropy against (1 - e) one-hot + e / classes (Szegedy et al. 2016); validation loss
     stays the plain cross-entropy"""
+    class_weights: Literal["none", "balanced"] | list[Annotated[float, Field(gt=0)]] = "none"
+    """weights of the classes in the training loss: none, balanced (images / (classes x the class's images) of
+    the train split, as sklearn's), or one positive number per class in class order; the plan shows them"""
 
 
 class ParamGroupSpec(_Section):

@@ -107,7 +107,9 @@ class GlobalBatchSampler(torch.utils.data.Sampler):
     """
 
     def __init__(self, num_samples: int, per_worker_batch_size: int, world_size: int, rank: int,
-                 grad_accum_steps: int, seed: int):
+                 grad_accum_steps: int, seed: int, weights: torch.Tensor | None = None):
+        self.weights = weights
+        """data.sampler: balanced: each image's chance to be drawn (with replacement) instead of a permutation"""
         self.num_samples, self.batch, self.world, self.rank = num_samples, per_worker_batch_size, world_size, rank
         self.accum, self.seed, self.epoch, self.skip_steps = grad_accum_steps, seed, 0, 0
         self.global_batch = per_worker_batch_size * world_size * grad_accum_steps
@@ -121,13 +123,23 @@ class GlobalBatchSampler(torch.utils.data.Sampler):
 
     def __iter__(self):
         generator = torch.Generator().manual_seed(self.seed * 100_003 + self.epoch)
-        order = torch.randperm(self.num_samples, generator=generator).tolist()
+        if self.weights is None:
+            order = torch.randperm(self.num_samples, generator=generator).tolist()
+        else:
+            order = torch.multinomial(self.weights, self.num_samples, replacement=True, generator=generator).tolist()
         base = seed_base(self.seed, self.epoch)
         for step in range(self.skip_steps, self.steps):
             for micro in range(self.accum):
                 start = step * self.global_batch + (micro * self.world + self.rank) * self.batch
                 for position in range(start, start + self.batch):
                     yield order[position], base + position
+
+
+def balanced_weights(labels: np.ndarray) -> torch.Tensor:
+    """Each image's chance under data.sampler: balanced: 1 / its class's images, so every class is drawn
+    equally often in expectation."""
+    counts = np.bincount(labels)
+    return torch.from_numpy(1.0 / counts[labels]).double()
 
 
 class MixBatches:
@@ -166,7 +178,8 @@ def train_loader(dataset: Dataset | StreamedDataset, data: DataSpec, plan: Plan,
                                             mix=MixBatches(data, num_classes).mix if mixing else None)
         return DataLoader(stream, batch_size=None, num_workers=workers, worker_init_fn=seed_worker, generator=generator,
                           persistent_workers=workers > 0, pin_memory=pin_memory)
-    sampler = GlobalBatchSampler(len(dataset), plan.per_worker_batch_size, plan.world_size, rank, plan.grad_accum_steps, seed)
+    sampler = GlobalBatchSampler(len(dataset), plan.per_worker_batch_size, plan.world_size, rank, plan.grad_accum_steps, seed,
+                                 balanced_weights(dataset.labels.numpy()) if data.sampler == "balanced" else None)
     return DataLoader(dataset, batch_size=plan.per_worker_batch_size, sampler=sampler, drop_last=True,
                       num_workers=workers, worker_init_fn=seed_worker, generator=generator,
                       collate_fn=MixBatches(data, num_classes) if mixing else None, persistent_workers=workers > 0,

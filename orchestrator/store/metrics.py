@@ -33,6 +33,7 @@ def epoch_row(epoch: int, step: int, lrs: dict[str, float], train, val, wall_s: 
     row = {"epoch": epoch, "step": step, **{lr_column(name): lr for name, lr in lrs.items()}}
     row.update({
         "train_loss": train.train_loss, "val_loss": val.loss, "val_acc1": val.acc1, "val_acc5": val.acc5,
+        "val_balanced_acc": val.balanced_acc, "val_macro_f1": val.macro_f1,
         "images_per_s": train.images / train.seconds if train.seconds > 0 else 0.0,
         "train_s": train.seconds, "data_wait_s": train.data_wait_s, "val_s": val.seconds, "epoch_s": train.seconds + val.seconds, "wall_s": wall_s,
     })

@@ -16,7 +16,7 @@ from pathlib import Path
 
 from orchestrator.store.storage import TENSORBOARD_DIR, RunFolder
 
-EPOCH_SCALARS = ("train_loss", "val_loss", "val_acc1", "val_acc5", "images_per_s", "epoch_s", "train_s", "data_wait_s")
+EPOCH_SCALARS = ("train_loss", "val_loss", "val_acc1", "val_acc5", "val_balanced_acc", "val_macro_f1", "images_per_s", "epoch_s", "train_s", "data_wait_s")
 FLUSH_S = 10
 
 

@@ -344,6 +344,7 @@ def _finish(run: Run, splits: Splits, model: nn.Module, diverged: str | None) ->
         "best_epoch": state.best["epoch"] if state.best else None,
         "best_val_acc1": state.best["val_acc1"] if state.best else None,
         "test_acc1": None, "test_acc5": None, "test_loss": None, "test_images": 0,
+        "test_balanced_acc": None, "test_macro_f1": None,
         "images_per_s_mean": float(np.mean([r["images_per_s"] for r in state.rows])) if state.rows else None,
         "run_folder": run.folder.uri,
         "stopped_early_at_epoch": stopped[0] + 1 if (stopped := _stopped_early(run)) else None,
@@ -357,7 +358,8 @@ def _finish(run: Run, splits: Splits, model: nn.Module, diverged: str | None) ->
         test = evaluate(model, eval_loader(test_set, spec.data, EVAL_BATCH_SIZE, run.env.rank, run.env.world_size,
                                            run.loader_workers),
                         run.env.device, spec.scaling.amp, spec.scaling.channels_last)
-        summary.update(test_acc1=test.acc1, test_acc5=test.acc5, test_loss=test.loss, test_images=test.images)
+        summary.update(test_acc1=test.acc1, test_acc5=test.acc5, test_loss=test.loss, test_images=test.images,
+                       test_balanced_acc=test.balanced_acc, test_macro_f1=test.macro_f1)
     if run.env.rank == 0:
         _write_weights(run, model, splits, summary["best_epoch"])
     return summary

@@ -15,6 +15,7 @@ and all-reduces them when torch.distributed is up.
 from __future__ import annotations
 
 import contextlib
+import functools
 import time
 from collections.abc import Callable, Iterator
 from dataclasses import dataclass, field
@@ -65,6 +66,10 @@ class EvalStats:
     acc5: float
     images: int
     seconds: float = 0.0
+    balanced_acc: float = float("nan")
+    """the mean over classes of each class's recall (classes with images in the split)"""
+    macro_f1: float = float("nan")
+    """the mean over classes of F1 (classes with images or predictions), as sklearn's f1_score(average='macro')"""
 
 
 @dataclass(frozen=True)
@@ -87,6 +92,8 @@ class StepSettings:
     """(mean, std) to normalise uint8 training batches with on the device (data.datasets.delivers_uint8)"""
     checkpoint_every_steps: int | None = None
     """run.checkpoint_every_steps: the loss is checked before every mid-epoch checkpoint"""
+    class_weights: tuple[float, ...] | None = None
+    """the training loss's weight of each class (plan.class_weights); None: unweighted"""
 
     def must_check(self, step: int) -> bool:
         """Whether the loss is checked after optimizer step `step` (0-based, global): every
@@ -131,13 +138,14 @@ def autocast(device: torch.device, amp: str):
     return torch.autocast(device_type=device.type, dtype=torch.bfloat16 if amp == "bf16" else torch.float16)
 
 
-def classification_loss(output, labels: torch.Tensor, label_smoothing: float = 0.0) -> tuple[torch.Tensor, torch.Tensor]:
+def classification_loss(output, labels: torch.Tensor, label_smoothing: float = 0.0,
+                        weight: torch.Tensor | None = None) -> tuple[torch.Tensor, torch.Tensor]:
     """(loss with aux heads weighted in, main logits). `labels`: class indices, or class probabilities
-    (N, classes) as MixUp/CutMix make them."""
+    (N, classes) as MixUp/CutMix make them; `weight`: per-class weights of the loss (None: unweighted)."""
     logits, aux = model_output_logits(output)
-    loss = F.cross_entropy(logits, labels, label_smoothing=label_smoothing)
+    loss = F.cross_entropy(logits, labels, weight=weight, label_smoothing=label_smoothing)
     for aux_logits in aux:
-        loss = loss + AUX_LOSS_WEIGHT * F.cross_entropy(aux_logits, labels, label_smoothing=label_smoothing)
+        loss = loss + AUX_LOSS_WEIGHT * F.cross_entropy(aux_logits, labels, weight=weight, label_smoothing=label_smoothing)
     return loss, logits
 
 
@@ -288,6 +296,7 @@ def _forward_backward(trainee: Trainee, model: nn.Module, group: list, settings:
     returns the summed loss, on the device."""
     accum = len(group)
     step_loss = torch.zeros((), device=settings.device)
+    weight = _class_weight_tensor(settings.class_weights, settings.device)
     for i, (batch_images, labels) in enumerate(group):
         batch_images, labels = _to_device(batch_images, labels, settings.device, settings.channels_last,
                                           settings.mean_std)
@@ -295,11 +304,17 @@ def _forward_backward(trainee: Trainee, model: nn.Module, group: list, settings:
         sync = contextlib.nullcontext() if last or not hasattr(model, "no_sync") else model.no_sync()
         with sync:
             with autocast(settings.device, settings.amp):
-                loss, _ = classification_loss(model(batch_images), labels, settings.label_smoothing)
+                loss, _ = classification_loss(model(batch_images), labels, settings.label_smoothing, weight)
             scaled = loss / accum
             (trainee.scaler.scale(scaled) if trainee.scaler else scaled).backward()
         step_loss = step_loss + loss.detach().float()
     return step_loss
+
+
+@functools.lru_cache(maxsize=4)
+def _class_weight_tensor(weights: tuple[float, ...] | None, device: torch.device) -> torch.Tensor | None:
+    """The class weights on the device, made once (not a host-to-device copy every step)."""
+    return None if weights is None else torch.tensor(weights, dtype=torch.float32, device=device)
 
 
 def _optimizer_step(trainee: Trainee, grad_clip_norm: float | None) -> None:
@@ -331,10 +346,12 @@ def make_ema(model: nn.Module, decay: float) -> torch.optim.swa_utils.AveragedMo
 
 @torch.no_grad()
 def evaluate(model: nn.Module, loader, device: torch.device, amp: str = "none", channels_last: bool = False) -> EvalStats:
-    """Mean loss, top-1 and top-5 accuracy (fractions) over the whole split, all ranks together."""
+    """Mean loss, top-1 and top-5 accuracy, balanced accuracy and macro F1 (fractions) over the whole
+    split, all ranks together."""
     started = time.perf_counter()
     model.eval()
     sums = torch.zeros(3, dtype=torch.float64, device=device)   # loss, top-1 hits, top-5 hits: read once, at the end
+    per_class = None   # (3, classes): images, correct top-1, top-1 predictions of each class
     count = 0
     for images, labels in loader:
         images, labels = _to_device(images, labels, device, channels_last)
@@ -345,9 +362,33 @@ def evaluate(model: nn.Module, loader, device: torch.device, amp: str = "none", 
         correct = top.eq(labels[:, None])
         sums += torch.stack([F.cross_entropy(logits, labels, reduction="sum"), correct[:, :1].sum(),
                              correct.any(dim=1).sum()]).double()
+        per_class = _class_tally(per_class, labels, top[:, 0], logits.shape[1])
         count += len(labels)
-    loss_sum, hits1, hits5, count = _all_reduce_sum([*sums.tolist(), count], device)
+    classes = per_class.shape[1] if per_class is not None else 0
+    reduced = _all_reduce_sum([*sums.tolist(), count, *(per_class.flatten().tolist() if classes else [])], device)
+    loss_sum, hits1, hits5, count = reduced[:4]
     seconds = time.perf_counter() - started
     if count == 0:
         return EvalStats(float("nan"), float("nan"), float("nan"), 0, seconds)
-    return EvalStats(loss_sum / count, hits1 / count, hits5 / count, int(count), seconds)
+    balanced, f1 = class_balanced_scores(torch.tensor(reduced[4:], dtype=torch.float64).reshape(3, classes))
+    return EvalStats(loss_sum / count, hits1 / count, hits5 / count, int(count), seconds, balanced, f1)
+
+
+def _class_tally(tally: torch.Tensor | None, labels: torch.Tensor, predicted: torch.Tensor, classes: int) -> torch.Tensor:
+    """Adds a batch's per-class images, correct top-1 and top-1 predictions to `tally` (3, classes), on the device."""
+    if tally is None:
+        tally = torch.zeros(3, classes, dtype=torch.float64, device=labels.device)
+    tally[0] += torch.bincount(labels, minlength=classes).double()
+    tally[1] += torch.bincount(labels[predicted == labels], minlength=classes).double()
+    tally[2] += torch.bincount(predicted, minlength=classes).double()
+    return tally
+
+
+def class_balanced_scores(tally: torch.Tensor) -> tuple[float, float]:
+    """(balanced accuracy, macro F1) from per-class (images, correct, predicted) counts."""
+    images, correct, predicted = tally
+    present = images > 0
+    balanced = float((correct[present] / images[present]).mean()) if present.any() else float("nan")
+    seen = present | (predicted > 0)
+    f1 = 2 * correct[seen] / (images[seen] + predicted[seen])
+    return balanced, float(f1.mean()) if seen.any() else float("nan")

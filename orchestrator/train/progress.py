@@ -166,6 +166,7 @@ def summary_table(summary: dict) -> Table:
     rows = [
         ("test acc@1", _fmt(summary.get("test_acc1"))),
         ("test acc@5", _fmt(summary.get("test_acc5"))),
+        ("test balanced acc, macro F1", f"{_fmt(summary.get('test_balanced_acc'))}, {_fmt(summary.get('test_macro_f1'))}"),
         ("best val acc@1", f"{_fmt(summary.get('best_val_acc1'))} (epoch {summary['best_epoch'] + 1})" if summary.get("best_epoch") is not None else "-"),
         ("epochs", f"{summary['epochs_completed']} of {summary['epochs']}"
                    + (" (stopped early: schedule.early_stopping)" if summary.get("stopped_early_at_epoch") else "")),

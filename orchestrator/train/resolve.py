@@ -11,13 +11,14 @@ from __future__ import annotations
 
 from dataclasses import dataclass, replace
 
+import numpy as np
 import torch
 
-from orchestrator.config.plan import GroupSize, Plan, PlanGroup, make_plan, plan_groups
+from orchestrator.config.plan import GroupSize, Plan, PlanGroup, class_weights, make_plan, plan_groups
 from orchestrator.config.spec import JobSpec
 from orchestrator.data.augment import check_transforms
 from orchestrator.data.sources import load_splits
-from orchestrator.data.splits import DataError, Splits
+from orchestrator.data.splits import DataError, Split, Splits
 from orchestrator.train.compiled import check_compile
 from orchestrator.train.layer_decay import layer_ids
 from orchestrator.train.models import (
@@ -88,7 +89,17 @@ def resolve_plan(spec: JobSpec, world_size: int, splits: Splits | None = None) -
     num_classes = resolve_num_classes(spec, splits)
     check_input_size(spec.model.arch, num_classes, spec.data.image_size)
     plan = with_model_groups(make_plan(spec, num_train, world_size), spec, num_classes)
+    counts = train_class_counts(splits, num_classes)
+    if spec.loss.class_weights != "none":
+        plan = replace(plan, class_weights=class_weights(spec, counts))
     return Resolved(plan, num_classes, splits)
+
+
+def train_class_counts(splits: Splits | None, num_classes: int) -> list[int] | None:
+    """Images of each class in the train split held in memory; None for a streamed split or no data."""
+    if splits is None or not isinstance(splits.train, Split):
+        return None
+    return np.bincount(splits.train.labels, minlength=num_classes).tolist()
 
 
 def check_weights_fit(spec: JobSpec, resolved: Resolved) -> None:

@@ -84,7 +84,8 @@ class Run:
         return StepSettings(self.plan.steps_per_epoch, self.plan.grad_accum_steps, multiplier, self.env.device,
                             scaling.amp, scaling.channels_last, self.spec.optim.grad_clip_norm,
                             self.spec.loss.label_smoothing, (self.spec.data.mean, self.spec.data.std),
-                            self.spec.run.checkpoint_every_steps)
+                            self.spec.run.checkpoint_every_steps,
+                            tuple(self.plan.class_weights) if self.plan.class_weights else None)
 
 
 def seed_epoch(seed: int, epoch: int, rank: int) -> int:
