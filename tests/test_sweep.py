@@ -74,12 +74,23 @@ def test_a_trial_of_several_workers_is_a_torchtrainer_run(ray_session, tmp_path,
     job["scaling"]["num_workers"] = 2
     job["schedule"]["epochs"] = 1
     job["sweep"].update(max_concurrent_trials=1, space={"optim.base_lr": {"grid": [0.05]}})
+    tracking = f"sqlite:///{tmp_path / 'mlflow.db'}"           # issue 25: the sweep a parent MLflow run, the trial its child
+    job["run"]["mlflow"] = {"tracking_uri": tracking, "experiment": "sweeps"}
     assert main(["sweep", str(write_job(job))]) == 0
     folder = tmp_path / "runs" / "wide"
     rows = pq.read_table(folder / "results.parquet").to_pylist()
     assert [(r["status"], r["epochs_run"]) for r in rows] == [("completed", 1)]
     placement = json.loads((folder / "trials" / rows[0]["trial_id"] / "workers.json").read_text())
     assert [w["rank"] for w in placement] == [0, 1]                 # two Ray Train workers, DDP
+    from mlflow import MlflowClient
+
+    client = MlflowClient(tracking)
+    runs = {r.info.run_name: r for r in client.search_runs([client.get_experiment_by_name("sweeps").experiment_id])}
+    assert set(runs) == {"wide", rows[0]["trial_id"]}
+    child = runs[rows[0]["trial_id"]]
+    assert child.data.tags["mlflow.parentRunId"] == runs["wide"].info.run_id and "val_acc1" in child.data.metrics
+    assert runs["wide"].info.status == "FINISHED" and {"best.yaml", "results.parquet"} <= {
+        a.path for a in client.list_artifacts(runs["wide"].info.run_id)}
 
 
 def test_space_is_validated_before_anything_runs(tmp_path, write_job, capsys):

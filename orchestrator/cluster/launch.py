@@ -10,6 +10,8 @@ itself (start, join, logs, auth, stop) is `session.py`'s.
 
 from __future__ import annotations
 
+import os
+
 import threading
 from dataclasses import dataclass
 from typing import TYPE_CHECKING
@@ -138,7 +140,8 @@ def build_trainer(spec: JobSpec, plan: Plan, queue=None, callbacks: list | None 
         datasets = {"train": train_dataset(spec.data, load_splits(spec.data, spec.seed).train)}
     return Trainer(
         train_fn,
-        train_loop_config={"spec": spec.to_dict(), "plan": plan.to_dict(), "queue": queue, "fault": fault_from_env()},
+        train_loop_config={"spec": spec.to_dict(), "plan": plan.to_dict(), "queue": queue, "fault": fault_from_env(),
+                           "mlflow_tracking_uri": os.environ.get("MLFLOW_TRACKING_URI")},
         scaling_config=ScalingConfig(num_workers=plan.world_size, use_gpu=scaling.use_gpu, resources_per_worker=resources,
                                      placement_strategy=scaling.placement_strategy),
         run_config=RunConfig(name=spec.name, storage_path=absolute_storage(spec.run.storage),

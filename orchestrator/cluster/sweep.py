@@ -32,9 +32,10 @@ from orchestrator.config.errors import Interrupted
 from orchestrator.config.jobfile import validate_spec
 from orchestrator.config.keys import with_values
 from orchestrator.config.spec import JobSpec
+from orchestrator.train.tracking import open_sweep_tracking
 from orchestrator.store.runs import trial_folder, trial_status
 from orchestrator.cluster.leaderboard import finish_sweep, leaderboard, leaderboard_rows
-from orchestrator.store.storage import METRICS_FILE, SWEEP_STATE_FILE, RunFolder, trials_storage
+from orchestrator.store.storage import METRICS_FILE, SWEEP_BEST_FILE, SWEEP_RESULTS_FILE, SWEEP_STATE_FILE, RunFolder, trials_storage
 
 TUNE_DIR = "tune"
 STATE_VERSION = 1
@@ -317,6 +318,7 @@ def run_sweep(spec: JobSpec, raw: dict, console: Console, resume: bool = False, 
         os.environ.setdefault("RAY_AIR_NEW_OUTPUT", "0")   # Tune's own reporter, silent at verbose=0
     sweep, sweep_cfg = RunFolder(spec.run.storage, spec.name), spec.sweep
     state, to_run = open_sweep(spec, sweep, resume, console)
+    spec, parent = open_sweep_tracking(spec, sweep, console.print)
     if to_run:
         console.print(f"sweep {spec.name}: {len(state['trials'])} trials of {', '.join(sweep_cfg.space)}; ASHA over "
                       f"{spec.schedule.epochs} epochs (grace {sweep_cfg.asha.grace_period}, reduction {sweep_cfg.asha.reduction_factor:g}); "
@@ -324,7 +326,10 @@ def run_sweep(spec: JobSpec, raw: dict, console: Console, resume: bool = False, 
                       f"{spec.scaling.num_workers} worker(s) each")
         interrupted = Interruption()
         _run_tuner(make_tuner(spec, sweep, state, to_run, interrupted), interrupted, sweep, spec, state, console)
-    return finish_sweep(spec, raw, sweep, leaderboard_rows(sweep, spec, state["trials"]), console)
+    summary = finish_sweep(spec, raw, sweep, leaderboard_rows(sweep, spec, state["trials"]), console)
+    if parent:
+        parent.finish(sweep, {"status": "completed"}, [SWEEP_BEST_FILE, SWEEP_RESULTS_FILE], None)
+    return summary
 
 
 STOP_WAIT_S = 60.0

@@ -115,6 +115,8 @@ def train_fn(config: dict) -> None:
 
     spec = JobSpec.model_validate(config["spec"])
     plan = Plan.from_dict(config["plan"])
+    if config.get("mlflow_tracking_uri"):   # the driver's MLFLOW_TRACKING_URI reaches rank 0's tracking (train/tracking.py)
+        os.environ.setdefault("MLFLOW_TRACKING_URI", config["mlflow_tracking_uri"])
     context = ray.train.get_context()
     torch.set_num_threads(max(1, int(spec.scaling.cpus_per_worker)))
 

@@ -356,9 +356,23 @@ class ScalingSpec(_Section):
     """SyncBatchNorm across workers"""
 
 
+class MlflowSpec(_Section):
+    """MLflow tracking of the run (train/tracking.py); the `[mlflow]` extra."""
+
+    tracking_uri: str | None = None
+    """http(s)://HOST:PORT of a tracking server, sqlite:///PATH, or a folder; null: MLFLOW_TRACKING_URI"""
+    experiment: str | None = None
+    """the MLflow experiment the run goes in (made when missing); null: orchestrator"""
+    parent_run_id: str | None = None
+    """the MLflow run this one is a child of (orchestrator sweep sets it for its trials)"""
+
+
 class RunSpec(_Section):
     storage: str = "./runs"
     """local path or URI shared by all nodes; the run folder is <storage>/<name>/"""
+    mlflow: MlflowSpec | None = None
+    """{tracking_uri, experiment}: log params, metrics, artifacts and the model to MLflow (rank 0); null: only
+    when MLFLOW_TRACKING_URI is set"""
     keep_best: int = Field(1, ge=1)
     """the best checkpoints kept (by val acc@1, ties by val loss) besides the latest keep_checkpoints: the best in
     checkpoint_best/, the next ones in checkpoint_best_2/ ... checkpoint_best_K/"""

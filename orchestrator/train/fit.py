@@ -20,25 +20,55 @@ from torch import nn
 from orchestrator.config.jobfile import spec_to_yaml
 from orchestrator.config.plan import Plan, PlanError
 from orchestrator.config.spec import JobSpec
-from orchestrator.data.loaders import (EVAL_BATCH_SIZE, StreamedDataset, eval_loader, loader_workers, make_dataset,
-                                       start_epoch, train_loader)
 from orchestrator.data.device_decode import DeviceDecoded
+from orchestrator.data.loaders import (
+    EVAL_BATCH_SIZE,
+    StreamedDataset,
+    eval_loader,
+    loader_workers,
+    make_dataset,
+    start_epoch,
+    train_loader,
+)
 from orchestrator.data.sources import load_splits
 from orchestrator.data.splits import Splits
 from orchestrator.store.metrics import best_epochs, early_stop, epoch_row, improved
-from orchestrator.store.storage import (BAD_IMAGES_FILE, BEST_CHECKPOINT, METRICS_FILE, PLAN_FILE, SPEC_FILE, STEP_CHECKPOINT, STEP_DIR,
-                                        SUMMARY_FILE, WEIGHTS_FILE, RunFolder)
+from orchestrator.store.storage import (
+    BAD_IMAGES_FILE,
+    BEST_CHECKPOINT,
+    METRICS_FILE,
+    PLAN_FILE,
+    SPEC_FILE,
+    STEP_CHECKPOINT,
+    STEP_DIR,
+    SUMMARY_FILE,
+    WEIGHTS_FILE,
+    RunFolder,
+)
 from orchestrator.train import checkpoint as ckpt
 from orchestrator.train import progress
 from orchestrator.train.compiled import compile_in_place
 from orchestrator.train.eventlog import EventLog
-from orchestrator.train.loop import DivergenceError, Tally, Trainee, evaluate, train_one_epoch
-from orchestrator.train.models import BuiltModel, build_model, frozen_norm_layers, set_trainable, trainability_rows
+from orchestrator.train.loop import (
+    DivergenceError,
+    Tally,
+    Trainee,
+    evaluate,
+    train_one_epoch,
+)
+from orchestrator.train.models import (
+    BuiltModel,
+    build_model,
+    frozen_norm_layers,
+    set_trainable,
+    trainability_rows,
+)
 from orchestrator.train.optim import rebuild_keeping_state, switch_to_sgd
 from orchestrator.train.pace import pick_loader_workers, share_cpus, stall_line
 from orchestrator.train.resolve import resolve_num_classes
 from orchestrator.train.resume import find_resume_point, restore_trainee
 from orchestrator.train.run import Run, WorkerEnv, build_trainee, seed_epoch
+from orchestrator.train.tracking import finish_tracking, open_tracking
 
 
 def fit(spec: JobSpec, plan: Plan, env: WorkerEnv, splits: Splits | None = None) -> dict:
@@ -76,12 +106,18 @@ def fit(spec: JobSpec, plan: Plan, env: WorkerEnv, splits: Splits | None = None)
     _start(run, resume_point, splits.bad_images)
     try:
         diverged = _train_epochs(run, trainee, loaders)
+    except BaseException as exc:
+        if run.tracker:
+            run.tracker.fail("KILLED" if isinstance(exc, KeyboardInterrupt) else "FAILED")
+        raise
     finally:
         if run.events:
             run.events.close()
     summary = _finish(run, splits, trainee.evaluated, diverged)
     if env.rank == 0:
         folder.write_json(SUMMARY_FILE, summary)
+        if run.tracker:
+            finish_tracking(run.tracker, folder, summary, splits.class_names)
         env.emit(progress.Summary(summary))
     return summary
 
@@ -169,6 +205,9 @@ def _start(run: Run, resume_point: tuple[dict, str] | None, bad_images: list[lis
         if resume_point is not None:
             run.folder.write_rows(METRICS_FILE, run.state.rows)
         run.events = EventLog(run.folder, run.state.step)
+        run.tracker = open_tracking(run.spec, run.folder, run.plan.to_dict(), env.log)
+        if run.tracker and resume_point is not None:
+            run.tracker.catch_up(run.state.rows)
 
 
 def _make_trainee(run: Run, built: BuiltModel, payload: dict | None) -> Trainee:
@@ -294,6 +333,8 @@ def _on_step(run: Run, start: progress.EpochStart, trainee: Trainee, save=None):
         shown = reporter(step, loss, lrs) if reporter else None
         if run.events:   # the loss as the progress line read it: no host wait on the other steps
             run.events.step(step, shown, dict(zip(names, lrs)))
+        if run.tracker and shown is not None:
+            run.tracker.step(step, shown, dict(zip(names, lrs)))
         if save:
             save(step)
         if env.step_hook:
@@ -323,6 +364,8 @@ def _save_epoch(run: Run, trainee: Trainee, row: dict) -> None:
             run.folder.delete_dir(STEP_DIR)   # the epoch checkpoint supersedes it
         run.folder.write_rows(METRICS_FILE, state.rows)
         run.events.epoch(row)
+        if run.tracker:
+            run.tracker.epoch(row)
         env.emit(progress.EpochEnd(row, is_best))
     env.on_epoch_end(row)
 

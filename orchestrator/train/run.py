@@ -22,6 +22,7 @@ from orchestrator.store.storage import RunFolder
 from orchestrator.train import checkpoint as ckpt
 from orchestrator.train import progress
 from orchestrator.train.eventlog import EventLog
+from orchestrator.train.tracking import MlflowLog
 from orchestrator.train.loop import StepSettings, Trainee, make_ema
 from orchestrator.train.models import frozen_norm_layers
 from orchestrator.train.optim import SwatsTracker, build_optimizer
@@ -70,6 +71,8 @@ class Run:
     unfreeze: list[tuple[int, list[str]]]
     """(epoch, parameter names that start training at it)"""
     events: EventLog | None = None
+    tracker: MlflowLog | None = None
+    """rank 0's MLflow run (run.mlflow / MLFLOW_TRACKING_URI), or None"""
     """TensorBoard event files (rank 0)"""
     loader_workers: int = 0
     """DataLoader processes of this rank's loaders (data.loader_workers, or what auto picked)"""

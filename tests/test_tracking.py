@@ -1,0 +1,91 @@
+"""Issue 25, item 5: MLflow tracking, against a local sqlite store and a real `mlflow server` on 127.0.0.1."""
+
+import json
+import socket
+import subprocess
+import sys
+import time
+import urllib.request
+
+import pytest
+from conftest import tiny_job
+from test_resilience import StopRun, run_fit
+
+from orchestrator.cli import main
+
+mlflow = pytest.importorskip("mlflow")
+
+
+def experiment_runs(uri: str, experiment: str) -> list:
+    client = mlflow.MlflowClient(uri)
+    return client, client.search_runs([client.get_experiment_by_name(experiment).experiment_id])
+
+
+def test_a_run_logs_params_metrics_artifacts_and_its_model_and_a_resume_continues_it(tmp_path):
+    uri = f"sqlite:///{tmp_path / 'mlflow.db'}"
+    job = tiny_job(tmp_path / "runs", "tracked", scaling={"num_workers": 1}, schedule={"epochs": 2, "warmup_epochs": 0},
+                   run={"mlflow": {"tracking_uri": uri, "experiment": "digits"}})
+    with pytest.raises(StopRun):
+        run_fit(job, stop_after_epoch=0)
+    first = json.loads((tmp_path / "runs" / "tracked" / "mlflow.json").read_text())["run_id"]
+    assert run_fit(job)["status"] == "completed"
+    client, runs = experiment_runs(uri, "digits")
+    assert [r.info.run_id for r in runs] == [first]                           # the resume went on in the same run
+    run = runs[0]
+    assert run.info.status == "FINISHED" and run.data.params["optim.base_lr"] == "0.1"
+    assert run.data.params["plan.global_batch_size"] == "8" and run.data.params["model.arch"] == "resnet18"
+    history = client.get_metric_history(first, "val_acc1")
+    assert len(history) == 2 and sorted(m.step for m in history) == [9, 18]  # one per epoch, at its optimizer step
+    assert client.get_metric_history(first, "lr/rest:norm/bias")               # step LRs, names MLflow takes
+    artifacts = {a.path for a in client.list_artifacts(first)}
+    assert {"summary.json", "plan.json", "spec.yaml", "metrics.parquet", "report"} <= artifacts
+    models = client.search_logged_models([run.info.experiment_id])
+    assert len(models) == 1 and json.loads(models[0].params["classes"]) == ["0", "1", "2"]
+    assert str(models[0].status).endswith("READY")
+
+
+def _free_port() -> int:
+    with socket.socket() as s:
+        s.bind(("127.0.0.1", 0))
+        return s.getsockname()[1]
+
+
+@pytest.mark.slow
+def test_a_real_tracking_server_through_mlflow_tracking_uri(tmp_path, write_job, monkeypatch, capsys):
+    port = _free_port()
+    server = subprocess.Popen([sys.executable, "-m", "mlflow", "server", "--host", "127.0.0.1", "--port", str(port),
+                               "--backend-store-uri", f"sqlite:///{tmp_path / 'server.db'}",
+                               "--artifacts-destination", str(tmp_path / "artifacts"), "--workers", "1"],
+                              stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL)
+    try:
+        deadline = time.time() + 90
+        while True:
+            try:
+                urllib.request.urlopen(f"http://127.0.0.1:{port}/health", timeout=2)
+                break
+            except OSError:
+                assert time.time() < deadline and server.poll() is None, "mlflow server did not start"
+                time.sleep(0.5)
+        monkeypatch.setenv("MLFLOW_TRACKING_URI", f"http://127.0.0.1:{port}")
+        job = write_job(tiny_job(tmp_path / "runs", "served", scaling={"num_workers": 1},
+                                 schedule={"epochs": 1, "warmup_epochs": 0}))
+        assert main(["train", str(job), "--local"]) == 0
+        assert "mlflow" not in capsys.readouterr().out                          # no warning
+        client, runs = experiment_runs(f"http://127.0.0.1:{port}", "orchestrator")
+        assert len(runs) == 1 and runs[0].info.status == "FINISHED" and "val_acc1" in runs[0].data.metrics
+        assert "summary.json" in {a.path for a in client.list_artifacts(runs[0].info.run_id)}
+    finally:
+        server.terminate()
+        server.wait(timeout=30)
+
+
+def test_a_tracking_server_that_is_down_costs_a_warning_not_the_run(tmp_path, write_job, capsys):
+    job = write_job(tiny_job(tmp_path / "runs", "untracked", scaling={"num_workers": 1},
+                             schedule={"epochs": 1, "warmup_epochs": 0},
+                             run={"mlflow": {"tracking_uri": f"http://127.0.0.1:{_free_port()}"}}))
+    started = time.perf_counter()
+    assert main(["train", str(job), "--local"]) == 0
+    out = " ".join(capsys.readouterr().out.split())
+    assert out.count("warning: mlflow: cannot reach http://127.0.0.1:") == 1 and "tracking is off for this run" in out
+    assert json.loads((tmp_path / "runs" / "untracked" / "summary.json").read_text())["status"] == "completed"
+    assert time.perf_counter() - started < 120                                   # no minutes of retries
