@@ -118,3 +118,27 @@ def test_shards_refuse_the_balanced_sampler_and_counted_weights(tmp_path, write_
     assert main(["validate", str(job)]) == 2
     err = capsys.readouterr().err
     assert "data.sampler: balanced draws images by index" in err and "loss.class_weights: balanced counts" in err
+
+
+# item 6: report RUN [RUN ...] --out DIR
+
+def test_report_puts_a_fine_tune_and_a_scratch_run_on_shared_axes(tmp_path, write_job, capsys):
+    runs = tmp_path / "runs"
+    source = write_job(tiny_job(runs, "source", scaling={"num_workers": 1}, schedule={"epochs": 1, "warmup_epochs": 0}),
+                       "source.yaml")
+    assert main(["train", str(source), "--local"]) == 0
+    for name, weights in (("finetune", str(runs / "source")), ("scratch", None)):
+        job = write_job(tiny_job(runs, name, model={"weights": weights}, scaling={"num_workers": 1, "per_worker_batch_size": 16},
+                                 schedule={"epochs": 2, "warmup_epochs": 0}), f"{name}.yaml")
+        assert main(["train", str(job), "--local"]) == 0
+    capsys.readouterr()
+    assert main(["report", str(runs / "finetune"), str(runs / "scratch")]) == 2     # several runs need --out
+    assert "give --out DIR" in capsys.readouterr().err
+    out = tmp_path / "compare"
+    assert main(["report", str(runs / "finetune"), str(runs / "scratch"), "--out", str(out)]) == 0
+    assert sorted(p.name for p in out.iterdir()) == ["accuracy.png", "index.html", "loss.png", "lr.png", "val_loss.png"]
+    page = (out / "index.html").read_text()
+    assert page.count("data:image/png;base64,") == 4 and "finetune" in page and "scratch" in page
+    assert f"{runs / 'source'}" in page                                         # the facts name each run's weights
+    summary = json.loads((runs / "scratch" / "summary.json").read_text())
+    assert f"{summary['test_acc1']:.4g}" in page                               # and its final figures

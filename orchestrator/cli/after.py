@@ -60,12 +60,20 @@ def cmd_report(args) -> int:
     from orchestrator.store.runs import folder_kind
     from orchestrator.store.storage import REPORT_DIR
 
-    folder = open_run_folder(args.run)
-    kind = folder_kind(folder)
-    if kind is None:
-        raise TrainedError(f"{folder.uri} is neither a run folder (spec.yaml) nor a sweep folder (sweep.json)")
-    files = sweep_report(folder) if kind == "sweep" else run_report(folder)
-    where = write_outputs(folder, REPORT_DIR, args.out, files)
+    folders = [open_run_folder(run) for run in args.run]
+    for folder in folders:
+        if folder_kind(folder) is None:
+            raise TrainedError(f"{folder.uri} is neither a run folder (spec.yaml) nor a sweep folder (sweep.json)")
+    if len(folders) > 1:
+        from orchestrator.after.compare import compare_report
+
+        if not args.out:
+            raise TrainedError("report: several runs go into one page: give --out DIR")
+        files = compare_report(folders)
+    else:
+        folder = folders[0]
+        files = sweep_report(folder) if folder_kind(folder) == "sweep" else run_report(folder)
+    where = write_outputs(folders[0], REPORT_DIR, args.out, files)
     console.print(f"wrote {where}/index.html and {len(files) - 1} PNG plot(s): "
                   + ", ".join(sorted(n for n in files if n.endswith(".png"))))
     return 0
@@ -160,9 +168,10 @@ def add_runs(p: argparse.ArgumentParser) -> None:
 
 
 def add_report(p: argparse.ArgumentParser) -> None:
-    """PNG plots and one self-contained HTML page of a run or a sweep"""
-    p.add_argument("run", metavar="RUN_OR_SWEEP", help="run or sweep folder (path or URI)")
-    p.add_argument("--out", help="local folder to write to (default: the run folder's report/)")
+    """PNG plots and one self-contained HTML page of a run or a sweep, or of several runs side by side"""
+    p.add_argument("run", metavar="RUN_OR_SWEEP", nargs="+",
+                   help="run or sweep folder (path or URI); several: their curves on shared axes (a sweep: its trials)")
+    p.add_argument("--out", help="local folder to write to (default: the run folder's report/; several runs: required)")
 
 
 def add_export(p: argparse.ArgumentParser) -> None:
