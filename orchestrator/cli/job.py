@@ -150,7 +150,7 @@ def _record_stop(folder, exc: BaseException, spec_before) -> None:
         record_stop(folder, "failed", first_line, spec_before)
 
 def _train_planned(args, spec, resolved) -> int:
-    from orchestrator.cluster.launch import open_run, say_resume, train_local, train_on_ray
+    from orchestrator.cluster.launch import open_run, say_resume, track_report, train_local, train_on_ray
     from orchestrator.train.progress import summary_table
 
     plan = resolved.plan
@@ -160,6 +160,7 @@ def _train_planned(args, spec, resolved) -> int:
         summary, first_step_s = train_local(spec, plan, console, resolved.splits)
     else:
         summary, first_step_s = train_on_ray(spec, plan, console)
+    track_report(spec, console)
     console.print(summary_table(summary))
     if first_step_s is not None:
         console.print(f"first training step {first_step_s:.1f} s after the command started")

@@ -117,6 +117,17 @@ def train_local(spec: JobSpec, plan: Plan, console: Console, splits=None) -> tup
     return summary, seconds_since_process_start(view.first_step_at)
 
 
+def track_report(spec: JobSpec, console: Console) -> None:
+    """A run that logs to MLflow (its folder's mlflow.json) gets its report as artifacts, from the driver."""
+    from orchestrator.after.report import run_report
+    from orchestrator.train.tracking import reopen_tracking
+
+    folder = RunFolder(spec.run.storage, spec.name)
+    tracker = reopen_tracking(folder, console.print)
+    if tracker is not None:
+        tracker.log_files("report", run_report(folder))
+
+
 def build_trainer(spec: JobSpec, plan: Plan, queue=None, callbacks: list | None = None):
     """The TorchTrainer for this spec and plan (gloo on CPU, NCCL on GPU: Ray's defaults).
 

@@ -3,7 +3,8 @@
 Each section is a pydantic model (unknown keys are errors); each field's docstring says what it
 means and its unit (`docs/job-file.md` is generated from them). Names a key may take are checked
 against `config.catalog`, so importing and validating this module imports no torch or Ray. The
-checks across keys live in `config.checks`, reading a file and `--set` in `config.jobfile`.
+checks across keys live in `config.checks`, reading a file and `--set` in `config.jobfile`. The run and
+sweep sections are in `config.run_spec`.
 """
 
 from __future__ import annotations
@@ -11,19 +12,13 @@ from __future__ import annotations
 import re
 from typing import Annotated, Any, Literal
 
-from pydantic import BaseModel, ConfigDict, Field, field_validator
+from pydantic import Field, field_validator
 
 from orchestrator.config.catalog import (AUGMENTATIONS, DECAY_NAMES, HEAD_INIT_NAMES, OPTIMIZER_NAMES, SOURCES,
                                          WATCHABLE, augmentation_entry, source_entry)
 from orchestrator.config.errors import did_you_mean, one_of
-
-
-def named(field: str, names, what: str = "value"):
-    """A validator of `field`: its value must be one of `names` (a catalog table)."""
-    def check(cls, value: str) -> str:
-        return one_of(value, list(names), what)
-
-    return field_validator(field)(classmethod(check))
+from orchestrator.config.run_spec import AshaSpec, MlflowSpec, RunSpec, SweepSpec  # noqa: F401 (their home is run_spec)
+from orchestrator.config.section import _Section, named
 
 
 def check_augmentation(entry, index: int) -> None:
@@ -40,10 +35,6 @@ def check_augmentation(entry, index: int) -> None:
     if unknown:
         raise ValueError(f"entry {index} ({name}): takes no {', '.join(map(repr, unknown))}"
                          f"{did_you_mean(unknown[0], takes)}; its arguments: {', '.join(takes) or 'none'}")
-
-
-class _Section(BaseModel):
-    model_config = ConfigDict(extra="forbid", validate_assignment=False, allow_inf_nan=False)
 
 
 class SyntheticSpec(_Section):
@@ -354,61 +345,6 @@ class ScalingSpec(_Section):
     """Ray placement of the workers: `PACK`, `SPREAD`, `STRICT_PACK`, `STRICT_SPREAD`"""
     sync_bn: bool = False
     """SyncBatchNorm across workers"""
-
-
-class MlflowSpec(_Section):
-    """MLflow tracking of the run (train/tracking.py); the `[mlflow]` extra."""
-
-    tracking_uri: str | None = None
-    """http(s)://HOST:PORT of a tracking server, sqlite:///PATH, or a folder; null: MLFLOW_TRACKING_URI"""
-    experiment: str | None = None
-    """the MLflow experiment the run goes in (made when missing); null: orchestrator"""
-    parent_run_id: str | None = None
-    """the MLflow run this one is a child of (orchestrator sweep sets it for its trials)"""
-
-
-class RunSpec(_Section):
-    storage: str = "./runs"
-    """local path or URI shared by all nodes; the run folder is <storage>/<name>/"""
-    mlflow: MlflowSpec | None = None
-    """{tracking_uri, experiment}: log params, metrics, artifacts and the model to MLflow (rank 0); null: only
-    when MLFLOW_TRACKING_URI is set"""
-    keep_best: int = Field(1, ge=1)
-    """the best checkpoints kept (by val acc@1, ties by val loss) besides the latest keep_checkpoints: the best in
-    checkpoint_best/, the next ones in checkpoint_best_2/ ... checkpoint_best_K/"""
-    keep_checkpoints: int = Field(2, ge=1)
-    """latest epoch checkpoints kept (the best is kept besides)"""
-    max_failures: int = Field(2, ge=0)
-    """worker-group restarts from the latest checkpoint before the run fails"""
-    deterministic: bool = False
-    """torch.use_deterministic_algorithms: bitwise-repeatable on CPU, slower"""
-    checkpoint_every_steps: int | None = Field(None, ge=1)
-    """also checkpoint every this many optimizer steps inside an epoch (a killed run resumes at the next
-    step); None: at epoch ends only"""
-
-
-class AshaSpec(_Section):
-    grace_period: int = Field(1, ge=1)
-    """epochs every trial runs before it can be stopped"""
-    reduction_factor: float = Field(3, gt=1)
-    """ASHA keeps 1 / reduction_factor of the trials at each rung"""
-
-
-class SweepSpec(_Section):
-    metric: str = "val_acc1"
-    """a name of catalog.WATCHABLE"""
-    mode: Literal["max", "min"] = "max"
-    """whether a higher or a lower sweep.metric is better"""
-    num_samples: int = Field(8, ge=1)
-    """trials"""
-    max_concurrent_trials: int | None = Field(None, ge=1)
-    """trials at once; `null` = what the cluster fits"""
-    asha: AshaSpec = Field(default_factory=AshaSpec)
-    """ASHA's early stopping (epochs are its time unit; max_t = schedule.epochs)"""
-    space: dict[str, dict[str, Any]] = Field(default_factory=dict)
-    """`{optim.base_lr: {loguniform: [1e-4, 1e-1]}, schedule.name: {choice: [cosine, step]}}`; kinds `loguniform`, `uniform`, `randint`, `choice`, `grid`"""
-
-    _known_metric = named("metric", WATCHABLE, "metric")
 
 
 NAME_MAX_CHARS = 100

@@ -68,6 +68,7 @@ from orchestrator.train.pace import pick_loader_workers, share_cpus, stall_line
 from orchestrator.train.resolve import resolve_num_classes
 from orchestrator.train.resume import find_resume_point, restore_trainee
 from orchestrator.train.run import Run, WorkerEnv, build_trainee, seed_epoch
+from orchestrator.train.step_checkpoint import mid_epoch_saver
 from orchestrator.train.tracking import finish_tracking, open_tracking
 
 
@@ -275,7 +276,7 @@ def _run_epoch(run: Run, trainee: Trainee, loaders, epoch: int) -> dict:
     settings = run.step_settings()
     first_step = state.step - skip
     tally = Tally(**state.tally) if skip and state.tally else Tally()
-    on_step = _on_step(run, start, trainee, _mid_epoch_saver(run, trainee, first_step, tally))
+    on_step = _on_step(run, start, trainee, mid_epoch_saver(run, trainee, first_step, tally))
     stats = train_one_epoch(trainee, train, settings, epoch, first_step, on_step, skip, tally)
     val_stats = evaluate(trainee.evaluated, val, env.device, settings.amp, settings.channels_last)
     state.step, state.epoch_steps, state.tally, state.rng_by_rank = first_step + plan.steps_per_epoch, 0, None, None
@@ -284,42 +285,6 @@ def _run_epoch(run: Run, trainee: Trainee, loaders, epoch: int) -> dict:
     lrs = {g.name: None for g in plan.param_groups}   # every group has its column; null while it has nothing training
     lrs.update({group["name"]: lr for group, lr in zip(trainee.optimizer.param_groups, stats.last_lrs)})
     return epoch_row(epoch, state.step, lrs, stats, val_stats, state.wall_s + time.perf_counter() - run.started)
-
-
-def _mid_epoch_saver(run: Run, trainee: Trainee, first_step: int, tally: Tally):
-    """A step callback (every rank) that writes the run folder's mid-epoch checkpoint every
-    run.checkpoint_every_steps optimizer steps (not at an epoch's end: the epoch checkpoint is that), or None."""
-    every = run.spec.run.checkpoint_every_steps
-    if every is None:
-        return None
-    started = time.perf_counter()
-    carried_s = tally.seconds
-
-    def save(step: int) -> None:
-        done = step + 1
-        if done % every or done - first_step >= run.plan.steps_per_epoch:
-            return
-        rng_by_rank = _gather([ckpt.rng_state()], run.env.world_size)
-        if run.env.rank != 0:
-            return
-        run.state.step = done
-        mid = {"epoch_steps": done - first_step, "rng_by_rank": rng_by_rank,
-               "tally": {**tally.to_dict(), "seconds": carried_s + time.perf_counter() - started},
-               "wall_s": run.state.wall_s + time.perf_counter() - run.started}
-        run.folder.write_bytes(STEP_CHECKPOINT, ckpt.encode(trainee, run.state, run.spec, run.plan, mid))
-
-    return save
-
-
-def _gather(values: list, world_size: int) -> list:
-    """Every rank's `values[0]`, in rank order (a collective when distributed)."""
-    import torch.distributed as dist
-
-    if world_size == 1 or not (dist.is_available() and dist.is_initialized()):
-        return values
-    everyone = [None] * world_size
-    dist.all_gather_object(everyone, values[0])
-    return everyone
 
 
 def _on_step(run: Run, start: progress.EpochStart, trainee: Trainee, save=None):

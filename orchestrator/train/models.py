@@ -24,7 +24,7 @@ from torch import nn
 from orchestrator.config.catalog import ARCH_NAMES, HEAD_INIT_NAMES, same_names
 from orchestrator.config.errors import JobError, SpecError, did_you_mean
 from orchestrator.config.spec import ModelSpec
-from orchestrator.train.timm_models import build_timm, check_timm_arch, is_timm, timm_head
+from orchestrator.train.timm_models import TimmBuildError, build_timm, check_timm_arch, is_timm, timm_head
 from orchestrator.train.weights import (LoadReport, WeightsError, abbreviate, align_keys, is_buffer_counter,
                                         load_matching, read_source_weights)
 
@@ -76,7 +76,10 @@ def build_architecture(arch: str, num_classes: int, image_size: int = 224, dropo
     """A torchvision (or `timm/<name>`) classifier with a fresh head for num_classes (no weights loaded).
     `drop_path_rate`: stochastic depth (timm's drop_path_rate, torchvision's stochastic_depth_prob)."""
     if is_timm(arch):
-        return build_timm(arch, num_classes, dropout, image_size, drop_path_rate)
+        try:
+            return build_timm(arch, num_classes, dropout, image_size, drop_path_rate)
+        except TimmBuildError as exc:
+            raise ModelError(str(exc)) from None
     known = classification_models()
     if arch not in known:
         import difflib

@@ -16,7 +16,12 @@ from pathlib import Path
 from torch import nn
 
 from orchestrator.config.catalog import TIMM_PREFIX, timm_arch_names
-from orchestrator.config.errors import SpecError, did_you_mean
+from orchestrator.config.errors import JobError, SpecError, did_you_mean
+from orchestrator.train.weight_files import WeightsError
+
+
+class TimmBuildError(JobError, ValueError):
+    """timm cannot build the model as the spec asks (models.build_architecture says it as a ModelError)."""
 
 
 def is_timm(arch: str) -> bool:
@@ -42,8 +47,6 @@ def build_timm(arch: str, num_classes: int, dropout: float | None, image_size: i
     fixed input size (ViTs) are built for `image_size`; ModelError naming the key a model does not take."""
     import timm
 
-    from orchestrator.train.models import ModelError
-
     name = arch.removeprefix(TIMM_PREFIX)
     kwargs = {} if dropout is None else {"drop_rate": dropout}
     if drop_path_rate is not None:
@@ -55,11 +58,11 @@ def build_timm(arch: str, num_classes: int, dropout: float | None, image_size: i
     except TypeError as exc:
         key = next((k for k in ("drop_path_rate", "drop_rate") if k in str(exc)), None)
         if key is None:
-            raise ModelError(f"model.arch: {arch} cannot be built (TypeError: {str(exc).splitlines()[0][:200]})") from None
+            raise TimmBuildError(f"model.arch: {arch} cannot be built (TypeError: {str(exc).splitlines()[0][:200]})") from None
         spec_key = "model.drop_path_rate" if key == "drop_path_rate" else "model.dropout"
-        raise ModelError(f"{spec_key}: {arch} takes no {key}; leave {spec_key} null") from None
+        raise TimmBuildError(f"{spec_key}: {arch} takes no {key}; leave {spec_key} null") from None
     except (RuntimeError, ValueError, AssertionError) as exc:
-        raise ModelError(f"model.arch: {arch} cannot be built ({type(exc).__name__}: {str(exc).splitlines()[0][:200]})") from None
+        raise TimmBuildError(f"model.arch: {arch} cannot be built ({type(exc).__name__}: {str(exc).splitlines()[0][:200]})") from None
 
 
 def _takes_img_size(name: str) -> bool:
@@ -82,8 +85,6 @@ def timm_weights_file(arch: str, tag: str) -> tuple[Path, str]:
     """(cached file, label) of timm's pretrained weights `tag` (DEFAULT: timm's default) of `arch`;
     WeightsError saying where it was looked for when it is not on this machine."""
     from timm.models import get_pretrained_cfg
-
-    from orchestrator.train.weights import WeightsError
 
     name = arch.removeprefix(TIMM_PREFIX)
     full = name if tag == "DEFAULT" else f"{name}.{tag}"
@@ -117,8 +118,6 @@ HF_WEIGHT_FILES = ("model.safetensors", "pytorch_model.bin")
 
 def _hf_cached(repo_id: str, label: str) -> Path:
     from huggingface_hub import constants, try_to_load_from_cache
-
-    from orchestrator.train.weights import WeightsError
 
     for file_name in HF_WEIGHT_FILES:
         found = try_to_load_from_cache(repo_id, file_name)

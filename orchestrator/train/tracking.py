@@ -101,6 +101,16 @@ class MlflowLog:
             if self.live and int(row["step"]) not in logged:
                 self.epoch(row)
 
+    def log_files(self, artifact_path: str, files: dict[str, bytes]) -> None:
+        """Files (name -> bytes) as artifacts under artifact_path."""
+        def log() -> None:
+            with tempfile.TemporaryDirectory() as staging:
+                for name, data in files.items():
+                    (Path(staging) / name).write_bytes(data)
+                self.client.log_artifacts(self.run_id, staging, artifact_path=artifact_path)
+
+        self._call(f"logging {artifact_path}", log)
+
     def finish(self, folder: RunFolder, summary: dict, files: list[str], classes: list[str] | None) -> None:
         """The run's files as artifacts, model.safetensors as a logged model, the run's end status."""
         for name in files:
@@ -183,24 +193,24 @@ def _new_run(client, spec: JobSpec, plan_dict: dict) -> str:
 
 
 def finish_tracking(tracker: MlflowLog, folder: RunFolder, summary: dict, classes: list[str]) -> None:
-    """The end of a tracked run: its files and report as artifacts, the model, the status."""
-    from orchestrator.after.report import run_report
-    from orchestrator.store.storage import (
-        METRICS_FILE,
-        PLAN_FILE,
-        SPEC_FILE,
-        SUMMARY_FILE,
-    )
+    """The end of a tracked run: its files as artifacts, the model, the status (the driver adds the report:
+    `reopen_tracking`)."""
+    from orchestrator.store.storage import METRICS_FILE, PLAN_FILE, SPEC_FILE, SUMMARY_FILE
 
-    tracker._call("writing the report", lambda: _log_report(tracker, run_report(folder)))
     tracker.finish(folder, summary, [SUMMARY_FILE, PLAN_FILE, SPEC_FILE, METRICS_FILE], classes)
 
 
-def _log_report(tracker: MlflowLog, files: dict[str, bytes]) -> None:
-    with tempfile.TemporaryDirectory() as staging:
-        for name, data in files.items():
-            (Path(staging) / name).write_bytes(data)
-        tracker.client.log_artifacts(tracker.run_id, staging, artifact_path="report")
+def reopen_tracking(folder: RunFolder, warn: Callable[[str], None]) -> MlflowLog | None:
+    """The MLflow run a run folder's mlflow.json names (the driver logs the report into it), or None."""
+    if not folder.exists(MLFLOW_FILE):
+        return None
+    recorded = json.loads(folder.read_bytes(MLFLOW_FILE))
+    try:
+        from mlflow import MlflowClient
+
+        return MlflowLog(MlflowClient(tracking_uri=recorded["tracking_uri"]), recorded["run_id"], warn)
+    except ImportError:
+        return None
 
 
 def open_sweep_tracking(spec: JobSpec, sweep: RunFolder, warn: Callable[[str], None]) -> tuple[JobSpec, MlflowLog | None]:
