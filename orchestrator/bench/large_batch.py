@@ -234,6 +234,7 @@ def plot(summary: dict, b0: int, path: Path) -> None:
         batches = [b0 * k for k in FACTORS]
         right.plot(batches, [base * b0 / b for b in batches], "k--", linewidth=1, label="perfect scaling")
     left.set_xscale("log", base=2)
+    left.set_yscale("log")   # SGD's 10-15% and an optimizer near chance on one axis
     left.set(xlabel="global batch (images per optimizer step)", ylabel="test error (%)", title="test error")
     right.set_xscale("log", base=2)
     right.set_yscale("log")
