@@ -38,7 +38,7 @@ def test_a_run_logs_params_metrics_artifacts_and_its_model_and_a_resume_continue
     assert len(history) == 2 and sorted(m.step for m in history) == [9, 18]  # one per epoch, at its optimizer step
     assert client.get_metric_history(first, "lr/rest:norm/bias")               # step LRs, names MLflow takes
     artifacts = {a.path for a in client.list_artifacts(first)}
-    assert {"summary.json", "plan.json", "spec.yaml", "metrics.parquet", "report"} <= artifacts
+    assert {"summary.json", "plan.json", "spec.yaml", "metrics.parquet"} <= artifacts   # the CLI adds the report
     models = client.search_logged_models([run.info.experiment_id])
     assert len(models) == 1 and json.loads(models[0].params["classes"]) == ["0", "1", "2"]
     assert str(models[0].status).endswith("READY")
@@ -73,7 +73,7 @@ def test_a_real_tracking_server_through_mlflow_tracking_uri(tmp_path, write_job,
         assert "mlflow" not in capsys.readouterr().out                          # no warning
         client, runs = experiment_runs(f"http://127.0.0.1:{port}", "orchestrator")
         assert len(runs) == 1 and runs[0].info.status == "FINISHED" and "val_acc1" in runs[0].data.metrics
-        assert "summary.json" in {a.path for a in client.list_artifacts(runs[0].info.run_id)}
+        assert {"summary.json", "report"} <= {a.path for a in client.list_artifacts(runs[0].info.run_id)}
     finally:
         server.terminate()
         server.wait(timeout=30)

@@ -17,12 +17,15 @@ class FoldError(UserError):
 def fold_batchnorm(model: nn.Module) -> tuple[nn.Module, int]:
     """(a copy of `model` in eval mode with each conv+BN pair folded into the conv, pairs folded).
 
-    Raises FoldError when the model cannot be traced by torch.fx (control flow on values).
+    Raises FoldError when the model cannot be traced by torch.fx (control flow on values). A model
+    without BatchNorm (a ViT) comes back as it is, 0 pairs folded: there is nothing to trace for.
     """
     from torch.fx.experimental.optimization import fuse
 
     model = model.eval()
     before = sum(isinstance(m, nn.modules.batchnorm._BatchNorm) for m in model.modules())
+    if before == 0:
+        return model, 0
     try:
         folded = fuse(model, inplace=False)
     except Exception as exc:   # torch.fx raises many types (TraceError, TypeError, ...) for untraceable code
