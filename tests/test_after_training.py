@@ -155,7 +155,9 @@ def test_evaluate_reproduces_the_summarys_test_accuracy(run, tmp_path, capsys):
     assert main(["evaluate", str(run), "--json", "--out", str(tmp_path)]) == 0
     result = json.loads(capsys.readouterr().out)
     summary = summary_of(run)
-    assert set(result) == {"acc1", "acc5", "per_class", "images"}
+    assert set(result) == {"acc1", "acc5", "balanced_acc", "macro_f1", "per_class", "images"}
+    assert result["balanced_acc"] == pytest.approx(summary["test_balanced_acc"])   # the loop's and evaluate's agree
+    assert result["macro_f1"] == pytest.approx(summary["test_macro_f1"])
     assert result["acc1"] == summary["test_acc1"] and result["acc5"] == summary["test_acc5"]
     assert result["images"] == summary["test_images"] and set(result["per_class"]) == {"0", "1", "2"}
     assert (tmp_path / "confusion_test.png").is_file()

@@ -77,17 +77,22 @@ def _hf_cache(tmp_path, monkeypatch, repo: str, tensors: dict) -> None:
     monkeypatch.setattr(huggingface_hub.constants, "HF_HUB_CACHE", str(root))
 
 
-def test_timm_pretrained_weights_come_from_the_hugging_face_cache(tmp_path, monkeypatch, write_job, capsys):
+@pytest.mark.parametrize("name", ["test_resnet", "test_convnext", "test_vit"])
+def test_timm_pretrained_weights_come_from_the_hugging_face_cache(tmp_path, monkeypatch, write_job, capsys, name):
+    """Fine-tuning a timm ResNet, ConvNeXt and ViT from the files timm's pretrained=True reads: the backbone
+    loads, the 1000-class head is left for the job's 3, and the run trains and exports."""
     import timm
 
-    source = timm.create_model("test_resnet", num_classes=1000).state_dict()
-    _hf_cache(tmp_path, monkeypatch, "timm/test_resnet.r160_in1k", {k: v.contiguous() for k, v in source.items()})
-    job = write_job(timm_job(tmp_path, "pre", "timm/test_resnet", model={"weights": "DEFAULT"}), "pre.yaml")
+    source = timm.create_model(name, num_classes=1000).state_dict()
+    _hf_cache(tmp_path, monkeypatch, f"timm/{name}.r160_in1k", {k: v.contiguous() for k, v in source.items()})
+    job = write_job(timm_job(tmp_path, "pre", f"timm/{name}", model={"weights": "DEFAULT"}), "pre.yaml")
     assert main(["train", str(job), "--local"]) == 0
-    printed = capsys.readouterr().out
-    assert "timm test_resnet.r160_in1k" in printed and "models--timm--test_resnet.r160_in1k" in printed
-    loaded = torch.load(next((tmp_path / "runs" / "pre").glob("checkpoint_*/checkpoint.pt")), weights_only=True)["model"]
-    assert not torch.equal(loaded["conv1.0.weight"], timm.create_model("test_resnet").state_dict()["conv1.0.weight"])
+    printed = " ".join(capsys.readouterr().out.split())
+    assert f"timm {name}.r160_in1k" in printed and f"models--timm--{name}.r160_in1k" in printed
+    target = timm.create_model(name, num_classes=3).state_dict()
+    backbone = len([k for k, v in source.items() if target[k].shape == v.shape])
+    assert f"loaded {backbone} tensors" in printed and " 0 missing, 0 unexpected" in printed   # all but the new head
+    assert main(["export", str(tmp_path / "runs" / "pre"), "--format", "onnx", "--out", str(tmp_path / "pre.onnx")]) == 0
 
 
 def test_timm_weights_not_on_this_machine_say_where_they_were_looked_for(tmp_path, monkeypatch, write_job, capsys):

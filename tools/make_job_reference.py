@@ -38,7 +38,7 @@ def rows(model, prefix: str, docs) -> list[str]:
         section = _section_of(annotation)
         if section is not None:   # a section, or an optional one (null unless set): its keys follow
             optional = "" if section is annotation else " (a mapping of the keys below)"
-            lines.append(f"| **{prefix}{name}** | | | {docs[model.__name__].get(name, '')}{optional} |")
+            lines.append(f"| **`{prefix}{name}`** | | | {docs[model.__name__].get(name, '')}{optional} |")
             lines += rows(section, f"{prefix}{name}.", docs)
             continue
         default = info.get_default(call_default_factory=True)
@@ -55,7 +55,10 @@ def _section_of(annotation):
 
     from pydantic import BaseModel
 
-    candidates = typing.get_args(annotation) if typing.get_args(annotation) else (annotation,)
+    import types
+
+    is_union = typing.get_origin(annotation) in (typing.Union, types.UnionType)
+    candidates = typing.get_args(annotation) if is_union else (annotation,)
     found = [a for a in candidates if isinstance(a, type) and issubclass(a, BaseModel)]
     return found[0] if len(found) == 1 and all(a is found[0] or a is type(None) for a in candidates) else None
 

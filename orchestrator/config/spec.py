@@ -157,7 +157,7 @@ class UnfreezeStep(_Section):
 
 class ModelSpec(_Section):
     arch: str = "resnet18"
-    """any torchvision classification model name"""
+    """any torchvision classification model name, or timm/<name> for any of timm.list_models() (docs/fine-tuning.md)"""
     weights: str | None = None
     """null | DEFAULT | torchvision weight name | run folder | a weights file of any tool (torchvision's
     references, timm, Lightning, plain state dicts, safetensors; .pth, .pt, .pth.tar, .ckpt, .bin, ...), read by content"""
