@@ -24,7 +24,8 @@ from torch import nn
 from orchestrator.config.catalog import ARCH_NAMES, HEAD_INIT_NAMES, same_names
 from orchestrator.config.errors import JobError, SpecError, did_you_mean
 from orchestrator.config.spec import ModelSpec
-from orchestrator.train.timm_models import TimmBuildError, build_timm, check_timm_arch, is_timm, timm_head
+from orchestrator.train.timm_models import (TimmBuildError, build_timm, check_timm_arch, is_timm, resample_position_embedding,
+                                            timm_head)
 from orchestrator.train.weights import (LoadReport, WeightsError, abbreviate, align_keys, is_buffer_counter,
                                         load_matching, read_source_weights)
 
@@ -334,6 +335,7 @@ def load_weights(model: nn.Module, spec: ModelSpec, head: tuple[str, ...], class
     too little of the backbone loads (model.min_backbone_loaded), and a kept head for other classes."""
     source = read_source_weights(spec.weights, spec.arch, spec.weights_ema)
     state_dict, key_note = align_keys(source.state_dict, set(model.state_dict()), spec.weights_prefix)
+    state_dict, grid_note = resample_position_embedding(model, state_dict) if is_timm(spec.arch) else (state_dict, None)
     if spec.keep_head and source.class_names and class_names and source.class_names != class_names:
         raise ModelError(f"model.keep_head: the head of {source.description} was trained on other classes "
                          f"({abbreviate(source.class_names, 5)}) than this job's ({abbreviate(class_names, 5)}); "
@@ -345,7 +347,7 @@ def load_weights(model: nn.Module, spec: ModelSpec, head: tuple[str, ...], class
         raise ModelError(f"model.keep_head: the head of {source.description} does not fit this job's classes: {name} is "
                          f"{tuple(got)}, the model needs {tuple(want)} ({want[0]} classes in the data, {got[0]} in the "
                          "weights); drop model.keep_head for a new head, or train on the weights' classes")
-    report.notes += [note for note in (source.note, key_note) if note]
+    report.notes += [note for note in (source.note, key_note, grid_note) if note]
     if not spec.keep_head:
         report.notes.append(f"new head {', '.join(head)}: initialised with {spec.head_init} "
                             "(model.keep_head: true keeps the source's head)")

@@ -127,3 +127,21 @@ def _hf_cached(repo_id: str, label: str) -> Path:
     raise WeightsError(f"model.weights: {label} is not on this machine: looked for {' or '.join(HF_WEIGHT_FILES)} in "
                        f"{folder}/snapshots/ (HF_HOME moves it); nothing is downloaded at run time: fetch it where there "
                        f"is a network with `huggingface-cli download {repo_id}` and copy the cache folder here")
+
+
+def resample_position_embedding(model: nn.Module, state_dict: dict) -> tuple[dict, str | None]:
+    """A ViT's absolute position embedding from weights trained at another image size, resampled to this
+    model's patch grid as timm's own loading does (`resample_abs_pos_embed`, bicubic); (state dict, note)."""
+    import math
+
+    posemb, grid = state_dict.get("pos_embed"), getattr(getattr(model, "patch_embed", None), "grid_size", None)
+    target = getattr(model, "pos_embed", None)
+    if posemb is None or grid is None or target is None or posemb.shape == target.shape:
+        return state_dict, None
+    from timm.layers import resample_abs_pos_embed
+
+    prefix = 0 if getattr(model, "no_embed_class", False) else getattr(model, "num_prefix_tokens", 1)
+    old_side = int(math.isqrt(posemb.shape[1] - prefix))
+    resampled = resample_abs_pos_embed(posemb.float(), list(grid), [old_side, old_side], num_prefix_tokens=prefix)
+    note = f"pos_embed resampled from a {old_side}x{old_side} to a {grid[0]}x{grid[1]} patch grid (timm's resample_abs_pos_embed)"
+    return {**state_dict, "pos_embed": resampled.to(posemb.dtype)}, note
