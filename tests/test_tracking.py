@@ -52,11 +52,17 @@ def _free_port() -> int:
 
 @pytest.mark.slow
 def test_a_real_tracking_server_through_mlflow_tracking_uri(tmp_path, write_job, monkeypatch, capsys):
+    import os
+
     port = _free_port()
+    log = open(tmp_path / "server.log", "wb")
+    # a clean environment: what earlier tests of the session left in os.environ (Ray's, MLflow client settings)
+    # is not the server's business
+    clean = {key: os.environ[key] for key in ("PATH", "HOME", "LANG", "TMPDIR") if key in os.environ}
     server = subprocess.Popen([sys.executable, "-m", "mlflow", "server", "--host", "127.0.0.1", "--port", str(port),
                                "--backend-store-uri", f"sqlite:///{tmp_path / 'server.db'}",
                                "--artifacts-destination", str(tmp_path / "artifacts"), "--workers", "1"],
-                              stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL)
+                              stdout=log, stderr=subprocess.STDOUT, stdin=subprocess.DEVNULL, env=clean, cwd=tmp_path)
     try:
         deadline = time.time() + 240                                          # a loaded machine: slow to import
         while True:
@@ -64,7 +70,8 @@ def test_a_real_tracking_server_through_mlflow_tracking_uri(tmp_path, write_job,
                 urllib.request.urlopen(f"http://127.0.0.1:{port}/health", timeout=2)
                 break
             except OSError:
-                assert time.time() < deadline and server.poll() is None, "mlflow server did not start"
+                assert time.time() < deadline and server.poll() is None, \
+                    f"mlflow server did not start: {(tmp_path / 'server.log').read_text(errors='replace')[-2000:]}"
                 time.sleep(0.5)
         monkeypatch.setenv("MLFLOW_TRACKING_URI", f"http://127.0.0.1:{port}")
         job = write_job(tiny_job(tmp_path / "runs", "served", scaling={"num_workers": 1},
@@ -77,6 +84,7 @@ def test_a_real_tracking_server_through_mlflow_tracking_uri(tmp_path, write_job,
     finally:
         server.terminate()
         server.wait(timeout=30)
+        log.close()
 
 
 def test_a_tracking_server_that_is_down_costs_a_warning_not_the_run(tmp_path, write_job, capsys):
