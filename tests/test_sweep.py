@@ -76,6 +76,9 @@ def test_a_trial_of_several_workers_is_a_torchtrainer_run(ray_session, tmp_path,
     job["sweep"].update(max_concurrent_trials=1, space={"optim.base_lr": {"grid": [0.05]}})
     tracking = f"sqlite:///{tmp_path / 'mlflow.db'}"           # issue 25: the sweep a parent MLflow run, the trial its child
     job["run"]["mlflow"] = {"tracking_uri": tracking, "experiment": "sweeps"}
+    from mlflow import MlflowClient   # artifacts in tmp_path: an sqlite store puts them in ./mlruns of the cwd otherwise
+
+    MlflowClient(tracking).create_experiment("sweeps", artifact_location=(tmp_path / "artifacts").as_uri())
     assert main(["sweep", str(write_job(job))]) == 0
     folder = tmp_path / "runs" / "wide"
     rows = pq.read_table(folder / "results.parquet").to_pylist()

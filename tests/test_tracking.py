@@ -23,6 +23,8 @@ def experiment_runs(uri: str, experiment: str) -> list:
 
 def test_a_run_logs_params_metrics_artifacts_and_its_model_and_a_resume_continues_it(tmp_path):
     uri = f"sqlite:///{tmp_path / 'mlflow.db'}"
+    # the experiment's artifacts in tmp_path: an sqlite store puts them in ./mlruns of the cwd otherwise
+    mlflow.MlflowClient(uri).create_experiment("digits", artifact_location=(tmp_path / "artifacts").as_uri())
     job = tiny_job(tmp_path / "runs", "tracked", scaling={"num_workers": 1}, schedule={"epochs": 2, "warmup_epochs": 0},
                    run={"mlflow": {"tracking_uri": uri, "experiment": "digits"}})
     with pytest.raises(StopRun):
