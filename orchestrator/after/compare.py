@@ -84,9 +84,10 @@ def _facts(run: Compared) -> list:
 
 def compare_report(folders: Sequence[RunFolder]) -> dict[str, bytes]:
     """File name -> bytes: accuracy.png, loss.png, val_loss.png, lr.png and index.html with the table."""
-    runs = [_load(folder) for folder in expand(folders)]
+    folders = expand(folders)
+    runs = [_load(folder) for folder in folders]
     if len({run.label for run in runs}) < len(runs):   # same names in other storages: their whole URIs
-        for run, folder in zip(runs, expand(folders)):
+        for run, folder in zip(runs, folders):
             run.label = folder.uri
     plots = {"accuracy.png": _curves(runs, "val_acc1", "val acc@1", "validation accuracy"),
              "loss.png": _curves(runs, "train_loss", "train loss", "training loss", log=True),

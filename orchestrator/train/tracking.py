@@ -101,31 +101,23 @@ class MlflowLog:
             if self.live and int(row["step"]) not in logged:
                 self.epoch(row)
 
-    def log_files(self, artifact_path: str, files: dict[str, bytes]) -> None:
-        """Files (name -> bytes) as artifacts under artifact_path."""
+    def log_files(self, artifact_path: str | None, files: dict[str, bytes]) -> None:
+        """Files (name -> bytes) as artifacts under artifact_path (None: the run's artifact root)."""
         def log() -> None:
             with tempfile.TemporaryDirectory() as staging:
                 for name, data in files.items():
                     (Path(staging) / name).write_bytes(data)
                 self.client.log_artifacts(self.run_id, staging, artifact_path=artifact_path)
 
-        self._call(f"logging {artifact_path}", log)
+        self._call(f"logging {artifact_path or ', '.join(files)}", log)
 
     def finish(self, folder: RunFolder, summary: dict, files: list[str], classes: list[str] | None) -> None:
         """The run's files as artifacts, model.safetensors as a logged model, the run's end status."""
-        for name in files:
-            if folder.exists(name):
-                self._call(f"logging {name}", lambda name=name: self._artifact(folder, name))
+        self.log_files(None, {name: folder.read_bytes(name) for name in files if folder.exists(name)})
         if folder.exists("model.safetensors"):
             self._call("logging the model", lambda: self._model(folder, summary, classes))
         status = "FINISHED" if summary.get("status") == "completed" else "FAILED"
         self._call("ending the run", lambda: self.client.set_terminated(self.run_id, status))
-
-    def _artifact(self, folder: RunFolder, name: str) -> None:
-        with tempfile.TemporaryDirectory() as staging:
-            path = Path(staging) / Path(name).name
-            path.write_bytes(folder.read_bytes(name))
-            self.client.log_artifact(self.run_id, str(path), artifact_path=str(Path(name).parent) if "/" in name else None)
 
     def _model(self, folder: RunFolder, summary: dict, classes: list[str] | None) -> None:
         experiment_id = self.client.get_run(self.run_id).info.experiment_id
@@ -166,10 +158,13 @@ def open_tracking(spec: JobSpec, folder: RunFolder, plan_dict: dict, warn: Calla
     return MlflowLog(client, run_id, warn)
 
 
+def _recorded(folder: RunFolder) -> dict:
+    """The run folder's mlflow.json ({} when there is none)."""
+    return json.loads(folder.read_bytes(MLFLOW_FILE)) if folder.exists(MLFLOW_FILE) else {}
+
+
 def _resumed_run_id(folder: RunFolder, uri: str) -> str | None:
-    if not folder.exists(MLFLOW_FILE):
-        return None
-    recorded = json.loads(folder.read_bytes(MLFLOW_FILE))
+    recorded = _recorded(folder)
     return recorded.get("run_id") if recorded.get("tracking_uri") == uri else None
 
 
@@ -202,9 +197,9 @@ def finish_tracking(tracker: MlflowLog, folder: RunFolder, summary: dict, classe
 
 def reopen_tracking(folder: RunFolder, warn: Callable[[str], None]) -> MlflowLog | None:
     """The MLflow run a run folder's mlflow.json names (the driver logs the report into it), or None."""
-    if not folder.exists(MLFLOW_FILE):
+    recorded = _recorded(folder)
+    if not recorded:
         return None
-    recorded = json.loads(folder.read_bytes(MLFLOW_FILE))
     try:
         from mlflow import MlflowClient
 
