@@ -1,5 +1,7 @@
 """Model surgery: heads of every family, loading what fits from files and the hub cache, freezing."""
 
+import urllib.request
+
 import pytest
 import torch
 
@@ -101,6 +103,8 @@ def test_missing_hub_weights_name_the_file_and_folder(tmp_path, monkeypatch):
     monkeypatch.setenv("TORCH_HOME", str(tmp_path / "empty"))
     for var in ("https_proxy", "HTTPS_PROXY", "http_proxy", "HTTP_PROXY"):
         monkeypatch.setenv(var, "http://127.0.0.1:9")   # no network: fail fast, never hang
+    # urlopen caches its opener, proxies and all, on first use: the dead proxy must not outlive this test
+    monkeypatch.setattr(urllib.request, "_opener", None)
     with pytest.raises(WeightsError) as info:
         build_model(ModelSpec(arch="resnet18", weights="IMAGENET1K_V1"), num_classes=5, image_size=32)
     message = str(info.value)
