@@ -194,15 +194,33 @@ def cmd_sweep(args) -> int:
     if not spec.sweep.space:
         raise SpecError(["sweep.space: empty; give at least one key to sweep, e.g. optim.base_lr: {loguniform: [1.0e-4, 1.0e-1]}"])
     validate_space(raw)
+    if args.pick:
+        return _pick(spec, raw, args.pick)
+    if args.extend < 0:
+        raise SpecError([f"--extend: a number of trials >= 1 (got {args.extend})"])
     # the job's data and weights, checked once here: a problem is one line and exit 2, not one traceback per trial
     check_weights_fit(spec, resolve_plan(spec, spec.scaling.num_workers))
     lock = hold_run_folder(spec, "orchestrator sweep")
     try:
         start_ray_for(spec, args.address, args.verbose)
-        summary = run_sweep(spec, raw, console, resume=args.resume, verbose=args.verbose)
+        summary = run_sweep(spec, raw, console, resume=args.resume, verbose=args.verbose, extend=args.extend)
     finally:
         lock.release()
     return 0 if summary else 1
+
+
+def _pick(spec, raw: dict, trial_id: str) -> int:
+    from orchestrator.cluster.leaderboard import pick_trial
+    from orchestrator.cluster.sweep import read_state
+    from orchestrator.store.storage import SWEEP_STATE_FILE, RunFolder
+
+    sweep = RunFolder(spec.run.storage, spec.name)
+    state = read_state(sweep)
+    if state is None:
+        raise UserError(f"--pick: no sweep in {sweep.uri} (no {SWEEP_STATE_FILE})")
+    written = pick_trial(spec, raw, sweep, state["trials"], trial_id)
+    console.print(f"wrote {written}; train it with: orchestrator train {written}")
+    return 0
 
 def cmd_find_lr(args) -> int:
     from pathlib import Path
@@ -267,9 +285,13 @@ def add_train(p: argparse.ArgumentParser) -> None:
 
 
 def add_sweep(p: argparse.ArgumentParser) -> None:
-    """ASHA sweep over the job's sweep.space with Ray Tune; leaderboard, results.parquet, best.yaml"""
+    """search over the job's sweep.space with Ray Tune (random, grid or TPE; ASHA or PBT); leaderboard,
+    results.parquet, best.yaml"""
     add_job_options(p)
     p.add_argument("--resume", action="store_true", help="continue an interrupted sweep of the same name")
+    p.add_argument("--extend", type=int, metavar="N", default=0,
+                   help="N more trials (search random: draws) on the sweep of the same name, finished or not")
+    p.add_argument("--pick", metavar="TRIAL", help="write trial TRIAL of the sweep as a job file (runs nothing)")
     add_cluster_options(p, "Ray cluster to run on (auto: the one `orchestrator up` started); default: start a local Ray",
                         verbose_help="show Ray's own logs")
 

@@ -6,7 +6,7 @@ Each table mirrors a registry that sits beside the code building its entries, an
 calls `same_names` at import, so the two cannot drift apart: `HEAD_INIT_NAMES` = `train.models.HEAD_INITS`,
 `OPTIMIZERS` = `train.optim.OPTIMIZERS`, `SOURCES` = `data.sources.READERS`, `AUGMENTATIONS` =
 `data.augment.AUGMENTATIONS` (names and arguments), `DECAY_NAMES` = `config.schedule.DECAYS`,
-`SEARCH_KINDS` = `cluster.sweep.SEARCH_SPACES`, `EXPORT_FORMATS` = `after.export.WRITERS`.
+`SEARCH_KINDS` = `cluster.suggest.SEARCH_SPACES`, `EXPORT_FORMATS` = `after.export.WRITERS`.
 `ARCH_NAMES` lists torchvision's classification models (0.29); an architecture a newer torchvision
 adds is checked against torchvision itself (`train.models.check_arch`). `timm_arch_names` reads timm's
 model names (`model.arch: timm/<name>`) from `timm_names.txt` (tools/make_timm_names.py writes it).
@@ -128,6 +128,14 @@ WATCHABLE = {"val_acc1": "max", "val_acc5": "max", "val_balanced_acc": "max", "v
 """metric -> the direction that is better; what sweep.metric and schedule.plateau_metric may name"""
 SEARCH_KINDS = ("loguniform", "uniform", "randint", "choice", "grid")
 """sweep.space kinds"""
+SEARCHES = ("random", "grid", "tpe")
+"""sweep.search values: sample the space at random (grid kinds expanded), the whole space as a grid, Optuna's TPE"""
+PERTURBABLE = ("optim.base_lr", "optim.weight_decay", "optim.momentum", "optim.grad_clip_norm", "data.mixup_alpha",
+               "data.cutmix_alpha", "loss.label_smoothing")
+"""keys that may change while a run trains (a resume takes them from the job): what sweep.scheduler: pbt perturbs"""
+TRIAL_MEASURES = {"params": "min", "latency_ms": "min"}
+"""sweep.objectives besides WATCHABLE: measured once per trial on its eval model (parameters; ms per image at
+batch 1 on CPU)"""
 RANGE_KINDS = ("loguniform", "uniform", "randint")
 """the kinds that take [low, high]; the others take a list of values"""
 EXPORT_FORMATS = ("onnx", "pt2", "safetensors")

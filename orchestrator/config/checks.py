@@ -11,7 +11,7 @@ from typing import Any
 
 from pydantic import BaseModel, ValidationError
 
-from orchestrator.config.catalog import (OPTIMIZERS, RANGE_KINDS, SEARCH_KINDS, SOURCES, ZERO_INIT_RESIDUAL_FAMILIES,
+from orchestrator.config.catalog import (OPTIMIZERS, PERTURBABLE, RANGE_KINDS, SEARCH_KINDS, SOURCES, ZERO_INIT_RESIDUAL_FAMILIES,
                                          augmentation_entry)
 from orchestrator.config.errors import did_you_mean
 from orchestrator.config.keys import MISSING, leaf_keys, lookup
@@ -77,7 +77,26 @@ def format_error(err: dict) -> str:
 def check_consistency(spec: JobSpec) -> list[str]:
     """Checks across keys that field types cannot express; one line per problem."""
     return (check_schedule(spec.schedule, "schedule") + _check_optim(spec) + _check_model(spec) + _check_data(spec)
-            + _check_scaling(spec.scaling) + check_space(spec.sweep.space))
+            + _check_scaling(spec.scaling) + check_space(spec.sweep.space) + _check_sweep(spec))
+
+
+def _check_sweep(spec: JobSpec) -> list[str]:
+    """What sweep.search and sweep.scheduler ask of the space."""
+    sweep, problems = spec.sweep, []
+    kinds = {key: next(iter(domain)) for key, domain in sweep.space.items() if isinstance(domain, dict) and domain}
+    if sweep.search == "grid":
+        problems += [f"sweep.space.{key}: search grid crosses lists of values; {kind} is a range (use grid or choice)"
+                     for key, kind in kinds.items() if kind in RANGE_KINDS]
+    if sweep.scheduler == "pbt":
+        problems += [f"sweep.space.{key}: PBT changes values while a trial trains, and {key} cannot change then; "
+                     f"perturbable: {', '.join(PERTURBABLE)}" for key in kinds if key not in PERTURBABLE]
+        if sweep.search == "tpe":
+            problems.append("sweep.search: tpe suggests whole trials; PBT draws its population at random and evolves it "
+                            "(use search random or grid with scheduler pbt)")
+        if sweep.pbt.perturbation_interval >= spec.schedule.epochs:
+            problems.append(f"sweep.pbt.perturbation_interval: {sweep.pbt.perturbation_interval} epochs leaves no "
+                            f"perturbation in schedule.epochs ({spec.schedule.epochs})")
+    return problems
 
 
 def check_schedule(sched: ScheduleSpec, where: str) -> list[str]:

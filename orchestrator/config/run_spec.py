@@ -4,9 +4,9 @@ from __future__ import annotations
 
 from typing import Any, Literal
 
-from pydantic import Field
+from pydantic import Field, model_validator
 
-from orchestrator.config.catalog import WATCHABLE
+from orchestrator.config.catalog import SEARCHES, TRIAL_MEASURES, WATCHABLE
 from orchestrator.config.section import _Section, named
 
 
@@ -48,13 +48,42 @@ class AshaSpec(_Section):
     """ASHA keeps 1 / reduction_factor of the trials at each rung"""
 
 
+class PbtSpec(_Section):
+    perturbation_interval: int = Field(1, ge=1)
+    """epochs between perturbations: every trial trains this many, then the weak ones take a strong one's checkpoint"""
+    quantile_fraction: float = Field(0.25, gt=0, le=0.5)
+    """the bottom fraction of trials (by sweep.metric) that take a checkpoint from the top fraction"""
+    resample_probability: float = Field(0.25, ge=0, le=1)
+    """chance that a perturbed value is drawn afresh from sweep.space instead of scaled by 0.8 or 1.2"""
+
+
+class ObjectiveSpec(_Section):
+    metric: str
+    """a name of catalog.WATCHABLE (its best epoch), or params / latency_ms (measured once per trial)"""
+    mode: Literal["max", "min"] = "max"
+
+    _known_metric = named("metric", [*WATCHABLE, *TRIAL_MEASURES], "objective")
+
+
 class SweepSpec(_Section):
     metric: str = "val_acc1"
     """a name of catalog.WATCHABLE"""
     mode: Literal["max", "min"] = "max"
     """whether a higher or a lower sweep.metric is better"""
     num_samples: int = Field(8, ge=1)
-    """trials"""
+    """trials (search random: draws of the space, each grid kind expanded)"""
+    search: str = "random"
+    """random (Tune's variant generator), grid (every key's values crossed) or tpe (Optuna's TPE, the `[search]`
+    extra: each trial suggested from the results so far)"""
+    startup_trials: int = Field(4, ge=1)
+    """search tpe: trials drawn at random before TPE models the results"""
+    scheduler: Literal["asha", "pbt"] = "asha"
+    """asha stops weak trials; pbt (Population Based Training) gives weak trials a strong one's checkpoint and
+    perturbed values at every pbt.perturbation_interval"""
+    pbt: PbtSpec = Field(default_factory=PbtSpec)
+    objectives: list[ObjectiveSpec] | None = None
+    """`[{metric: val_acc1, mode: max}, {metric: latency_ms, mode: min}]`: the leaderboard marks the Pareto front;
+    the first is sweep.metric (what ASHA and PBT act on, what best.yaml is the best of); null: sweep.metric only"""
     max_concurrent_trials: int | None = Field(None, ge=1)
     """trials at once; `null` = what the cluster fits"""
     asha: AshaSpec = Field(default_factory=AshaSpec)
@@ -63,3 +92,22 @@ class SweepSpec(_Section):
     """`{optim.base_lr: {loguniform: [1e-4, 1e-1]}, schedule.name: {choice: [cosine, step]}}`; kinds `loguniform`, `uniform`, `randint`, `choice`, `grid`"""
 
     _known_metric = named("metric", WATCHABLE, "metric")
+    _known_search = named("search", SEARCHES, "search")
+
+    @model_validator(mode="after")
+    def _first_objective_is_the_metric(self):
+        if not self.objectives:
+            return self
+        first = self.objectives[0]
+        if first.metric not in WATCHABLE:
+            raise ValueError(f"sweep.objectives: the first is what ASHA and PBT act on every epoch, so one of "
+                             f"{', '.join(WATCHABLE)} (got {first.metric})")
+        if "metric" in self.model_fields_set and (self.metric, self.mode) != (first.metric, first.mode):
+            raise ValueError(f"sweep.metric {self.metric} ({self.mode}) differs from the first of sweep.objectives "
+                             f"({first.metric}, {first.mode}); drop sweep.metric")
+        self.metric, self.mode = first.metric, first.mode
+        return self
+
+    def objective_list(self) -> list[ObjectiveSpec]:
+        """Every objective, sweep.metric first."""
+        return self.objectives or [ObjectiveSpec(metric=self.metric, mode=self.mode)]

@@ -1,7 +1,7 @@
 """The values that stand for a sweep's search space (`sweep.space`), and the check that each makes a job.
 
 The kinds are named in `catalog.SEARCH_KINDS`, checked with the job (`checks.check_space`) and built
-into Ray Tune domains by `cluster.sweep.SEARCH_SPACES`. `validate_space` checks that every probe of
+into Ray Tune domains by `cluster.suggest.SEARCH_SPACES`. `validate_space` checks that every probe of
 the space (`probe_values`: every choice, both ends of every range) makes a valid job.
 """
 

@@ -57,6 +57,8 @@ SWEEP_STATE_FILE = "sweep.json"
 SWEEP_RESULTS_FILE = "results.parquet"
 SWEEP_BEST_FILE = "best.yaml"
 SWEEP_TRIALS_DIR = "trials"
+MEASURES_FILE = "measures.json"
+"""a sweep trial's measured objectives (params, latency_ms), written once"""
 EPOCH_DIR_PATTERN = re.compile(r"^checkpoint_epoch_(\d+)$")
 BEST_EPOCH_DIR_PATTERN = re.compile(r"^checkpoint_best_epoch_(\d+)$")
 """run.keep_best K > 1: the K best epochs' checkpoints, checkpoint_best_epoch_NNNN/checkpoint.pt"""
