@@ -207,19 +207,30 @@ def run_report(folder: RunFolder) -> dict[str, bytes]:
     return {**plots, "index.html": page(f"run {folder.name}", body)}
 
 
-def sweep_plot(folder: RunFolder, rows, metric: str) -> bytes:
-    """Each trial's metric against the epoch; an x where ASHA stopped a trial early."""
+def sweep_plot(folder: RunFolder, rows, metric: str, lineage: dict[str, list] | None = None) -> bytes:
+    """Each trial's metric against the epoch; an x where ASHA stopped a trial early; with PBT (`lineage`:
+    trial id -> its perturbations) a dotted line from each trial's point to the donor's at every
+    perturbation, where the trial went on from the donor's checkpoint."""
     fig, ax = new_figure(7.5, 4.2)
-    stopped_label = "stopped early by ASHA"
+    stopped_label, taken_label = "stopped early by ASHA", "took a checkpoint (PBT)"
+    curves = {row.trial_id: [(m["epoch"] + 1, m[metric]) for m in read_metrics(trial_folder(folder, row.trial_id))
+                             if m.get(metric) is not None] for row in rows}
     for row in rows:
-        metrics = read_metrics(trial_folder(folder, row.trial_id))
-        points = [(m["epoch"] + 1, m[metric]) for m in metrics if m.get(metric) is not None]
+        points = curves[row.trial_id]
         if not points:
             continue
         line, = ax.plot(*zip(*points), "-", linewidth=1.2, label=row.trial_id if len(rows) <= 12 else None)
         if row.status == "stopped early":
             ax.plot(*points[-1], "x", color=line.get_color(), markersize=9, markeredgewidth=2, label=stopped_label)
             stopped_label = None
+        for event in (lineage or {}).get(row.trial_id, []):
+            if event.get("from_score") is None or event.get("score") is None:
+                continue
+            ax.plot([event["epoch"]] * 2, [event["score"], event["from_score"]], ":", color=line.get_color(),
+                    marker="o", markersize=4, label=taken_label)
+            ax.annotate(event["from"].removeprefix("trial_"), (event["epoch"], event["from_score"]), fontsize=6,
+                        xytext=(3, 3), textcoords="offset points", color=line.get_color())
+            taken_label = None
     _integer_epochs(ax)
     ax.set_ylabel(metric)
     ax.set_title(f"{metric} of every trial")
@@ -232,16 +243,29 @@ def sweep_report(folder: RunFolder) -> dict[str, bytes]:
     trials = folder.read_json(SWEEP_STATE_FILE).get("trials", [])
     metric, mode, epochs = sweep_settings(folder, trials)
     rows = trial_rows(folder, trials, metric, mode, epochs)
-    plot = sweep_plot(folder, rows, metric)
+    lineage = {t["id"]: t["lineage"] for t in trials if t.get("lineage")}
+    plot = sweep_plot(folder, rows, metric, lineage)
     keys = list(rows[0].values) if rows else []
     board = _table(["trial", *keys, "epochs", f"best {metric}", "status"],
                    [[r.trial_id, *(r.values.get(k) for k in keys), f"{r.epochs_run}/{epochs or '?'}", r.best, r.status]
                     for r in rows])
     used, full = sum(r.epochs_run for r in rows), len(rows) * (epochs or 0)
-    saving = f"<p>ASHA ran {used} of the {full} epochs these trials would run at full budget.</p>" if full else ""
-    body = ("<h2>Trials</h2>" + _img("trials.png", plot) + saving
+    saving = f"<p>ASHA ran {used} of the {full} epochs these trials would run at full budget.</p>" if full and not lineage else ""
+    body = ("<h2>Trials</h2>" + _img("trials.png", plot) + saving + _lineage_table(lineage)
             + f"<h2>Leaderboard ({html.escape(metric)}, {'higher' if mode == 'max' else 'lower'} is better)</h2>" + board)
     return {"trials.png": plot, "index.html": page(f"sweep {folder.name}", body)}
+
+
+def _lineage_table(lineage: dict[str, list]) -> str:
+    """PBT: one row per perturbation (after which epoch, which trial took whose checkpoint, the values it went on with)."""
+    if not lineage:
+        return ""
+    events = sorted(((e["epoch"], trial, e) for trial, events in lineage.items() for e in events), key=lambda t: (t[0], t[1]))
+    return ("<h2>Lineage (PBT)</h2>" + _table(["after epoch", "trial", "its score", "took the checkpoint of", "its score",
+                                              "went on with"],
+                                             [[epoch, trial, e.get("score"), e["from"], e.get("from_score"),
+                                               ", ".join(f"{k}={v:.4g}" if isinstance(v, float) else f"{k}={v}"
+                                                         for k, v in e["values"].items())] for epoch, trial, e in events]))
 
 
 def range_plot(test: RangeTest, title: str) -> bytes:

@@ -2,11 +2,11 @@
 
 Every trial trains `sweep.pbt.perturbation_interval` epochs (a Tune run over the population that stops each
 trial at the generation's last epoch); then the bottom quantile by sweep.metric each take a top trial's
-latest epoch checkpoint (a file copy into their own run folder) and that trial's values perturbed
+latest epoch checkpoint (copied into their own run folder, their own metric rows kept) and that trial's values perturbed
 (`suggest.pbt_pairs`, `suggest.perturb`, seeded by (seed, epoch)). A recipient resumes from the copied
 checkpoint with its new values: optimizer state and step come from the checkpoint, hyperparameters from the
 job (`train.resume.load_optimizer_state`), so the schedule stays a function of the step with the new base
-LR from then on, and its metrics.parquet is the lineage of the weights it holds (the LR column shows the
+LR from then on; its metrics.parquet goes on from its own rows (the metric and the LR column show the
 jump). Each perturbation is written to sweep.json (`lineage` of the trial, `pbt_epoch` of the sweep)
 before the next generation starts, so a resumed sweep repeats nothing and a perturbed trial resumes exactly.
 
@@ -22,6 +22,7 @@ from rich.console import Console
 
 from orchestrator.cluster.suggest import pbt_pairs, perturb
 from orchestrator.config.spec import JobSpec
+from orchestrator.train.checkpoint import with_rows
 from orchestrator.store.runs import read_metrics, trial_folder
 from orchestrator.store.storage import CHECKPOINT_FILE, STEP_CHECKPOINT, STEP_DIR, SWEEP_STATE_FILE, RunFolder, epoch_dir_name
 
@@ -70,7 +71,8 @@ def _exploit_and_explore(spec: JobSpec, sweep: RunFolder, state: dict, end: int,
                          int(recipient_id.rsplit("_", 1)[-1]))
         recipient["values"] = values
         recipient.setdefault("lineage", []).append({"epoch": end, "from": donor_id, "values": values,
-                                                    "score": scores[recipient_id], "from_score": scores[donor_id]})
+                                                    "from_values": dict(donor["values"]), "score": scores[recipient_id],
+                                                    "from_score": scores[donor_id]})
         console.print(f"PBT after epoch {end}: {recipient_id} ({cfg.metric} {_fmt(scores[recipient_id])}) takes "
                       f"{donor_id}'s checkpoint ({_fmt(scores[donor_id])}) with "
                       + ", ".join(f"{k}={_fmt(v)}" for k, v in values.items()))
@@ -83,9 +85,11 @@ def _fmt(value) -> str:
 
 
 def copy_checkpoint(donor: RunFolder, recipient: RunFolder, epoch: int, keep: int) -> None:
-    """The donor's checkpoint of `epoch` (counted from 0) becomes the recipient's latest; the recipient's
-    mid-epoch checkpoint, if any, goes (it is of its old weights)."""
+    """The donor's checkpoint of `epoch` (counted from 0) becomes the recipient's latest, with the recipient's
+    own metric rows (its history stays its own; weights, optimizer state, step and metric history are the
+    donor's). The recipient's mid-epoch checkpoint, if any, goes (it is of its old weights)."""
     relative = f"{epoch_dir_name(epoch)}/{CHECKPOINT_FILE}"
-    recipient.write_epoch_checkpoint(epoch, donor.read_bytes(relative), keep)
+    data = with_rows(donor.read_bytes(relative), f"{donor.uri}/{relative}", read_metrics(recipient)[:epoch + 1])
+    recipient.write_epoch_checkpoint(epoch, data, keep)
     if recipient.exists(STEP_CHECKPOINT):
         recipient.delete_dir(STEP_DIR)

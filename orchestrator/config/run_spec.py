@@ -81,6 +81,7 @@ class SweepSpec(_Section):
     """asha stops weak trials; pbt (Population Based Training) gives weak trials a strong one's checkpoint and
     perturbed values at every pbt.perturbation_interval"""
     pbt: PbtSpec = Field(default_factory=PbtSpec)
+    """Population Based Training's settings (sweep.scheduler: pbt)"""
     objectives: list[ObjectiveSpec] | None = None
     """`[{metric: val_acc1, mode: max}, {metric: latency_ms, mode: min}]`: the leaderboard marks the Pareto front;
     the first is sweep.metric (what ASHA and PBT act on, what best.yaml is the best of); null: sweep.metric only"""

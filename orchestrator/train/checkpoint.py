@@ -125,6 +125,16 @@ def decode(data: bytes, where: str) -> dict:
     return payload
 
 
+def with_rows(data: bytes, where: str, rows: list[dict]) -> bytes:
+    """The checkpoint `data` with its metric rows replaced (PBT: a trial goes on from another's weights and
+    optimizer state, keeping its own history)."""
+    payload = decode(data, where)
+    payload["rows"] = rows
+    buffer = io.BytesIO()
+    torch.save(payload, buffer)
+    return buffer.getvalue()
+
+
 def read(folder: RunFolder, relative: str) -> dict:
     """The checkpoint at `relative` in a run folder."""
     return decode(folder.read_bytes(relative), f"{folder.uri}/{relative}")
