@@ -31,6 +31,17 @@ def _sweep(args) -> None:
         print(strict_json({key: figures[key] for key in ("epochs_ratio", "wall_ratio", "best_gap_points")}))
 
 
+def _search(args) -> None:
+    from orchestrator.bench.search import search_bench
+    from orchestrator.store.storage import strict_json
+
+    figures = search_bench(err_console if args.json else console, epochs=args.epochs or 6, seeds=args.seeds or 10)
+    if args.json:
+        print(strict_json({"grid_best": figures["grid_best"], **{m: {"epochs_to_target": figures[m]["epochs_to_target"],
+                                                                     "reached": figures[m]["reached"]}
+                                                                 for m in ("random", "tpe")}}))
+
+
 def _large_batch(args) -> None:
     import dataclasses
 
@@ -92,6 +103,8 @@ BENCHMARKS = {
     "overhead": Benchmark("Ray Train and --local vs a plain PyTorch loop, per epoch and at start-up", _overhead),
     "reliability": Benchmark("kill a worker mid-run R times, count completed runs, epochs lost or repeated", _reliability),
     "sweep": Benchmark("the same 16 configurations under ASHA and at full budget", _sweep),
+    "search": Benchmark("random + ASHA vs TPE + ASHA on a measured LR x weight-decay grid: epochs until a trial is within "
+                        "0.5 points of the grid's best", _search),
     "large-batch": Benchmark("a miniature of Goyal et al.'s table in its regime: B0 to 16 x B0, warmup, LARS, LAMB, steps to target",
                              _large_batch),
     "startup": Benchmark("seconds to the first step of a plain script, --local, and bare TorchTrainer vs ours on a new "
@@ -114,8 +127,9 @@ def add_bench(p: argparse.ArgumentParser) -> None:
                    help="; ".join(f"{name}: {bench.measures}" for name, bench in BENCHMARKS.items()))
     p.add_argument("--runs", type=int, default=3, help="reliability: runs with a killed worker")
     p.add_argument("--epochs", type=int, default=None, help="epochs per measured run (overhead: 6, the first left out "
-                                                                  "of the median; large-batch: 12; ingest: 2 passes)")
-    p.add_argument("--seeds", type=int, default=None, help="large-batch: seeds per row (cpu preset 2, gpu 3)")
+                                                                  "of the median; large-batch: 12; ingest: 2 passes; search: 6)")
+    p.add_argument("--seeds", type=int, default=None, help="large-batch: seeds per row (cpu preset 2, gpu 3); search: sweep "
+                                                           "seeds per method (10)")
     p.add_argument("--preset", choices=["cpu", "gpu"], default="cpu",
                    help="large-batch: cpu (timm test_resnet, 6,400 glyphs, B0 16; ~35 min on 2 cores) or gpu "
                         "(resnet18, 51,200 glyphs, B0 128, 3 seeds)")
@@ -123,7 +137,8 @@ def add_bench(p: argparse.ArgumentParser) -> None:
                                                                  "test a quarter each); ingest: generated JPEGs (default 2,000)")
     p.add_argument("--json", action="store_true", help='print the figures as JSON (progress goes to stderr): large-batch '
                    '{"rows": [...]}; startup {"plain_s", "local_s", "bare_fresh_s", "ours_fresh_s", "bare_warm_s", "ours_warm_s"}; '
-                   'sweep {"epochs_ratio", "wall_ratio", "best_gap_points"}; ingest {"bound_images_per_s", "paths": '
+                   'sweep {"epochs_ratio", "wall_ratio", "best_gap_points"}; search {"grid_best", "random": {"epochs_to_target", '
+                   '"reached"}, "tpe": {...}}; ingest {"bound_images_per_s", "paths": '
                    '{"imagefolder", "shards", "ray_data"}}; gpu {"bound_images_per_s", "images_per_s", "ratio", "data_wait_fraction"}')
     p.add_argument("--plot", default="large_batch.png", help="large-batch: where to write the error-vs-batch PNG")
     p.add_argument("--data", choices=["digits", "png32", "photos"], default="digits",
