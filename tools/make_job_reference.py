@@ -8,6 +8,8 @@ from __future__ import annotations
 
 import ast
 import sys
+import types
+import typing
 from pathlib import Path
 
 REPO = Path(__file__).resolve().parents[1]
@@ -43,10 +45,26 @@ def rows(model, prefix: str, docs) -> list[str]:
             continue
         default = info.get_default(call_default_factory=True)
         shown = "null" if default is None else default.model_dump(mode="json") if isinstance(default, BaseModel) else default
-        kind = getattr(annotation, "__name__", None) or str(annotation).replace("typing.", "")
+        kind = _kind(annotation)
         meaning = docs[model.__name__].get(name, "").replace("|", "\\|")
         lines.append(f"| `{prefix}{name}` | {kind.replace('|', 'or')} | `{shown}` | {meaning} |")
     return lines
+
+
+def _kind(annotation) -> str:
+    """The type as the table shows it; a union of forms (int, or a section) as `int or {min, max}`."""
+    from pydantic import BaseModel
+
+    if typing.get_origin(annotation) in (typing.Union, types.UnionType) and any(
+            isinstance(typing.get_args(a)[0] if typing.get_origin(a) is typing.Annotated else a, type)
+            and issubclass(typing.get_args(a)[0] if typing.get_origin(a) is typing.Annotated else a, BaseModel)
+            for a in typing.get_args(annotation)):
+        forms = []
+        for form in typing.get_args(annotation):
+            form = typing.get_args(form)[0] if typing.get_origin(form) is typing.Annotated else form
+            forms.append("{" + ", ".join(form.model_fields) + "}" if issubclass(form, BaseModel) else form.__name__)
+        return " or ".join(forms)
+    return getattr(annotation, "__name__", None) or str(annotation).replace("typing.", "")
 
 
 def _section_of(annotation):

@@ -35,7 +35,10 @@ def _search(args) -> None:
     from orchestrator.bench.search import search_bench
     from orchestrator.store.storage import strict_json
 
-    figures = search_bench(err_console if args.json else console, epochs=args.epochs or 6, seeds=args.seeds or 10)
+    from pathlib import Path
+
+    figures = search_bench(err_console if args.json else console, epochs=args.epochs or 5, seeds=args.seeds or 10,
+                           landscape_path=Path(args.landscape) if args.landscape else None)
     if args.json:
         print(strict_json({"grid_best": figures["grid_best"], **{m: {"epochs_to_target": figures[m]["epochs_to_target"],
                                                                      "reached": figures[m]["reached"]}
@@ -127,7 +130,7 @@ def add_bench(p: argparse.ArgumentParser) -> None:
                    help="; ".join(f"{name}: {bench.measures}" for name, bench in BENCHMARKS.items()))
     p.add_argument("--runs", type=int, default=3, help="reliability: runs with a killed worker")
     p.add_argument("--epochs", type=int, default=None, help="epochs per measured run (overhead: 6, the first left out "
-                                                                  "of the median; large-batch: 12; ingest: 2 passes; search: 6)")
+                                                                  "of the median; large-batch: 12; ingest: 2 passes; search: 5)")
     p.add_argument("--seeds", type=int, default=None, help="large-batch: seeds per row (cpu preset 2, gpu 3); search: sweep "
                                                            "seeds per method (10)")
     p.add_argument("--preset", choices=["cpu", "gpu"], default="cpu",
@@ -140,6 +143,8 @@ def add_bench(p: argparse.ArgumentParser) -> None:
                    'sweep {"epochs_ratio", "wall_ratio", "best_gap_points"}; search {"grid_best", "random": {"epochs_to_target", '
                    '"reached"}, "tpe": {...}}; ingest {"bound_images_per_s", "paths": '
                    '{"imagefolder", "shards", "ray_data"}}; gpu {"bound_images_per_s", "images_per_s", "ratio", "data_wait_fraction"}')
+    p.add_argument("--landscape", help="search: a JSON file for the measured landscape: read when it holds one of the "
+                                       "same settings (no training), else written")
     p.add_argument("--plot", default="large_batch.png", help="large-batch: where to write the error-vs-batch PNG")
     p.add_argument("--data", choices=["digits", "png32", "photos"], default="digits",
                    help="overhead: digits (in memory), png32 (544 PNGs of 32 px), photos (256 JPEGs of 800x600 at 64 px)")

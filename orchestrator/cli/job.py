@@ -56,6 +56,11 @@ def plan_table(plan, num_classes: int, spec=None) -> Table:
     ]
     if spec is not None:
         rows.append(("recipe", ", ".join(f"{k} {v}" for k, v in recipe(spec).items())))
+    if plan.elastic_sizes:
+        rows.append(("elastic", f"{plan.elastic_sizes[0]['world_size']} to {plan.elastic_sizes[-1]['world_size']} workers, "
+                                "the global batch kept: " + "; ".join(
+                                    f"{r['world_size']} x {r['per_worker_batch_size']} per worker x {r['grad_accum_steps']} accumulation"
+                                    for r in plan.elastic_sizes)))
     if plan.class_weights:
         rows.append(("class weights", ", ".join(f"{w:.3g}" for w in plan.class_weights)
                      + (f" (loss.class_weights {spec.loss.class_weights})" if spec is not None and isinstance(spec.loss.class_weights, str) else "")))
@@ -79,7 +84,7 @@ def cmd_plan(args) -> int:
     from orchestrator.train.resolve import resolve_plan
 
     spec = load_spec(args.job, args.set)
-    resolved = resolve_plan(spec, 1 if args.local else spec.scaling.num_workers)
+    resolved = resolve_plan(spec, 1 if args.local else spec.scaling.max_workers)
     plan = resolved.plan
     if args.json:
         from orchestrator.store.storage import strict_json
@@ -124,7 +129,7 @@ def cmd_train(args) -> int:
             from orchestrator.cluster.session import start_ray_for
 
             with ThreadPoolExecutor(max_workers=1) as pool:
-                planning = pool.submit(resolve_plan, spec, spec.scaling.num_workers)
+                planning = pool.submit(resolve_plan, spec, spec.scaling.max_workers)
                 if args.address:
                     console.print(f"[dim]joining the Ray cluster at {escape(args.address)}[/dim]")
                 start_ray_for(spec, args.address, args.verbose)
@@ -199,7 +204,7 @@ def cmd_sweep(args) -> int:
     if args.extend < 0:
         raise SpecError([f"--extend: a number of trials >= 1 (got {args.extend})"])
     # the job's data and weights, checked once here: a problem is one line and exit 2, not one traceback per trial
-    check_weights_fit(spec, resolve_plan(spec, spec.scaling.num_workers))
+    check_weights_fit(spec, resolve_plan(spec, spec.scaling.max_workers))
     lock = hold_run_folder(spec, "orchestrator sweep")
     try:
         start_ray_for(spec, args.address, args.verbose)

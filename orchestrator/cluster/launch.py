@@ -128,6 +128,10 @@ def track_report(spec: JobSpec, console: Console) -> None:
         tracker.log_files("report", run_report(folder))
 
 
+RESIZE_CHECK_S = 10.0
+"""an elastic run: how often Ray Train checks whether the cluster has room for more workers"""
+
+
 def build_trainer(spec: JobSpec, plan: Plan, queue=None, callbacks: list | None = None):
     """The TorchTrainer for this spec and plan (gloo on CPU, NCCL on GPU: Ray's defaults).
 
@@ -153,8 +157,10 @@ def build_trainer(spec: JobSpec, plan: Plan, queue=None, callbacks: list | None 
         train_fn,
         train_loop_config={"spec": spec.to_dict(), "plan": plan.to_dict(), "queue": queue, "fault": fault_from_env(),
                            "mlflow_tracking_uri": os.environ.get("MLFLOW_TRACKING_URI")},
-        scaling_config=ScalingConfig(num_workers=plan.world_size, use_gpu=scaling.use_gpu, resources_per_worker=resources,
-                                     placement_strategy=scaling.placement_strategy),
+        scaling_config=ScalingConfig(num_workers=(scaling.min_workers, scaling.max_workers) if scaling.elastic else plan.world_size,
+                                     use_gpu=scaling.use_gpu, resources_per_worker=resources,
+                                     placement_strategy=scaling.placement_strategy,
+                                     **({"elastic_resize_monitor_interval_s": RESIZE_CHECK_S} if scaling.elastic else {})),
         run_config=RunConfig(name=spec.name, storage_path=absolute_storage(spec.run.storage),
                              failure_config=FailureConfig(max_failures=spec.run.max_failures),
                              checkpoint_config=CheckpointConfig(num_to_keep=spec.run.keep_checkpoints),
@@ -221,7 +227,9 @@ def train_on_ray(spec: JobSpec, plan: Plan, console: Console) -> tuple[dict, flo
 
     thread = threading.Thread(target=run, name="trainer-fit", daemon=True)
     thread.start()
-    console.print(f"[dim]starting {plan.world_size} Ray Train workers (Ray's log: {ray_log_path(spec)})[/dim]")
+    workers = (f"{spec.scaling.min_workers} to {spec.scaling.max_workers} (elastic)" if spec.scaling.elastic
+               else str(plan.world_size))
+    console.print(f"[dim]starting {workers} Ray Train workers (Ray's log: {ray_log_path(spec)})[/dim]")
     try:
         with ProgressView(console) as view:
             _drain(events, view, done)

@@ -76,7 +76,7 @@ def run_trial(config: dict, base: dict, sweep_uri: str) -> None:
         rows = folder.read_rows(METRICS_FILE)
         ray.tune.report({**rows[-1], TIME_ATTR: len(rows)})
         return
-    plan = resolve_plan(spec, spec.scaling.num_workers).plan
+    plan = resolve_plan(spec, spec.scaling.max_workers).plan
     if plan.world_size == 1:
         fit_in_trial(spec, plan)
         return
@@ -126,7 +126,7 @@ def trial_resources(base: dict, sweep_uri: str):
     def request(config: dict) -> PlacementGroupFactory:
         trial = config["trial"]
         scaling = trial_spec(base, trial["values"], sweep_uri, trial["id"]).scaling
-        if scaling.num_workers == 1:
+        if scaling.max_workers == 1:
             bundle = {"CPU": scaling.cpus_per_worker, **({"GPU": 1} if scaling.use_gpu else {})}
         else:
             bundle = {"CPU": 0, "memory": TRIAL_DRIVER_MEMORY_BYTES}
@@ -140,8 +140,8 @@ def default_concurrency(spec: JobSpec) -> int:
 
     total = ray.cluster_resources()
     if spec.scaling.use_gpu:
-        return max(1, int(total.get("GPU", 0) // spec.scaling.num_workers))
-    return max(1, int(total.get("CPU", 1) // (spec.scaling.num_workers * spec.scaling.cpus_per_worker)))
+        return max(1, int(total.get("GPU", 0) // spec.scaling.max_workers))
+    return max(1, int(total.get("CPU", 1) // (spec.scaling.max_workers * spec.scaling.cpus_per_worker)))
 
 
 def make_scheduler(spec: JobSpec, sweep: RunFolder, kept: list[dict]):
@@ -179,7 +179,7 @@ def make_tuner(spec: JobSpec, sweep: RunFolder, state: dict, to_run: list[dict],
                                         trial_resources(base, sweep.uri))
     # One-worker trials run in their Tune actor: a finished or stopped trial's actor (imports done, data cached)
     # takes the next trial. A trial driving a TorchTrainer gets a fresh actor.
-    in_trial = spec.scaling.num_workers == 1 and "scaling.num_workers" not in spec.sweep.space
+    in_trial = spec.scaling.max_workers == 1 and "scaling.num_workers" not in spec.sweep.space
     if sweep.exists(TUNE_DIR):
         sweep.delete_dir(TUNE_DIR)   # a previous attempt's Tune state: never read, so not kept
     scheduler = FIFOScheduler() if stop_at_epoch else make_scheduler(spec, sweep, kept)
@@ -266,7 +266,7 @@ def describe(spec: JobSpec, state: dict) -> str:
                f"reduction {cfg.asha.reduction_factor:g})")
     return (f"sweep {spec.name}: {state['target']} trials of {', '.join(cfg.space)} ({state.get('search', 'random')} "
             f"search); {how}; {cfg.max_concurrent_trials or default_concurrency(spec)} trial(s) at once, "
-            f"{spec.scaling.num_workers} worker(s) each")
+            f"{spec.scaling.max_workers} worker(s) each")
 
 
 def run_sweep(spec: JobSpec, raw: dict, console: Console, resume: bool = False, verbose: bool = False,

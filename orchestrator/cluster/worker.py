@@ -142,6 +142,7 @@ def train_fn(config: dict) -> None:
             return (Path(folder) / CHECKPOINT_FILE).read_bytes(), f"{checkpoint.path}/{CHECKPOINT_FILE}"
 
     rank, world_size = context.get_world_rank(), context.get_world_size()
+    plan = plan.for_world_size(world_size)   # an elastic run on fewer workers than its max: the plan's row for them
     folder = RunFolder(spec.run.storage, spec.name)
     env = WorkerEnv(rank=rank, world_size=world_size, device=ray.train.torch.get_device(), wrap_model=wrap_model,
                     report=report, restore=restore,

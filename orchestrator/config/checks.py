@@ -45,7 +45,7 @@ def _model_at(loc: tuple) -> type[BaseModel] | None:
 
 def format_error(err: dict) -> str:
     """One line naming the key of a pydantic error of a JobSpec (unknown keys and values with a did-you-mean)."""
-    loc = tuple(err["loc"])
+    loc = tuple(p for p in err["loc"] if not str(p).startswith("<"))   # a union's tag (spec: "<count>") is no key
     key = ".".join(str(p) for p in loc)
     kind = err["type"]
     if kind == "extra_forbidden":

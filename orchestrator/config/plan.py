@@ -72,9 +72,30 @@ class Plan:
     param_groups: list[PlanGroup] = field(default_factory=list)
     class_weights: list[float] | None = None
     """the training loss's weight of each class, in class order (loss.class_weights); None: unweighted"""
+    elastic_sizes: list[dict] | None = None
+    """scaling.num_workers {min, max}: per world size, {world_size, per_worker_batch_size, grad_accum_steps}
+    that keep global_batch_size; None: a fixed size"""
 
     def to_dict(self) -> dict:
         return asdict(self)
+
+    def for_world_size(self, world_size: int) -> "Plan":
+        """This plan on `world_size` workers (an elastic run's resize): the size's per-worker batch and
+        accumulation from `elastic_sizes`; global batch, LR, steps and schedule unchanged."""
+        if world_size == self.world_size:
+            return self
+        row = next((r for r in self.elastic_sizes or [] if r["world_size"] == world_size), None)
+        if row is None:
+            raise PlanError(f"the plan has no row for {world_size} workers (sizes: "
+                            f"{', '.join(str(r['world_size']) for r in self.elastic_sizes or []) or self.world_size})")
+        return replace(self, **row)
+
+    def resize_line(self, other: "Plan") -> str:
+        """One line saying what a resize from this plan to `other` changed and what it kept."""
+        return (f"{self.world_size} -> {other.world_size} workers: per-worker batch {self.per_worker_batch_size} -> "
+                f"{other.per_worker_batch_size}, grad accumulation {self.grad_accum_steps} -> {other.grad_accum_steps}; "
+                f"kept: global batch {other.global_batch_size}, LR {other.scaled_lr:.6g}, {other.steps_per_epoch} "
+                f"steps/epoch, {other.warmup_steps} warmup and {other.total_steps} total steps")
 
     def with_group_sizes(self, sizes: list[GroupSize]) -> "Plan":
         """A copy whose groups carry their parameter counts (total, trainable)."""
@@ -165,6 +186,28 @@ def assign_group(param_name: str, is_norm_or_bias: bool, groups: list[PlanGroup]
     raise AssertionError("the rest group matches everything")
 
 
+def elastic_sizes(scaling) -> list[dict]:
+    """Per world size in [min, max] of an elastic scaling.num_workers: the fewest accumulation steps whose
+    micro-batch divides the global batch (per_worker_batch_size x max x grad_accum_steps) exactly and is at
+    most per_worker_batch_size. PlanError naming the sizes that cannot."""
+    global_batch = scaling.per_worker_batch_size * scaling.max_workers * scaling.grad_accum_steps
+    rows, impossible = [], []
+    for size in range(scaling.min_workers, scaling.max_workers + 1):
+        accum = next((a for a in range(1, global_batch // size + 1) if global_batch % (size * a) == 0
+                      and global_batch // (size * a) <= scaling.per_worker_batch_size), None)
+        if accum is None:
+            impossible.append(size)
+        else:
+            rows.append({"world_size": size, "per_worker_batch_size": global_batch // (size * accum), "grad_accum_steps": accum})
+    if impossible:
+        fits = [s for s in range(1, scaling.max_workers + 1) if global_batch % s == 0]
+        raise PlanError(f"scaling.num_workers: the global batch {global_batch} (per_worker_batch_size "
+                        f"{scaling.per_worker_batch_size} x {scaling.max_workers} workers x grad_accum_steps "
+                        f"{scaling.grad_accum_steps}) cannot be split evenly over {', '.join(map(str, impossible))} "
+                        f"worker(s); sizes that can: {', '.join(map(str, fits))}")
+    return rows
+
+
 def make_plan(spec: JobSpec, num_train_samples: int, world_size: int) -> Plan:
     """Spec + dataset size + world size -> Plan. Pure. Raises PlanError when it cannot train.
 
@@ -173,6 +216,10 @@ def make_plan(spec: JobSpec, num_train_samples: int, world_size: int) -> Plan:
     if world_size < 1:
         raise PlanError(f"world size must be >= 1 (got {world_size})")
     scaling, optim, sched = spec.scaling, spec.optim, spec.schedule
+    if scaling.elastic and world_size == scaling.max_workers:
+        sizes = elastic_sizes(scaling)
+        return replace(make_plan(spec.model_copy(update={"scaling": scaling.model_copy(update={"num_workers": world_size})}),
+                                 num_train_samples, world_size), elastic_sizes=sizes)
     global_batch = scaling.per_worker_batch_size * world_size * scaling.grad_accum_steps
     steps_per_epoch = num_train_samples // global_batch
     if steps_per_epoch == 0:

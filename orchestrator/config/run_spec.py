@@ -1,13 +1,70 @@
-"""The job spec's run and sweep sections: where the run folder is, what it keeps, tracking, the sweep."""
+"""The job spec's scaling, run and sweep sections: how many workers (a fixed count or an elastic range), where
+the run folder is, what it keeps, tracking, the sweep."""
 
 from __future__ import annotations
 
-from typing import Any, Literal
+from typing import Annotated, Any, Literal
 
-from pydantic import Field, model_validator
+from pydantic import Discriminator, Field, Tag, field_validator, model_validator
 
 from orchestrator.config.catalog import SEARCHES, TRIAL_MEASURES, WATCHABLE
 from orchestrator.config.section import _Section, named
+
+
+class WorkerRange(_Section):
+    """An elastic worker count: the run takes what the cluster gives between min and max."""
+
+    min: int = Field(ge=1)
+    max: int = Field(ge=1)
+
+    @field_validator("max")
+    @classmethod
+    def _not_below_min(cls, value: int, info) -> int:
+        if "min" in info.data and value < info.data["min"]:
+            raise ValueError(f"max {value} is below min {info.data['min']}")
+        return value
+
+
+def _count_or_range(value) -> str:
+    """Which form of scaling.num_workers a value is (so an error names only that form's problem)."""
+    return "<range>" if isinstance(value, (dict, WorkerRange)) else "<count>"
+
+
+class ScalingSpec(_Section):
+    num_workers: Annotated[Annotated[int, Field(ge=1), Tag("<count>")] | Annotated[WorkerRange, Tag("<range>")],
+                           Discriminator(_count_or_range)] = 2
+    """Ray Train workers (one GPU each with `use_gpu`); `{min: M, max: N}`: elastic, as many as the cluster
+    gives between M and N, the global batch kept at every size (per-worker batch and accumulation
+    re-derived; the plan lists them)"""
+    use_gpu: bool = False
+    """one GPU per worker, NCCL; otherwise CPU and gloo"""
+    cpus_per_worker: float = Field(1.0, gt=0)
+    """CPUs reserved per worker; torch uses that many threads"""
+    per_worker_batch_size: int = Field(32, ge=1)
+    """images per worker per micro-step; global batch = this x num_workers x grad_accum_steps"""
+    grad_accum_steps: int = Field(1, ge=1)
+    """micro-steps per optimizer step (DDP syncs only on the last)"""
+    amp: Literal["none", "bf16", "fp16"] = "none"
+    """`none`, `bf16` (CPU or GPU), `fp16` (GPU, with a GradScaler)"""
+    channels_last: bool = False
+    """NHWC memory format"""
+    placement_strategy: Literal["PACK", "SPREAD", "STRICT_PACK", "STRICT_SPREAD"] = "PACK"
+    """Ray placement of the workers: `PACK`, `SPREAD`, `STRICT_PACK`, `STRICT_SPREAD`"""
+    sync_bn: bool = False
+    """SyncBatchNorm across workers"""
+
+    @property
+    def elastic(self) -> bool:
+        return isinstance(self.num_workers, WorkerRange)
+
+    @property
+    def max_workers(self) -> int:
+        """The most workers the run uses: num_workers, or its max when elastic (the size the global batch is of)."""
+        return self.num_workers.max if self.elastic else self.num_workers
+
+    @property
+    def min_workers(self) -> int:
+        return self.num_workers.min if self.elastic else self.num_workers
 
 
 class MlflowSpec(_Section):

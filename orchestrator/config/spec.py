@@ -17,7 +17,7 @@ from pydantic import Field, field_validator
 from orchestrator.config.catalog import (AUGMENTATIONS, DECAY_NAMES, HEAD_INIT_NAMES, OPTIMIZER_NAMES, SOURCES,
                                          WATCHABLE, augmentation_entry, source_entry)
 from orchestrator.config.errors import did_you_mean, one_of
-from orchestrator.config.run_spec import AshaSpec, MlflowSpec, RunSpec, SweepSpec  # noqa: F401 (their home is run_spec)
+from orchestrator.config.run_spec import AshaSpec, MlflowSpec, RunSpec, ScalingSpec, SweepSpec, WorkerRange  # noqa: F401 (their home is run_spec)
 from orchestrator.config.section import _Section, named
 
 
@@ -324,27 +324,6 @@ class ScheduleSpec(_Section):
 
     _known_schedule = named("name", DECAY_NAMES)
     _known_metric = named("plateau_metric", WATCHABLE, "metric")
-
-
-class ScalingSpec(_Section):
-    num_workers: int = Field(2, ge=1)
-    """Ray Train workers (one GPU each with `use_gpu`)"""
-    use_gpu: bool = False
-    """one GPU per worker, NCCL; otherwise CPU and gloo"""
-    cpus_per_worker: float = Field(1.0, gt=0)
-    """CPUs reserved per worker; torch uses that many threads"""
-    per_worker_batch_size: int = Field(32, ge=1)
-    """images per worker per micro-step; global batch = this x num_workers x grad_accum_steps"""
-    grad_accum_steps: int = Field(1, ge=1)
-    """micro-steps per optimizer step (DDP syncs only on the last)"""
-    amp: Literal["none", "bf16", "fp16"] = "none"
-    """`none`, `bf16` (CPU or GPU), `fp16` (GPU, with a GradScaler)"""
-    channels_last: bool = False
-    """NHWC memory format"""
-    placement_strategy: Literal["PACK", "SPREAD", "STRICT_PACK", "STRICT_SPREAD"] = "PACK"
-    """Ray placement of the workers: `PACK`, `SPREAD`, `STRICT_PACK`, `STRICT_SPREAD`"""
-    sync_bn: bool = False
-    """SyncBatchNorm across workers"""
 
 
 NAME_MAX_CHARS = 100

@@ -23,8 +23,8 @@ def group_lrs(row: dict) -> dict[str, float]:
     return {key[len(LR_PREFIX):]: value for key, value in row.items() if key.startswith(LR_PREFIX)}
 
 
-def epoch_row(epoch: int, step: int, lrs: dict[str, float], train, val, wall_s: float) -> dict:
-    """The row of a finished epoch (0-based) after `step` optimizer steps in all.
+def epoch_row(epoch: int, step: int, lrs: dict[str, float], train, val, wall_s: float, world_size: int = 1) -> dict:
+    """The row of a finished epoch (0-based) after `step` optimizer steps in all, on `world_size` workers.
 
     `lrs`: group name -> LR; `train`: loop.EpochStats; `val`: loop.EvalStats; `wall_s`: seconds since
     the run started (resumes included). Times in seconds, images_per_s over the training part;
@@ -36,6 +36,7 @@ def epoch_row(epoch: int, step: int, lrs: dict[str, float], train, val, wall_s: 
         "val_balanced_acc": val.balanced_acc, "val_macro_f1": val.macro_f1,
         "images_per_s": train.images / train.seconds if train.seconds > 0 else 0.0,
         "train_s": train.seconds, "data_wait_s": train.data_wait_s, "val_s": val.seconds, "epoch_s": train.seconds + val.seconds, "wall_s": wall_s,
+        "world_size": world_size,
     })
     return row
 

@@ -65,12 +65,14 @@ class TrainingState:
     tally: dict | None = None
     """the running sums of those steps (loop.Tally.to_dict())"""
     rng_by_rank: list | None = None
+    resizes: list[dict] = field(default_factory=list)
+    """an elastic run's changes of worker count so far: {epoch, step, from, to}"""
 
     @classmethod
     def from_payload(cls, payload: dict) -> "TrainingState":
         return cls(payload["epoch"] + 1, payload["step"], list(payload["metric_history"]), list(payload["rows"]),
                    payload["best"], payload["wall_s"], payload.get("epoch_steps", 0), payload.get("tally"),
-                   payload.get("rng_by_rank"))
+                   payload.get("rng_by_rank"), list(payload.get("resizes") or []))
 
 
 def rng_state() -> dict:
@@ -100,7 +102,7 @@ def encode(trainee: Saved, state: TrainingState, spec: JobSpec, plan: Plan, mid_
         "swats": trainee.swats.state_dict() if trainee.swats else None,
         "scaler": trainee.scaler.state_dict() if trainee.scaler else None,
         "epoch": state.rows[-1]["epoch"] if state.rows else -1, "step": state.step, "metric_history": state.metric_history,
-        "rows": state.rows, "best": state.best, "wall_s": state.rows[-1]["wall_s"] if state.rows else 0.0, "rng": rng_state(),
+        "rows": state.rows, "best": state.best, "resizes": state.resizes, "wall_s": state.rows[-1]["wall_s"] if state.rows else 0.0, "rng": rng_state(),
         "spec": spec.to_dict(), "plan": plan.to_dict(),
         "ema": {k: v.detach().cpu() for k, v in trainee.ema.state_dict().items()} if trainee.ema is not None else None,
     }

@@ -96,6 +96,7 @@ def fit(spec: JobSpec, plan: Plan, env: WorkerEnv, splits: Splits | None = None)
         payload, where = resume_point
         ckpt.load_model_state(built.model, payload["model"], where)
         run.state = ckpt.TrainingState.from_payload(payload)
+        _note_resize(run, payload)
     trainee = _make_trainee(run, built, payload)
     train_set = make_dataset(splits.train, spec.data, True, "train")
     run.loader_workers = _loader_workers(run, train_set, trainee)
@@ -121,6 +122,16 @@ def fit(spec: JobSpec, plan: Plan, env: WorkerEnv, splits: Splits | None = None)
             finish_tracking(run.tracker, folder, summary, splits.class_names)
         env.emit(progress.Summary(summary))
     return summary
+
+
+def _note_resize(run: Run, payload: dict) -> None:
+    """A resume on another number of workers (an elastic run): recorded (summary.json `resizes`) and said in one line."""
+    before = Plan.from_dict(payload["plan"]) if payload.get("plan") else None
+    if before is None or before.world_size == run.plan.world_size:
+        return
+    run.state.resizes.append({"epoch": payload["epoch"] + 1, "step": payload["step"], "from": before.world_size,
+                              "to": run.plan.world_size})
+    run.env.log(f"resized at step {payload['step']}: {before.resize_line(run.plan)}")
 
 
 def _on_device(loader, train_set, run: Run):
@@ -284,7 +295,8 @@ def _run_epoch(run: Run, trainee: Trainee, loaders, epoch: int) -> dict:
         raise DivergenceError(epoch, state.step, val_stats.loss, what="validation loss")
     lrs = {g.name: None for g in plan.param_groups}   # every group has its column; null while it has nothing training
     lrs.update({group["name"]: lr for group, lr in zip(trainee.optimizer.param_groups, stats.last_lrs)})
-    return epoch_row(epoch, state.step, lrs, stats, val_stats, state.wall_s + time.perf_counter() - run.started)
+    return epoch_row(epoch, state.step, lrs, stats, val_stats, state.wall_s + time.perf_counter() - run.started,
+                     plan.world_size)
 
 
 def _on_step(run: Run, start: progress.EpochStart, trainee: Trainee, save=None):
@@ -356,6 +368,7 @@ def _finish(run: Run, splits: Splits, model: nn.Module, diverged: str | None) ->
         "images_per_s_mean": float(np.mean([r["images_per_s"] for r in state.rows])) if state.rows else None,
         "run_folder": run.folder.uri,
         "stopped_early_at_epoch": stopped[0] + 1 if (stopped := _stopped_early(run)) else None,
+        "resizes": state.resizes,
     }
     if diverged or not state.rows:
         return summary

@@ -128,7 +128,7 @@ def one_process_spec(spec: JobSpec) -> JobSpec:
     """The job on one process at the same global batch: its workers' micro-batches become accumulation steps."""
     scaling = spec.scaling
     return validate_spec(with_values(spec.to_dict(), {
-        "scaling.num_workers": 1, "scaling.grad_accum_steps": scaling.num_workers * scaling.grad_accum_steps}))
+        "scaling.num_workers": 1, "scaling.grad_accum_steps": scaling.max_workers * scaling.grad_accum_steps}))
 
 
 class _Stop(Exception):
