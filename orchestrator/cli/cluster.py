@@ -70,7 +70,7 @@ def cmd_up(args) -> int:
     from orchestrator.cluster.local_cluster import up
 
     console.print("starting a local Ray cluster (ray start --head, token auth, loopback only) ...")
-    info, started = up(args.workers, args.cpus, args.port, args.dashboard_port)
+    info, started = up(args.workers, args.cpus, args.port, args.dashboard_port, args.nodes)
     nodes = f"head + {info.workers} worker node(s)" if info.workers else "one node"
     console.print(f"{'up' if started else 'already up'}: {nodes}, {info.cpus} CPUs; GCS {info.address}, "
                   f"dashboard and Jobs API {info.dashboard}; Ray's files in {info.folder}")
@@ -134,6 +134,9 @@ def add_up(p: argparse.ArgumentParser) -> None:
     """start a warm local Ray cluster (token auth, loopback) for --address auto"""
     p.add_argument("--workers", type=int, default=0,
                    help="worker nodes besides the head (default 0: one node does the work; N: a head with no CPUs + N nodes)")
+    p.add_argument("--nodes", type=int, default=None,
+                   help="K nodes: the head plus K-1 worker nodes, each a separate `ray start` with its share of the CPUs "
+                        "(a multi-node cluster on this machine); `up` again starts any it has lost")
     p.add_argument("--cpus", type=int, default=None, help="CPUs for Ray to schedule, all nodes together (default: all)")
     p.add_argument("--port", type=int, default=6380, help="GCS port on 127.0.0.1 (default 6380; a free one if taken)")
     p.add_argument("--dashboard-port", type=int, default=8265, help="dashboard and Jobs API port (default 8265; a free one if taken)")

@@ -19,7 +19,7 @@ import socket
 import subprocess
 import sys
 import time
-from dataclasses import asdict, dataclass
+from dataclasses import asdict, dataclass, field
 from pathlib import Path
 
 from orchestrator.config.errors import UserError
@@ -50,6 +50,9 @@ class ClusterInfo:
     workers: int
     """worker nodes besides the head (0: the head runs the work)"""
     started_at: float
+    nodes: list[dict] = field(default_factory=list)
+    """the worker nodes: {name, cpus, pgid}; each a `ray start --block` in its own process group (its raylet,
+    agents and workers with it), so one can be lost (`kill_node`) and started again (`up`)"""
 
 
 def cluster_dir() -> Path:
@@ -141,22 +144,33 @@ def _ray_start(args: list[str], env: dict, log: Path) -> None:
         raise ClusterError(f"ray start {' '.join(args[:2])} failed (exit {done.returncode}); see {log}: {' | '.join(tail)}")
 
 
+def _shares(cpus: int, parts: int) -> list[int]:
+    return [cpus // parts + (1 if i < cpus % parts else 0) for i in range(parts)]
+
+
 def up(workers: int = 0, cpus: int | None = None, gcs_port: int = DEFAULT_GCS_PORT,
-       dashboard_port: int = DEFAULT_DASHBOARD_PORT) -> tuple[ClusterInfo, bool]:
-    """Start the warm cluster (or find it running): (its info, whether this call started it).
+       dashboard_port: int = DEFAULT_DASHBOARD_PORT, nodes: int | None = None) -> tuple[ClusterInfo, bool]:
+    """Start the warm cluster (or find it running, and start again the worker nodes it lost): (its info,
+    whether this call started it).
 
     workers 0: one head node with `cpus` CPUs (default: all of this machine's). workers N: a head with
     no CPUs (it runs drivers, the dashboard and Tune's controller) plus N worker nodes sharing `cpus`.
+    nodes K: the head plus K-1 worker nodes, the K sharing `cpus` (a multi-node cluster on one machine).
     """
     folder = cluster_dir()
     found = running_cluster(folder)
     if found is not None:
-        return found, False
+        return _restart_lost_nodes(found), False
+    if nodes is not None:
+        if nodes < 1 or workers:
+            raise ClusterError(f"--nodes: {nodes}; give 1 or more nodes (the head counts), and not --workers besides")
+        workers = nodes - 1
     if workers < 0:
         raise ClusterError(f"--workers: {workers}; give 0 (the head does the work) or more worker nodes")
     cpus = cpus or os.cpu_count() or 1
-    if workers > cpus:
-        raise ClusterError(f"--workers {workers} with --cpus {cpus}: every worker node needs at least one CPU")
+    if workers + (nodes is not None) > cpus:
+        raise ClusterError(f"{workers + (nodes is not None)} nodes with --cpus {cpus}: every node that works needs at least one CPU")
+    shares = _shares(cpus, nodes) if nodes is not None else [0, *_shares(cpus, workers)] if workers else [cpus]
     stale = read_info(folder)   # a record whose cluster died: clear what is left of it before starting again
     _stop_processes(folder, int(stale.address.rsplit(":", 1)[1]) if stale else None)
     folder.mkdir(parents=True, exist_ok=True)
@@ -165,21 +179,73 @@ def up(workers: int = 0, cpus: int | None = None, gcs_port: int = DEFAULT_GCS_PO
     # Ray's fixed default ports (the agent's 52365, Ray Client's 10001) would collide with any other Ray on
     # this machine, and between the nodes of this one: every node gets free ones.
     try:
-        _ray_start(["--head", f"--port={gcs}", "--node-ip-address=127.0.0.1", f"--num-cpus={0 if workers else cpus}",
+        _ray_start(["--head", f"--port={gcs}", "--node-ip-address=127.0.0.1", f"--num-cpus={shares[0]}",
                     "--dashboard-host=127.0.0.1", f"--dashboard-port={dashboard}", f"--temp-dir={folder}",
                     f"--dashboard-agent-listen-port={_free_port(0)}", f"--ray-client-server-port={_free_port(0)}"],
                    env, folder / "head.log")
-        for i in range(workers):
-            share = cpus // workers + (1 if i < cpus % workers else 0)
-            _ray_start([f"--address=127.0.0.1:{gcs}", "--node-ip-address=127.0.0.1", f"--num-cpus={share}",
-                        f"--dashboard-agent-listen-port={_free_port(0)}"],
-                       env, folder / f"worker-{i + 1}.log")
+        started = [start_node(f"127.0.0.1:{gcs}", f"worker-{i}", share, env, folder)
+                   for i, share in enumerate(shares[1:], start=1)]
     except ClusterError:
         _stop_processes(folder, gcs)   # no half-started cluster left behind
         raise
-    info = ClusterInfo(f"127.0.0.1:{gcs}", f"http://127.0.0.1:{dashboard}", str(folder), cpus, workers, time.time())
+    info = ClusterInfo(f"127.0.0.1:{gcs}", f"http://127.0.0.1:{dashboard}", str(folder), cpus, workers, time.time(), started)
     (folder / STATE_FILE).write_text(json.dumps(asdict(info), indent=2))
     return info, True
+
+
+NODE_STARTED = b"Ray runtime started"
+"""what `ray start` prints once its node has joined the cluster"""
+
+
+def start_node(address: str, name: str, cpus: int, env: dict, folder: Path) -> dict:
+    """A worker node: `ray start --block` in a process group of its own (its raylet, agents and workers
+    in it), its output in `<folder>/<name>.log`; returns its record once it has joined (ClusterError when
+    it does not within START_TIMEOUT_S)."""
+    log = folder / f"{name}.log"
+    with open(log, "ab") as out:
+        start = out.tell()
+        process = subprocess.Popen([*RAY_CLI, "start", f"--address={address}", "--node-ip-address=127.0.0.1",
+                                    f"--num-cpus={cpus}", f"--dashboard-agent-listen-port={_free_port(0)}", "--block",
+                                    "--disable-usage-stats"], stdout=out, stderr=subprocess.STDOUT,
+                                   stdin=subprocess.DEVNULL, env=env, start_new_session=True)
+    deadline = time.time() + START_TIMEOUT_S
+    while NODE_STARTED not in log.read_bytes()[start:]:
+        if process.poll() is not None or time.time() > deadline:
+            tail = log.read_text(errors="replace").strip().splitlines()[-3:]
+            raise ClusterError(f"ray start of node {name} {'failed' if process.poll() is not None else 'hangs'}; "
+                               f"see {log}: {' | '.join(tail)}")
+        time.sleep(0.2)
+    return {"name": name, "cpus": cpus, "pgid": process.pid}
+
+
+def node_alive(node: dict) -> bool:
+    """Whether the node's `ray start --block` still runs (it ends with its raylet)."""
+    return bool(_alive([node["pgid"]]))
+
+
+def kill_node(name: str) -> None:
+    """Lose a worker node as a dead machine would: SIGKILL to its whole process group (raylet, agents,
+    workers), no clean-up. ClusterError when the running cluster has no such node."""
+    info = running_cluster()
+    node = next((n for n in (info.nodes if info else []) if n["name"] == name), None)
+    if node is None:
+        raise ClusterError(f"no worker node {name} in the running cluster")
+    try:
+        os.killpg(node["pgid"], signal.SIGKILL)
+    except ProcessLookupError:
+        pass
+
+
+def _restart_lost_nodes(info: ClusterInfo) -> ClusterInfo:
+    """The running cluster with every recorded worker node that is gone started again (same name and CPUs)."""
+    lost = [node for node in info.nodes if not node_alive(node)]
+    if not lost:
+        return info
+    env, folder = ray_env(), Path(info.folder)
+    for node in lost:
+        node.update(start_node(info.address, node["name"], node["cpus"], env, folder))
+    (folder / STATE_FILE).write_text(json.dumps(asdict(info), indent=2))
+    return info
 
 
 def _processes() -> dict[int, tuple[int, bytes]]:
@@ -252,6 +318,11 @@ def down() -> tuple[Path, int]:
     """Stop the warm cluster: (its folder, processes stopped); the record is removed."""
     folder = cluster_dir()
     info = read_info(folder)
+    for node in info.nodes if info else []:   # a worker node's `ray start --block` and whatever of its group is left
+        try:
+            os.killpg(node["pgid"], signal.SIGTERM)
+        except ProcessLookupError:
+            pass
     stopped = _stop_processes(folder, int(info.address.rsplit(":", 1)[1]) if info else None)
     (folder / STATE_FILE).unlink(missing_ok=True)
     return folder, stopped
