@@ -65,3 +65,99 @@ def test_plan_lists_the_sizes(tmp_path, write_job, capsys):
     job["scaling"]["num_workers"] = {"min": 2, "max": 4}
     assert main(["plan", str(write_job(job))]) == 2
     assert "cannot be split evenly over 3 worker(s)" in capsys.readouterr().err
+
+
+def _free_port() -> int:
+    import socket
+
+    with socket.socket() as s:
+        s.bind(("127.0.0.1", 0))
+        return s.getsockname()[1]
+
+
+def elastic_job(storage, name: str, workers, accum: int = 1) -> dict:
+    return tiny_job(storage, name, data={"source": "builtin:digits", "classes": [0, 1, 2], "max_per_class": 80,
+                                         "image_size": 16},
+                    schedule={"name": "cosine", "epochs": 10, "warmup_epochs": 1},
+                    scaling={"num_workers": workers, "per_worker_batch_size": 8, "grad_accum_steps": accum,
+                             "placement_strategy": "SPREAD"},
+                    run={"storage": str(storage), "checkpoint_every_steps": 5, "max_failures": 3})
+
+
+def _wait_for(predicate, timeout_s: float, what: str) -> None:
+    import time
+
+    deadline = time.time() + timeout_s
+    while not predicate():
+        assert time.time() < deadline, f"{what} did not happen within {timeout_s:.0f} s"
+        time.sleep(0.5)
+
+
+@pytest.mark.ray
+@pytest.mark.slow
+def test_losing_a_node_keeps_the_plan_and_the_run_grows_back(ray_session, tmp_path, write_job, monkeypatch):
+    """2 nodes (separate `ray start`s), 1 to 2 workers: the worker node is killed mid-epoch, the run goes on
+    with one worker and the same global batch, LR and schedule; the node comes back and the run grows to two."""
+    import subprocess
+    import sys
+
+    import pyarrow.parquet as pq
+    from conftest import REPO
+
+    from orchestrator.cluster import local_cluster
+
+    # the band: the same plan at a fixed size, here in-process: 1 worker x 2 micro-batches of 8 is what 2 workers x 8
+    # compute (the same global batch of the same images at every step, BatchNorm over 8 images alike)
+    fixed = write_job(elastic_job(tmp_path / "runs", "fixed", 1, accum=2))
+    assert main(["train", str(fixed), "--local"]) == 0
+    import shutil
+    import tempfile
+
+    cluster_dir = tempfile.mkdtemp(prefix="oce-", dir="/tmp")            # short: Ray's socket paths live under it
+    monkeypatch.setenv("ORCHESTRATOR_CLUSTER_DIR", cluster_dir)
+    monkeypatch.setenv("RAY_health_check_period_ms", "1000")              # the GCS marks a lost node dead in ~3 s,
+    monkeypatch.setenv("RAY_health_check_failure_threshold", "3")        # not ~15 s: a shorter test, the same path
+    import time
+
+    started = time.time()
+    info, _ = local_cluster.up(nodes=2, cpus=2, gcs_port=_free_port(), dashboard_port=_free_port())
+    try:
+        run = tmp_path / "runs" / "elastic"
+        out = open(tmp_path / "elastic.out", "w+")
+        driver = subprocess.Popen([sys.executable, "-m", "orchestrator.cli", "train",
+                                   str(write_job(elastic_job(tmp_path / "runs", "elastic", {"min": 1, "max": 2}))),
+                                   "--address", info.address], cwd=REPO, stdout=out, stderr=subprocess.STDOUT)
+        _wait_for(lambda: (run / "checkpoint_step").exists() or (run / "metrics.parquet").exists(), 120, "a first checkpoint")
+        print(f"first checkpoint at {time.time() - started:.0f} s")
+        local_cluster.kill_node("worker-1")                                 # the machine is gone
+        _wait_for(lambda: "2 -> 1 workers" in (tmp_path / "elastic.out").read_text(), 120, "the shrink to one worker")
+        print(f"shrunk at {time.time() - started:.0f} s")
+        local_cluster.up(nodes=2, cpus=2)                                   # it comes back
+        print(f"node back at {time.time() - started:.0f} s")
+        assert driver.wait(timeout=240) == 0, (tmp_path / "elastic.out").read_text()[-3000:]
+        print(f"done at {time.time() - started:.0f} s")
+    finally:
+        local_cluster.down()
+        shutil.rmtree(cluster_dir, ignore_errors=True)
+    summary = json.loads((run / "summary.json").read_text())
+    assert [(r["from"], r["to"]) for r in summary["resizes"]] == [(2, 1), (1, 2)], summary["resizes"]
+    rows = pq.read_table(run / "metrics.parquet").to_pylist()
+    fixed_rows = pq.read_table(tmp_path / "runs" / "fixed" / "metrics.parquet").to_pylist()
+    assert [r["epoch"] for r in rows] == list(range(10))                   # every epoch once
+    assert {r["world_size"] for r in rows} == {1, 2}
+    lr = [k for k in rows[0] if k.startswith("lr/")]
+    assert [r[k] for r in rows for k in lr] == pytest.approx([r[k] for r in fixed_rows for k in lr])   # same schedule
+    assert [r["step"] for r in rows] == [r["step"] for r in fixed_rows]
+    plan = json.loads((run / "plan.json").read_text())
+    assert plan["global_batch_size"] == 16 and plan["elastic_sizes"][0]["grad_accum_steps"] == 2
+    fixed_summary = json.loads((tmp_path / "runs" / "fixed" / "summary.json").read_text())
+    assert abs(summary["test_acc1"] - fixed_summary["test_acc1"]) <= 0.15
+
+
+def test_lost_nodes_leave_the_restart_count_at_once():
+    from orchestrator.cluster.elastic_policy import alive_only
+
+    reserved = {"a": {"CPU": 1.0}, "b": {"CPU": 1.0}}
+    nodes = [{"NodeID": "a", "Alive": True}, {"NodeID": "b", "Alive": False}]
+    assert alive_only(reserved, nodes) == {"a": {"CPU": 1.0}}
+    assert alive_only(None, nodes) is None and alive_only({}, nodes) == {}

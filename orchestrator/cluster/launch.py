@@ -130,8 +130,6 @@ def track_report(spec: JobSpec, console: Console) -> None:
 
 RESIZE_CHECK_S = 10.0
 """an elastic run: how often Ray Train checks whether the cluster has room for more workers"""
-
-
 def build_trainer(spec: JobSpec, plan: Plan, queue=None, callbacks: list | None = None):
     """The TorchTrainer for this spec and plan (gloo on CPU, NCCL on GPU: Ray's defaults).
 
@@ -204,6 +202,16 @@ class RunInterrupted(Interrupted):
         super().__init__(f"interrupted: workers stopped; {where}; re-run the same command to resume")
 
 
+def on_this_node() -> dict:
+    """Actor options that keep an actor on the driver's node: the progress queue must not live on a worker
+    node that an elastic run may lose."""
+    import ray
+    from ray.util.scheduling_strategies import NodeAffinitySchedulingStrategy
+
+    return {"num_cpus": 0, "scheduling_strategy": NodeAffinitySchedulingStrategy(ray.get_runtime_context().get_node_id(),
+                                                                                 soft=False)}
+
+
 def train_on_ray(spec: JobSpec, plan: Plan, console: Console) -> tuple[dict, float | None]:
     """Fit a TorchTrainer on the running Ray while showing progress.
 
@@ -212,7 +220,7 @@ def train_on_ray(spec: JobSpec, plan: Plan, console: Console) -> tuple[dict, flo
     from ray.util.queue import Queue
 
     folder = RunFolder(spec.run.storage, spec.name)
-    events = Queue(maxsize=10_000)
+    events = Queue(maxsize=10_000, actor_options=on_this_node())
     trainer = build_trainer(spec, plan, events)
     outcome: dict = {}
     done = threading.Event()

@@ -22,6 +22,7 @@ from pathlib import Path
 import torch
 from ray.train.torch import TorchTrainer
 
+from orchestrator.cluster.elastic_policy import LiveNodesPolicy
 from orchestrator.cluster.failure_policy import FinalErrorsPolicy
 from orchestrator.config.plan import Plan
 from orchestrator.config.spec import JobSpec
@@ -31,10 +32,13 @@ from orchestrator.train.run import WorkerEnv
 
 if FinalErrorsPolicy is not None:
     class Trainer(TorchTrainer):
-        """A TorchTrainer whose controller does not retry the job's own errors (see failure_policy)."""
+        """A TorchTrainer whose controller does not retry the job's own errors (see failure_policy) and, when
+        elastic, counts only live nodes (see elastic_policy)."""
 
         def _initialize_and_run_controller(self, **controller_init_kwargs):
             controller_init_kwargs["failure_policy"] = FinalErrorsPolicy(self.run_config.failure_config)
+            if self.scaling_config.elasticity_enabled and LiveNodesPolicy is not None:
+                controller_init_kwargs["scaling_policy"] = LiveNodesPolicy(self.scaling_config)
             return super()._initialize_and_run_controller(**controller_init_kwargs)
 else:  # pragma: no cover
     Trainer = TorchTrainer
