@@ -80,7 +80,7 @@ def elastic_job(storage, name: str, workers, accum: int = 1) -> dict:
                                          "image_size": 16},
                     schedule={"name": "cosine", "epochs": 10, "warmup_epochs": 1},
                     scaling={"num_workers": workers, "per_worker_batch_size": 8, "grad_accum_steps": accum,
-                             "placement_strategy": "SPREAD"},
+                             "placement": "spread"},
                     run={"storage": str(storage), "checkpoint_every_steps": 5, "max_failures": 3})
 
 
@@ -152,6 +152,13 @@ def test_losing_a_node_keeps_the_plan_and_the_run_grows_back(ray_session, tmp_pa
     assert plan["global_batch_size"] == 16 and plan["elastic_sizes"][0]["grad_accum_steps"] == 2
     fixed_summary = json.loads((tmp_path / "runs" / "fixed" / "summary.json").read_text())
     assert abs(summary["test_acc1"] - fixed_summary["test_acc1"]) <= 0.15
+
+
+def test_placement_spread_or_pack():
+    assert validate_spec({"scaling": {"placement": "spread"}}).scaling.ray_placement == "SPREAD"
+    assert validate_spec({"scaling": {"placement_strategy": "STRICT_SPREAD"}}).scaling.ray_placement == "STRICT_SPREAD"
+    with pytest.raises(SpecError, match="scaling.placement_strategy: STRICT_PACK contradicts scaling.placement spread"):
+        validate_spec({"scaling": {"placement": "spread", "placement_strategy": "STRICT_PACK"}})
 
 
 def test_lost_nodes_leave_the_restart_count_at_once():

@@ -157,7 +157,7 @@ def build_trainer(spec: JobSpec, plan: Plan, queue=None, callbacks: list | None 
                            "mlflow_tracking_uri": os.environ.get("MLFLOW_TRACKING_URI")},
         scaling_config=ScalingConfig(num_workers=(scaling.min_workers, scaling.max_workers) if scaling.elastic else plan.world_size,
                                      use_gpu=scaling.use_gpu, resources_per_worker=resources,
-                                     placement_strategy=scaling.placement_strategy,
+                                     placement_strategy=scaling.ray_placement,
                                      **({"elastic_resize_monitor_interval_s": RESIZE_CHECK_S} if scaling.elastic else {})),
         run_config=RunConfig(name=spec.name, storage_path=absolute_storage(spec.run.storage),
                              failure_config=FailureConfig(max_failures=spec.run.max_failures),

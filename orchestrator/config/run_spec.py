@@ -48,10 +48,26 @@ class ScalingSpec(_Section):
     """`none`, `bf16` (CPU or GPU), `fp16` (GPU, with a GradScaler)"""
     channels_last: bool = False
     """NHWC memory format"""
+    placement: Literal["pack", "spread"] | None = None
+    """spread: one worker per node as far as the cluster's nodes go (Ray's SPREAD); pack: fill a node first (PACK);
+    null: placement_strategy decides"""
     placement_strategy: Literal["PACK", "SPREAD", "STRICT_PACK", "STRICT_SPREAD"] = "PACK"
     """Ray placement of the workers: `PACK`, `SPREAD`, `STRICT_PACK`, `STRICT_SPREAD`"""
     sync_bn: bool = False
     """SyncBatchNorm across workers"""
+
+    @field_validator("placement_strategy")
+    @classmethod
+    def _one_placement(cls, value: str, info) -> str:
+        placement = info.data.get("placement")
+        if placement is not None and value != "PACK" and value != placement.upper():
+            raise ValueError(f"{value} contradicts scaling.placement {placement}; give one of them")
+        return value
+
+    @property
+    def ray_placement(self) -> str:
+        """The Ray placement strategy of the workers' placement group."""
+        return self.placement.upper() if self.placement else self.placement_strategy
 
     @property
     def elastic(self) -> bool:
