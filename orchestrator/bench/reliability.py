@@ -22,7 +22,7 @@ from rich.console import Console
 from rich.table import Table
 
 from orchestrator.bench.common import timed_train
-from orchestrator.cluster.worker import FAULT_MARKER, FAULT_STEP_ENV
+from orchestrator.cluster.worker import FAULT_MARKER, FAULT_NODE_ENV, FAULT_STEP_ENV
 from orchestrator.store.storage import CHECKPOINT_FILE, METRICS_FILE, SUMMARY_FILE, RunFolder, epoch_dir_name
 
 
@@ -72,7 +72,65 @@ def start_twice(job_path: Path, run: RunFolder, epochs: int, env: dict) -> bool:
     return codes == [0, 2] and "is in use by another run" in refused[0] and rows == list(range(epochs))
 
 
-def reliability(console: Console, runs: int = 3) -> dict:
+def elastic_job(storage: str, name: str) -> dict:
+    job = reliability_job(storage, name)
+    job["scaling"].update(num_workers={"min": 1, "max": 2}, placement="spread")
+    job["run"]["checkpoint_every_steps"] = 4
+    return job
+
+
+def _train(job: dict, workdir: Path, env: dict, fault_step: int | None = None) -> tuple[int, float]:
+    """Train `job` on the cluster `--address auto` finds; with `fault_step`, the worker node is lost after that
+    step (ORCHESTRATOR_FAULT_NODE) and `up` starts it again as soon as it is gone."""
+    import time
+
+    path = workdir / f"{job['name']}.yaml"
+    path.write_text(yaml.safe_dump(job))
+    env = {**env, **({FAULT_STEP_ENV: str(fault_step), FAULT_NODE_ENV: "1"} if fault_step is not None else {})}
+    started = time.perf_counter()
+    driver = subprocess.Popen([sys.executable, "-m", "orchestrator.cli", "train", str(path), "--address", "auto"],
+                              stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL, env=env)
+    run = RunFolder(job["run"]["storage"], job["name"])
+    if fault_step is not None:
+        while driver.poll() is None and not run.exists(FAULT_MARKER):
+            time.sleep(0.5)
+        time.sleep(1.0)   # the node's processes are gone; now it comes back
+        subprocess.run([sys.executable, "-m", "orchestrator.cli", "up", "--nodes", "2"], capture_output=True, env=env)
+    return driver.wait(), time.perf_counter() - started
+
+
+def elastic_case(console: Console) -> dict:
+    """A 2-node cluster (`up --nodes 2`): an elastic run (1 to 2 workers) whose worker node is lost in the
+    middle of epoch 3 of 4 and comes back, against the same run without the loss."""
+    import shutil
+
+    from orchestrator.config.jobfile import validate_spec
+    from orchestrator.train.resolve import resolve_plan
+
+    workdir = Path(tempfile.mkdtemp(prefix="oce-", dir="/tmp"))   # short: Ray's socket paths live under it
+    env = {**os.environ, "ORCHESTRATOR_CLUSTER_DIR": str(workdir / "cluster")}
+    storage = str(workdir / "runs")
+    try:
+        console.print("elastic: a 2-node cluster (orchestrator up --nodes 2) ...")
+        subprocess.run([sys.executable, "-m", "orchestrator.cli", "up", "--nodes", "2"], capture_output=True, env=env, check=True)
+        plan = resolve_plan(validate_spec(elastic_job(storage, "x")), 2).plan
+        fault_step = 2 * plan.steps_per_epoch + plan.steps_per_epoch // 2
+        console.print("elastic: the run without a loss ...")
+        code, clean_s = _train(elastic_job(storage, "elastic_clean"), workdir, env)
+        console.print(f"elastic: the worker node lost after step {fault_step}, then back ...")
+        code, faulty_s = _train(elastic_job(storage, "elastic_lost"), workdir, env, fault_step)
+        run = RunFolder(storage, "elastic_lost")
+        summary = run.read_json(SUMMARY_FILE) if run.exists(SUMMARY_FILE) else {"status": "failed", "resizes": []}
+        resizes = summary.get("resizes", [])
+        return {**run_outcome(run, code, plan.epochs), "recovery_s": faulty_s - clean_s, "clean_s": clean_s,
+                "resizes": [(r["from"], r["to"]) for r in resizes],
+                "steps_repeated": fault_step + 1 - resizes[0]["step"] if resizes else None}
+    finally:
+        subprocess.run([sys.executable, "-m", "orchestrator.cli", "down"], capture_output=True, env=env)
+        shutil.rmtree(workdir, ignore_errors=True)
+
+
+def reliability(console: Console, runs: int = 3, elastic: bool = True) -> dict:
     """Kill one worker once in the middle of epoch 3 of 4, `runs` times; compare with a clean run."""
     from orchestrator.config.jobfile import validate_spec
     from orchestrator.train.resolve import resolve_plan
@@ -109,6 +167,8 @@ def reliability(console: Console, runs: int = 3) -> dict:
                "mean_recovery_s": statistics.mean(o["recovery_s"] for o in outcomes), "clean_s": clean_s,
                "corrupt_checkpoint_recovered": sum(o["corrupt_ok"] for o in outcomes),
                "concurrent_start_one_writer": sum(o["twice_ok"] for o in outcomes)}
+    if elastic:
+        figures["elastic"] = elastic_case(console)
     table = Table(title="worker kill and recovery", show_header=False, title_justify="left")
     table.add_column("key", style="bold")
     table.add_column("value")
@@ -118,6 +178,11 @@ def reliability(console: Console, runs: int = 3) -> dict:
                        ("corrupt latest checkpoint", f"{figures['corrupt_checkpoint_recovered']}/{runs} resumed from the one before and completed"),
                        ("started twice at once", f"{figures['concurrent_start_one_writer']}/{runs} one exited 2, one completed")):
         table.add_row(key, value)
+    if elastic:
+        e = figures["elastic"]
+        table.add_row("elastic: node lost and back", f"{'completed' if e['completed'] else 'FAILED'}, workers "
+                      + " -> ".join(["2"] + [str(to) for _, to in e["resizes"]]) + f", {e['lost']} epochs lost, "
+                      f"{e['steps_repeated']} steps repeated, recovery cost {e['recovery_s']:.1f} s (clean {e['clean_s']:.1f} s)")
     console.print(table)
     console.print(f"goal: {runs}/{runs} completed, 0 lost, 0 repeated, {runs}/{runs} recovered from a corrupt checkpoint, "
                   f"{runs}/{runs} with one writer")

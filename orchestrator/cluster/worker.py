@@ -15,6 +15,7 @@ not fit: a retry gives the same error); other failures get `run.max_failures` re
 from __future__ import annotations
 
 import os
+import signal
 import tempfile
 import time
 from pathlib import Path
@@ -47,6 +48,9 @@ else:  # pragma: no cover
 EPOCHS_DONE = "epochs_done"
 FAULT_STEP_ENV = "ORCHESTRATOR_FAULT_AT_STEP"
 FAULT_RANK_ENV = "ORCHESTRATOR_FAULT_RANK"
+FAULT_NODE_ENV = "ORCHESTRATOR_FAULT_NODE"
+"""1: the fault takes the worker's whole node down (its process group: raylet, agents, workers), as a lost
+machine would; it fires on a rank that runs on a worker node started by `orchestrator up` (never the head)"""
 FAULT_MARKER = "fault_injected.json"
 FAULT_DELAY_S = 3.0   # longer than the controller's ~2 s poll, so the last report counts
 
@@ -56,25 +60,43 @@ def fault_from_env() -> dict | None:
     step = os.environ.get(FAULT_STEP_ENV)
     if not step:
         return None
-    return {"step": int(step), "rank": int(os.environ.get(FAULT_RANK_ENV, "-1"))}
+    return {"step": int(step), "rank": int(os.environ.get(FAULT_RANK_ENV, "-1")), "node": os.environ.get(FAULT_NODE_ENV) == "1"}
 
 
 def fault_hook(fault: dict | None, rank: int, world_size: int, folder):
     """A step hook that kills this worker's process (as a dying machine would) once, after fault['step'].
 
-    The marker file in the run folder makes it happen once, across the restarts it causes.
+    The marker file in the run folder makes it happen once, across the restarts it causes. With
+    fault["node"], it kills this worker's node instead (`own_node_group`), on whichever rank runs on one.
     """
-    if fault is None or rank != (fault["rank"] if fault["rank"] >= 0 else world_size - 1):
+    if fault is None:
+        return None
+    group = own_node_group() if fault.get("node") else None
+    if (fault.get("node") and group is None) or (not fault.get("node") and rank != (fault["rank"] if fault["rank"] >= 0 else world_size - 1)):
         return None
 
     def hook(step: int) -> None:
         if step != fault["step"] or folder.exists(FAULT_MARKER):
             return
         time.sleep(FAULT_DELAY_S)
-        folder.write_json(FAULT_MARKER, {"step": step, "rank": rank, "time": time.time()})
+        folder.write_json(FAULT_MARKER, {"step": step, "rank": rank, "time": time.time(), "node": group is not None})
+        if group is not None:
+            os.killpg(group, signal.SIGKILL)
         os._exit(1)
 
     return hook
+
+
+def own_node_group() -> int | None:
+    """The process group of this worker's node when it is a worker node `orchestrator up` started (a
+    `ray start --block` leads the group: local_cluster.start_node), else None (the head, or a Ray this
+    tool did not start: killing that group could take the driver with it)."""
+    group = os.getpgrp()
+    try:
+        leader = Path(f"/proc/{group}/cmdline").read_bytes().split(b"\0")
+    except OSError:
+        return None
+    return group if b"start" in leader and b"--block" in leader and b"--head" not in leader else None
 
 
 def _emitter(queue):
