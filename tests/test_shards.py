@@ -233,9 +233,10 @@ def test_pack_to_s3_then_two_ray_workers_train_from_s3_into_s3_storage_and_resum
     assert packed.returncode == 0, packed.stderr
     assert json.loads(packed.stdout)["splits"] == {"train": 60, "val": 18}
     job = tiny_job("s3://data/runs", "s3run", data={"source": "shards:s3://data/packed", "classes": None,
-                                                    "max_per_class": None, "image_size": 16, "loader_workers": 1},
+                                                    "max_per_class": None, "image_size": 24, "loader_workers": 1},
                    scaling={"num_workers": 2, "per_worker_batch_size": 4},
                    run={"checkpoint_every_steps": 3, "max_failures": 1}, schedule={"epochs": 2, "warmup_epochs": 0},
+                   model={"arch": "timm/test_resnet"},   # a small checkpoint: every one crosses the S3 API
                    optim={"base_lr": 0.002})
     path = tmp_path / "job.yaml"
     path.write_text(json.dumps(job))
