@@ -11,6 +11,7 @@ naming the other, the other complete with a consistent run folder).
 from __future__ import annotations
 
 import os
+import re
 import statistics
 import subprocess
 import sys
@@ -76,32 +77,37 @@ def elastic_job(storage: str, name: str) -> dict:
     job = reliability_job(storage, name)
     job["scaling"].update(num_workers={"min": 1, "max": 2}, placement="spread")
     job["run"]["checkpoint_every_steps"] = 4
+    job["schedule"]["epochs"] = 8   # the run outlasts the node's return and the resize back to two
     return job
 
 
-def _train(job: dict, workdir: Path, env: dict, fault_step: int | None = None) -> tuple[int, float]:
-    """Train `job` on the cluster `--address auto` finds; with `fault_step`, the worker node is lost after that
-    step (ORCHESTRATOR_FAULT_NODE) and `up` starts it again as soon as it is gone."""
+def _train(job: dict, workdir: Path, env: dict, fault_step: int | None = None) -> tuple[int, float, str, float | None]:
+    """Train `job` on the cluster `--address auto` finds: (exit code, seconds, its output, seconds from the
+    node's loss to the run going on with one worker). With `fault_step`, the worker node is lost after that
+    step (ORCHESTRATOR_FAULT_NODE); once the run has gone on with one worker, `up` starts the node again."""
     import time
 
-    path = workdir / f"{job['name']}.yaml"
+    path, log = workdir / f"{job['name']}.yaml", workdir / f"{job['name']}.out"
     path.write_text(yaml.safe_dump(job))
-    env = {**env, **({FAULT_STEP_ENV: str(fault_step), FAULT_NODE_ENV: "1"} if fault_step is not None else {})}
-    started = time.perf_counter()
-    driver = subprocess.Popen([sys.executable, "-m", "orchestrator.cli", "train", str(path), "--address", "auto"],
-                              stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL, env=env)
+    env = {**env, "COLUMNS": "200", **({FAULT_STEP_ENV: str(fault_step), FAULT_NODE_ENV: "1"} if fault_step is not None else {})}
+    started, went_on = time.perf_counter(), None
     run = RunFolder(job["run"]["storage"], job["name"])
-    if fault_step is not None:
-        while driver.poll() is None and not run.exists(FAULT_MARKER):
-            time.sleep(0.5)
-        time.sleep(1.0)   # the node's processes are gone; now it comes back
-        subprocess.run([sys.executable, "-m", "orchestrator.cli", "up", "--nodes", "2"], capture_output=True, env=env)
-    return driver.wait(), time.perf_counter() - started
+    with open(log, "w") as out:
+        driver = subprocess.Popen([sys.executable, "-m", "orchestrator.cli", "train", str(path), "--address", "auto"],
+                                  stdout=out, stderr=subprocess.STDOUT, env=env)
+        if fault_step is not None:
+            while driver.poll() is None and "2 -> 1 workers" not in log.read_text():
+                time.sleep(0.2)
+            if run.exists(FAULT_MARKER):
+                went_on = time.time() - run.read_json(FAULT_MARKER)["time"]
+            subprocess.run([sys.executable, "-m", "orchestrator.cli", "up", "--nodes", "2"], capture_output=True, env=env)
+        code = driver.wait()
+    return code, time.perf_counter() - started, log.read_text(), went_on
 
 
 def elastic_case(console: Console) -> dict:
-    """A 2-node cluster (`up --nodes 2`): an elastic run (1 to 2 workers) whose worker node is lost in the
-    middle of epoch 3 of 4 and comes back, against the same run without the loss."""
+    """A 2-node cluster (`up --nodes 2`): an elastic run (1 to 2 workers, 8 epochs) whose worker node is lost in
+    the middle of epoch 3 and comes back, against the same run without the loss."""
     import shutil
 
     from orchestrator.config.jobfile import validate_spec
@@ -116,15 +122,16 @@ def elastic_case(console: Console) -> dict:
         plan = resolve_plan(validate_spec(elastic_job(storage, "x")), 2).plan
         fault_step = 2 * plan.steps_per_epoch + plan.steps_per_epoch // 2
         console.print("elastic: the run without a loss ...")
-        code, clean_s = _train(elastic_job(storage, "elastic_clean"), workdir, env)
+        code, clean_s, _, _ = _train(elastic_job(storage, "elastic_clean"), workdir, env)
         console.print(f"elastic: the worker node lost after step {fault_step}, then back ...")
-        code, faulty_s = _train(elastic_job(storage, "elastic_lost"), workdir, env, fault_step)
+        code, faulty_s, output, went_on = _train(elastic_job(storage, "elastic_lost"), workdir, env, fault_step)
         run = RunFolder(storage, "elastic_lost")
         summary = run.read_json(SUMMARY_FILE) if run.exists(SUMMARY_FILE) else {"status": "failed", "resizes": []}
-        resizes = summary.get("resizes", [])
+        resumed = [int(step) for step in re.findall(r"resumed from \S+ \(.*?step (\d+)\)", output)]
         return {**run_outcome(run, code, plan.epochs), "recovery_s": faulty_s - clean_s, "clean_s": clean_s,
-                "resizes": [(r["from"], r["to"]) for r in resizes],
-                "steps_repeated": fault_step + 1 - resizes[0]["step"] if resizes else None}
+                "loss_to_training_s": went_on,
+                "resizes": [(r["from"], r["to"]) for r in summary.get("resizes", [])],
+                "steps_repeated": fault_step + 1 - resumed[0] if resumed else None}
     finally:
         subprocess.run([sys.executable, "-m", "orchestrator.cli", "down"], capture_output=True, env=env)
         shutil.rmtree(workdir, ignore_errors=True)
@@ -164,7 +171,7 @@ def reliability(console: Console, runs: int = 3, elastic: bool = True) -> dict:
                                                       plan.epochs, dict(os.environ))
     figures = {"runs": runs, "completed": sum(o["completed"] for o in outcomes), "killed": sum(o["killed"] for o in outcomes),
                "epochs_lost": sum(o["lost"] for o in outcomes), "epochs_repeated": sum(o["repeated"] for o in outcomes),
-               "mean_recovery_s": statistics.mean(o["recovery_s"] for o in outcomes), "clean_s": clean_s,
+               "mean_recovery_s": statistics.mean(o["recovery_s"] for o in outcomes) if outcomes else 0.0, "clean_s": clean_s,
                "corrupt_checkpoint_recovered": sum(o["corrupt_ok"] for o in outcomes),
                "concurrent_start_one_writer": sum(o["twice_ok"] for o in outcomes)}
     if elastic:
@@ -182,7 +189,8 @@ def reliability(console: Console, runs: int = 3, elastic: bool = True) -> dict:
         e = figures["elastic"]
         table.add_row("elastic: node lost and back", f"{'completed' if e['completed'] else 'FAILED'}, workers "
                       + " -> ".join(["2"] + [str(to) for _, to in e["resizes"]]) + f", {e['lost']} epochs lost, "
-                      f"{e['steps_repeated']} steps repeated, recovery cost {e['recovery_s']:.1f} s (clean {e['clean_s']:.1f} s)")
+                      f"{e['steps_repeated']} steps repeated, training again {e['loss_to_training_s'] or 0:.1f} s after the "
+                      f"loss, recovery cost {e['recovery_s']:.1f} s (clean {e['clean_s']:.1f} s)")
     console.print(table)
     console.print(f"goal: {runs}/{runs} completed, 0 lost, 0 repeated, {runs}/{runs} recovered from a corrupt checkpoint, "
                   f"{runs}/{runs} with one writer")

@@ -89,9 +89,13 @@ def fault_hook(fault: dict | None, rank: int, world_size: int, folder):
 
 def own_node_group() -> int | None:
     """The process group of this worker's node when it is a worker node `orchestrator up` started (a
-    `ray start --block` leads the group: local_cluster.start_node), else None (the head, or a Ray this
-    tool did not start: killing that group could take the driver with it)."""
-    group = os.getpgrp()
+    `ray start --block` leads the group of the raylet, this worker's parent: local_cluster.start_node; a
+    worker has a group of its own), else None (the head, or a Ray this tool did not start: killing that
+    group could take the driver with it)."""
+    try:
+        group = os.getpgid(os.getppid())
+    except OSError:
+        return None
     try:
         leader = Path(f"/proc/{group}/cmdline").read_bytes().split(b"\0")
     except OSError:
