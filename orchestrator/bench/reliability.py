@@ -176,6 +176,12 @@ def reliability(console: Console, runs: int = 3, elastic: bool = True) -> dict:
                "concurrent_start_one_writer": sum(o["twice_ok"] for o in outcomes)}
     if elastic:
         figures["elastic"] = elastic_case(console)
+    print_reliability(console, figures, runs)
+    return figures
+
+
+def print_reliability(console: Console, figures: dict, runs: int) -> None:
+    clean_s = figures["clean_s"]
     table = Table(title="worker kill and recovery", show_header=False, title_justify="left")
     table.add_column("key", style="bold")
     table.add_column("value")
@@ -185,7 +191,7 @@ def reliability(console: Console, runs: int = 3, elastic: bool = True) -> dict:
                        ("corrupt latest checkpoint", f"{figures['corrupt_checkpoint_recovered']}/{runs} resumed from the one before and completed"),
                        ("started twice at once", f"{figures['concurrent_start_one_writer']}/{runs} one exited 2, one completed")):
         table.add_row(key, value)
-    if elastic:
+    if "elastic" in figures:
         e = figures["elastic"]
         table.add_row("elastic: node lost and back", f"{'completed' if e['completed'] else 'FAILED'}, workers "
                       + " -> ".join(["2"] + [str(to) for _, to in e["resizes"]]) + f", {e['lost']} epochs lost, "
@@ -194,4 +200,4 @@ def reliability(console: Console, runs: int = 3, elastic: bool = True) -> dict:
     console.print(table)
     console.print(f"goal: {runs}/{runs} completed, 0 lost, 0 repeated, {runs}/{runs} recovered from a corrupt checkpoint, "
                   f"{runs}/{runs} with one writer")
-    return figures
+
