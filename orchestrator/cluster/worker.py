@@ -72,7 +72,8 @@ def fault_hook(fault: dict | None, rank: int, world_size: int, folder):
     if fault is None:
         return None
     group = own_node_group() if fault.get("node") else None
-    if (fault.get("node") and group is None) or (not fault.get("node") and rank != (fault["rank"] if fault["rank"] >= 0 else world_size - 1)):
+    chosen = group is not None if fault.get("node") else rank == (fault["rank"] if fault["rank"] >= 0 else world_size - 1)
+    if not chosen:
         return None
 
     def hook(step: int) -> None:
