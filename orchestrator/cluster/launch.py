@@ -130,6 +130,8 @@ def track_report(spec: JobSpec, console: Console) -> None:
 
 RESIZE_CHECK_S = 10.0
 """an elastic run: how often Ray Train checks whether the cluster has room for more workers"""
+
+
 def build_trainer(spec: JobSpec, plan: Plan, queue=None, callbacks: list | None = None):
     """The TorchTrainer for this spec and plan (gloo on CPU, NCCL on GPU: Ray's defaults).
 

@@ -30,7 +30,7 @@ def leaderboard(rows: list[TrialRow], spec: JobSpec, title: str, extra: list[dic
         table.add_column(escape(key))
     table.add_column("epochs", justify="right")
     table.add_column(f"best {spec.sweep.metric}", justify="right")
-    others = [c for c in (extra or [{}])[0] if c != f"best_{spec.sweep.metric}"] if extra else []
+    others = [c for c in extra[0] if c != f"best_{spec.sweep.metric}"] if extra else []
     for column in others:
         table.add_column(escape(column), justify="right")
     if front is not None:

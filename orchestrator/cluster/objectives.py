@@ -8,7 +8,7 @@ import torch
 
 from orchestrator.config.catalog import TRIAL_MEASURES
 from orchestrator.config.spec import JobSpec
-from orchestrator.store.runs import TrialRow, read_metrics, trial_folder
+from orchestrator.store.runs import TrialRow, best_of, read_metrics, trial_folder
 from orchestrator.store.storage import MEASURES_FILE, RunFolder
 from orchestrator.cluster.suggest import pareto_front
 
@@ -59,8 +59,7 @@ def objective_values(sweep: RunFolder, spec: JobSpec, rows: list[TrialRow]) -> l
             elif objective.metric in TRIAL_MEASURES:
                 values[column] = measure_trial(folder)[objective.metric] if row.epochs_run else None
             else:
-                scores = [m[objective.metric] for m in read_metrics(folder) if m.get(objective.metric) is not None]
-                values[column] = (max(scores) if objective.mode == "max" else min(scores)) if scores else None
+                values[column] = best_of(read_metrics(folder), objective.metric, objective.mode)
         out.append(values)
     return out
 

@@ -216,10 +216,6 @@ def make_plan(spec: JobSpec, num_train_samples: int, world_size: int) -> Plan:
     if world_size < 1:
         raise PlanError(f"world size must be >= 1 (got {world_size})")
     scaling, optim, sched = spec.scaling, spec.optim, spec.schedule
-    if scaling.elastic and world_size == scaling.max_workers:
-        sizes = elastic_sizes(scaling)
-        return replace(make_plan(spec.model_copy(update={"scaling": scaling.model_copy(update={"num_workers": world_size})}),
-                                 num_train_samples, world_size), elastic_sizes=sizes)
     global_batch = scaling.per_worker_batch_size * world_size * scaling.grad_accum_steps
     steps_per_epoch = num_train_samples // global_batch
     if steps_per_epoch == 0:
@@ -247,4 +243,5 @@ def make_plan(spec: JobSpec, num_train_samples: int, world_size: int) -> Plan:
         total_steps=sched.epochs * steps_per_epoch,
         epochs=sched.epochs,
         param_groups=plan_groups(spec, scaled_lr),
+        elastic_sizes=elastic_sizes(scaling) if scaling.elastic and world_size == scaling.max_workers else None,
     )

@@ -143,14 +143,19 @@ class TrialRow:
     status: str
 
 
+def best_of(rows: list[dict], metric: str, mode: str) -> float | None:
+    """The best value of `metric` over the epoch rows (max or min by `mode`), None when none has it."""
+    scores = [row[metric] for row in rows if row.get(metric) is not None]
+    return (max(scores) if mode == "max" else min(scores)) if scores else None
+
+
 def trial_rows(sweep: RunFolder, trials: list[dict], metric: str, mode: str, epochs: int | None) -> list[TrialRow]:
     """One row per trial of the sweep's record (sweep.json's trials), best first, from its run folder's metrics."""
     rows = []
     for trial in trials:
         folder = trial_folder(sweep, trial["id"])
         metrics = read_metrics(folder)
-        scores = [m[metric] for m in metrics if m.get(metric) is not None]
-        best = (max(scores) if mode == "max" else min(scores)) if scores else None
+        best = best_of(metrics, metric, mode)
         status = trial_status(folder, epochs, trial.get("status"), len(metrics))
         rows.append(TrialRow(trial["id"], trial["values"], len(metrics), best, status))
     return sorted(rows, key=lambda r: (r.best is None, -(r.best or 0) if mode == "max" else (r.best or 0)))
