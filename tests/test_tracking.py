@@ -1,6 +1,7 @@
 """Issue 25, item 5: MLflow tracking, against a local sqlite store and a real `mlflow server` on 127.0.0.1."""
 
 import json
+import os
 import socket
 import subprocess
 import sys
@@ -54,7 +55,6 @@ def _free_port() -> int:
 
 @pytest.mark.slow
 def test_a_real_tracking_server_through_mlflow_tracking_uri(tmp_path, write_job, monkeypatch, capsys):
-    import os
 
     port = _free_port()
     log = open(tmp_path / "server.log", "wb")
@@ -100,3 +100,47 @@ def test_a_tracking_server_that_is_down_costs_a_warning_not_the_run(tmp_path, wr
     assert out.count("warning: mlflow: cannot reach http://127.0.0.1:") == 1 and "tracking is off for this run" in out
     assert json.loads((tmp_path / "runs" / "untracked" / "summary.json").read_text())["status"] == "completed"
     assert time.perf_counter() - started < 120                                   # no minutes of retries
+
+
+def test_a_dropped_connection_is_retried_not_the_end_of_tracking(monkeypatch):
+    """The CI failure of stop 30: the server closed a keep-alive connection as log-batch went out
+    (RemoteDisconnected), and with no retries tracking went off for the rest of the run."""
+    import http.server
+    import threading
+
+    from orchestrator.train.tracking import MlflowLog, use_short_retries
+
+    for name in ("MAX_RETRIES", "BACKOFF_FACTOR", "BACKOFF_JITTER", "TIMEOUT"):
+        monkeypatch.delenv(f"MLFLOW_HTTP_REQUEST_{name}", raising=False)
+    use_short_retries()
+    for name in ("MAX_RETRIES", "BACKOFF_FACTOR", "BACKOFF_JITTER", "TIMEOUT"):   # this test's values go with it
+        monkeypatch.setenv(f"MLFLOW_HTTP_REQUEST_{name}", os.environ[f"MLFLOW_HTTP_REQUEST_{name}"])
+    requests_seen: list[str] = []
+
+    class DropsTheFirst(http.server.BaseHTTPRequestHandler):
+        def do_POST(self):
+            requests_seen.append(self.path)
+            self.rfile.read(int(self.headers["Content-Length"]))
+            if len(requests_seen) == 1:
+                self.close_connection = True                                    # no reply: RemoteDisconnected
+                return
+            self.send_response(200)
+            self.send_header("Content-Type", "application/json")
+            self.send_header("Content-Length", "2")
+            self.end_headers()
+            self.wfile.write(b"{}")
+
+        def log_message(self, *args):
+            pass
+
+    server = http.server.ThreadingHTTPServer(("127.0.0.1", 0), DropsTheFirst)
+    threading.Thread(target=server.serve_forever, daemon=True).start()
+    try:
+        warnings: list[str] = []
+        log = MlflowLog(mlflow.MlflowClient(f"http://127.0.0.1:{server.server_port}"), "a" * 32, warnings.append)
+        log.step(0, 1.5, {"rest": 0.1})
+        log.step(1, 1.4, {"rest": 0.1})
+        assert warnings == [] and log.live
+        assert requests_seen == ["/api/2.0/mlflow/runs/log-batch"] * 3                # the dropped one, again, then step 2
+    finally:
+        server.shutdown()
