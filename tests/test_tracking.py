@@ -55,7 +55,6 @@ def _free_port() -> int:
 
 @pytest.mark.slow
 def test_a_real_tracking_server_through_mlflow_tracking_uri(tmp_path, write_job, monkeypatch, capsys):
-
     port = _free_port()
     log = open(tmp_path / "server.log", "wb")
     # a clean environment: what earlier tests of the session left in os.environ (Ray's, MLflow client settings)
