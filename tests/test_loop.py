@@ -126,3 +126,29 @@ def test_training_lowers_the_loss_and_evaluate_counts_every_image():
     assert after.images == 64
     assert after.loss < first.loss and after.acc1 > first.acc1
     assert after.acc5 == 1.0   # 3 classes: the top-5 always holds the label
+
+
+def _evaluate_on_rank(rank: int, init_file: str, results) -> None:
+    import torch.distributed as dist
+
+    dist.init_process_group("gloo", init_method=f"file://{init_file}", rank=rank, world_size=2)
+    try:
+        loader = batches(2, 5) if rank == 0 else []     # rank 1's share of the split is empty
+        results.put((rank, evaluate(small_net(), loader, CPU)))
+    finally:
+        dist.destroy_process_group()
+
+
+def test_a_rank_with_no_validation_images_still_gets_every_ranks_scores(tmp_path):
+    """Fewer validation images than ranks: the rank with none sends a tally of the others' length."""
+    context = torch.multiprocessing.get_context("spawn")
+    results = context.Queue()
+    ranks = [context.Process(target=_evaluate_on_rank, args=(rank, str(tmp_path / "init"), results)) for rank in (0, 1)]
+    for process in ranks:
+        process.start()
+    got = dict(results.get(timeout=120) for _ in ranks)
+    for process in ranks:
+        process.join(timeout=60)
+    alone = evaluate(small_net(), batches(2, 5), CPU)
+    assert got[0].images == got[1].images == 10
+    assert got[0].acc1 == got[1].acc1 == alone.acc1 and got[0].macro_f1 == got[1].macro_f1 == alone.macro_f1

@@ -185,11 +185,11 @@ def _to_device(images: torch.Tensor, labels: torch.Tensor, device: torch.device,
     return images, labels.to(device, non_blocking=True)
 
 
-def _all_reduce_sum(values: list[float], device: torch.device) -> list[float]:
+def _all_reduce_sum(values: list[float], device: torch.device, op=dist.ReduceOp.SUM) -> list[float]:
     if not (dist.is_available() and dist.is_initialized()):
         return values
     tensor = torch.tensor(values, dtype=torch.float64, device=device)
-    dist.all_reduce(tensor)
+    dist.all_reduce(tensor, op=op)
     return tensor.tolist()
 
 
@@ -364,8 +364,10 @@ def evaluate(model: nn.Module, loader, device: torch.device, amp: str = "none", 
                              correct.any(dim=1).sum()]).double()
         per_class = _class_tally(per_class, labels, top[:, 0], logits.shape[1])
         count += len(labels)
-    classes = per_class.shape[1] if per_class is not None else 0
-    reduced = _all_reduce_sum([*sums.tolist(), count, *(per_class.flatten().tolist() if classes else [])], device)
+    # a rank whose share of the split is empty has no tally: it sends zeros of the others' length
+    classes = int(_all_reduce_sum([per_class.shape[1] if per_class is not None else 0], device, dist.ReduceOp.MAX)[0])
+    tally = per_class.flatten().tolist() if per_class is not None else [0.0] * (3 * classes)
+    reduced = _all_reduce_sum([*sums.tolist(), count, *tally], device)
     loss_sum, hits1, hits5, count = reduced[:4]
     seconds = time.perf_counter() - started
     if count == 0:
