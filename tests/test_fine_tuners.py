@@ -85,7 +85,8 @@ def imbalanced_digits(root, train_counts: dict[int, int], val_per_class: int = 3
 def test_balanced_weights_or_sampler_raise_balanced_accuracy_on_imbalanced_digits(tmp_path, write_job, capsys):
     tree = imbalanced_digits(tmp_path / "digits", {0: 120, 1: 6, 2: 6})
     common = {"data": {"source": f"imagefolder:{tree}", "image_size": 16, "classes": None, "max_per_class": None},
-              "scaling": {"num_workers": 1}, "schedule": {"epochs": 4, "warmup_epochs": 0}}
+              "scaling": {"num_workers": 1}, "schedule": {"epochs": 6, "warmup_epochs": 0},
+              "optim": {"name": "sgd", "base_lr": 0.03, "base_batch_size": 32}}
     final = {}
     for name, extra in (("plain", {}), ("weighted", {"loss": {"class_weights": "balanced"}}),
                         ("sampled", {"data": {**common["data"], "sampler": "balanced"}})):
@@ -94,8 +95,9 @@ def test_balanced_weights_or_sampler_raise_balanced_accuracy_on_imbalanced_digit
         final[name] = pq.read_table(tmp_path / "runs" / name / "metrics.parquet").to_pylist()[-1]
     out = capsys.readouterr().out
     assert "class weights" in out and "0.367, 7.33, 7.33" in " ".join(out.split())   # 132 / (3 x 120), 132 / (3 x 6)
-    # measured here (val acc@1 = balanced acc, the val split being balanced; macro F1): plain 0.589 / 0.524,
-    # balanced sampler 0.811 / 0.803, balanced weights 0.456 / 0.391 (7.3x weights at this LR overshoot in 4 epochs)
+    # measured here (val balanced acc after 6 epochs, with 2 and with 1 torch thread): plain 0.578 / 0.544, balanced
+    # sampler 0.756 / 0.778, balanced weights 0.589 / 0.500. At base_lr 0.1 and 4 epochs the figures swung by 0.2
+    # with the thread count alone (plain 0.689 / 0.500, sampler 0.678 / 0.711): too chaotic a regime to assert on
     assert final["sampled"]["val_balanced_acc"] > final["plain"]["val_balanced_acc"] + 0.1
     assert final["weighted"]["train_loss"] != final["plain"]["train_loss"]     # the weights reach the loss
     assert all(0 <= row["val_macro_f1"] <= 1 for row in final.values())
