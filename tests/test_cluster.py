@@ -1,4 +1,4 @@
-"""Issue 6: cluster configs that load, and submission to a real Ray head started here."""
+"""Issue 6: cluster configs that load, and submission to a real Ray cluster started here (`up` via start.sh)."""
 
 import http.server
 import json
@@ -6,8 +6,10 @@ import os
 import socket
 import subprocess
 import sys
+import tempfile
 import threading
 import time
+from pathlib import Path
 
 import pytest
 import yaml
@@ -125,48 +127,71 @@ def _free_port() -> int:
         return s.getsockname()[1]
 
 
-@pytest.fixture
-def local_cluster(tmp_path_factory):
-    """cluster/local/start.sh on free ports and its own folder; stop.sh afterwards."""
-    folder = tmp_path_factory.mktemp("cluster")
-    env = {**os.environ, "WORKERS": "1", "CPUS_PER_WORKER": "2", "GCS_PORT": str(_free_port()),
-           "DASHBOARD_PORT": str(_free_port()), "CLUSTER_DIR": str(folder)}
-    subprocess.run(["bash", str(CLUSTER / "local" / "start.sh")], check=True, env=env, capture_output=True, timeout=180)
-    yield f"http://127.0.0.1:{env['DASHBOARD_PORT']}", folder
-    subprocess.run(["bash", str(CLUSTER / "local" / "stop.sh")], env=env, capture_output=True, timeout=120)
-    time.sleep(1)
-    leftover = subprocess.run(["pgrep", "-f", f"{folder}/session_"], capture_output=True, text=True).stdout.split()
-    assert leftover == [], "stop.sh left processes of its cluster running"
+def _cluster_processes(folder) -> list[str]:
+    return subprocess.run(["pgrep", "-f", f"{folder}/session_"], capture_output=True, text=True).stdout.split()
 
 
 @pytest.mark.ray
 @pytest.mark.slow
-def test_submit_follows_to_success_and_a_failing_job_reports_failed(local_cluster, tmp_path, write_job):
-    address, _ = local_cluster
-    job = write_job(tiny_job(tmp_path / "runs", "submitted", schedule={"epochs": 1, "warmup_epochs": 0}))
-    done = subprocess.run([sys.executable, "-m", "orchestrator.cli", "submit", str(job), "--address", address, "--follow"],
-                          cwd=REPO, capture_output=True, text=True, timeout=600)
+def test_start_sh_then_train_and_submit_with_address_auto_then_stop_sh(tmp_path, write_job):
+    """One cluster for the whole walk (starting one costs ~20 s here): cluster/local/start.sh (`orchestrator up`:
+    a head with no CPUs and a worker node of 2), `up` again finds it, `train --address auto` joins it, `submit
+    --follow` succeeds and a failing job reports FAILED, `jobs` shows them; stop.sh (`down`) leaves nothing."""
+    folder = tempfile.mkdtemp(prefix="oc-", dir="/tmp")                # short: Ray's socket paths live under it
+    env = {**os.environ, "WORKERS": "1", "CPUS_PER_WORKER": "2", "GCS_PORT": str(_free_port()),
+           "DASHBOARD_PORT": str(_free_port()), "CLUSTER_DIR": folder, "ORCHESTRATOR_CLUSTER_DIR": folder}
+
+    def cli(*args, timeout=600):
+        return subprocess.run([sys.executable, "-m", "orchestrator.cli", *args], cwd=REPO, capture_output=True,
+                              text=True, env=env, timeout=timeout)
+
+    try:
+        up = subprocess.run(["bash", str(CLUSTER / "local" / "start.sh")], env=env, capture_output=True, text=True, timeout=180)
+        assert up.returncode == 0 and "up: head + 1 worker node(s), 2 CPUs" in up.stdout, up.stdout + up.stderr
+        info = json.loads((Path(folder) / "cluster.json").read_text())
+        assert info["address"] == f"127.0.0.1:{env['GCS_PORT']}" and "--address auto" in up.stdout
+        again = cli("up")
+        assert again.returncode == 0 and "already up" in again.stdout and json.loads((Path(folder) / "cluster.json").read_text()) == info
+        _train_then_submit(cli, info, tmp_path, write_job)
+    finally:
+        down = subprocess.run(["bash", str(CLUSTER / "local" / "stop.sh")], env=env, capture_output=True, text=True, timeout=120)
+    assert down.returncode == 0 and "stopped the cluster" in down.stdout, down.stdout + down.stderr
+    time.sleep(1)
+    assert _cluster_processes(folder) == [] and not (Path(folder) / "cluster.json").exists()
+    port = info["address"].rsplit(":", 1)[1]                          # Ray Client's server does not name the folder
+    assert subprocess.run(["pgrep", "-f", f"ray.util.client.server --address=[0-9.]*:{port} "]).returncode == 1
+    assert "no cluster running" in cli("down").stdout
+    nothing = cli("submit", str(tmp_path / "warm.yaml"), "--address", "auto")
+    assert nothing.returncode == 2 and "no cluster started by `orchestrator up` is running" in nothing.stderr
+
+
+def _train_then_submit(cli, info: dict, tmp_path, write_job) -> None:
+    job = write_job(tiny_job(tmp_path / "runs", "warm", schedule={"epochs": 1, "warmup_epochs": 0}), "warm.yaml")
+    trained = cli("train", str(job), "--address", "auto")
+    assert trained.returncode == 0, trained.stdout[-3000:] + trained.stderr[-3000:]
+    assert f"joining the Ray cluster at {info['address']}" in trained.stdout
+    assert json.loads((tmp_path / "runs" / "warm" / "summary.json").read_text())["epochs_completed"] == 1
+
+    job = write_job(tiny_job(tmp_path / "runs", "submitted", schedule={"epochs": 1, "warmup_epochs": 0}), "submitted.yaml")
+    done = cli("submit", str(job), "--address", "auto", "--follow")
     assert done.returncode == 0, done.stdout[-3000:] + done.stderr[-3000:]
     assert "SUCCEEDED" in done.stdout and "test acc@1" in done.stdout
     summary = json.loads((tmp_path / "runs" / "submitted" / "summary.json").read_text())
     assert summary["status"] == "completed" and summary["epochs_completed"] == 1
     job_id = done.stdout.split(" as job ", 1)[1].split()[0]
     for action, expected in (("status", "SUCCEEDED"), ("logs", "test acc@1")):
-        shown = subprocess.run([sys.executable, "-m", "orchestrator.cli", "jobs", action, job_id, "--address", address],
-                               cwd=REPO, capture_output=True, text=True, timeout=120)
+        shown = cli("jobs", action, job_id, "--address", info["dashboard"])
         assert shown.returncode == 0 and expected in shown.stdout, shown.stdout[-1000:] + shown.stderr[-1000:]
 
     bad = write_job(tiny_job(tmp_path / "runs", "doomed", data={"source": f"imagefolder:{tmp_path / 'no_such_folder'}"}), "bad.yaml")
-    failed = subprocess.run([sys.executable, "-m", "orchestrator.cli", "submit", str(bad), "--address", address, "--follow"],
-                            cwd=REPO, capture_output=True, text=True, timeout=600)
+    failed = cli("submit", str(bad), "--address", "auto", "--follow")
     assert failed.returncode == 1
     assert "FAILED" in failed.stdout and "does not exist" in failed.stdout + failed.stderr
-    listed = subprocess.run([sys.executable, "-m", "orchestrator.cli", "jobs", "list", "--address", address],
-                            cwd=REPO, capture_output=True, text=True, timeout=120)
+    listed = cli("jobs", "list", "--address", "auto")
     assert listed.returncode == 0 and "SUCCEEDED" in listed.stdout and "FAILED" in listed.stdout
     assert any(line.startswith(job_id) and "SUCCEEDED" in line for line in listed.stdout.splitlines())  # piped: whole rows
-    narrow = run_in_terminal([sys.executable, "-m", "orchestrator.cli", "jobs", "list", "--address", address], columns=40)
+    narrow = run_in_terminal([sys.executable, "-m", "orchestrator.cli", "jobs", "list", "--address", info["dashboard"]],
+                             columns=40)
     assert job_id in narrow and "…" not in narrow
-    as_json = subprocess.run([sys.executable, "-m", "orchestrator.cli", "jobs", "list", "--address", address, "--json"],
-                             cwd=REPO, capture_output=True, text=True, timeout=120)
+    as_json = cli("jobs", "list", "--address", "auto", "--json")
     assert {job["job_id"]: job["status"] for job in json.loads(as_json.stdout)}[job_id] == "SUCCEEDED"

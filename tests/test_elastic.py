@@ -145,6 +145,8 @@ def test_losing_a_node_keeps_the_plan_and_the_run_grows_back(ray_session, tmp_pa
     fixed_rows = pq.read_table(tmp_path / "runs" / "fixed" / "metrics.parquet").to_pylist()
     assert [r["epoch"] for r in rows] == list(range(10))                   # every epoch once
     assert {r["world_size"] for r in rows} == {1, 2}
+    workers = json.loads((run / "workers.json").read_text())                 # the grown group: placement spread
+    assert [w["rank"] for w in workers] == [0, 1] and len({w["node_id"] for w in workers}) == 2   # one per node
     lr = [k for k in rows[0] if k.startswith("lr/")]
     assert [r[k] for r in rows for k in lr] == pytest.approx([r[k] for r in fixed_rows for k in lr])   # same schedule
     assert [r["step"] for r in rows] == [r["step"] for r in fixed_rows]

@@ -1,15 +1,11 @@
-"""Issue 15: a warm local cluster (`up`/`down`, `--address auto`), the LR range test, what stays light."""
+"""Issue 15: the LR range test and what stays light (the warm `up`/`down` cluster: test_cluster.py)."""
 
 import json
-import os
 import subprocess
 import sys
-import tempfile
-import time
-from pathlib import Path
 
 import pytest
-from conftest import REPO, tiny_job
+from conftest import REPO
 
 from orchestrator.cli import main
 from orchestrator.train.lr_range import base_lr_for, ramp_lr, smooth, smoothing_beta, suggest_index
@@ -95,45 +91,3 @@ def test_the_train_controller_unpickles_nothing_heavy():
     code = "import sys; import orchestrator.cluster.failure_policy; print('torch' in sys.modules, 'orchestrator.train.fit' in sys.modules)"
     done = subprocess.run([sys.executable, "-c", code], cwd=REPO, capture_output=True, text=True, timeout=120)
     assert done.returncode == 0 and done.stdout.split() == ["False", "False"], done.stderr[-2000:]
-
-
-def _cluster_processes(folder: Path) -> list[str]:
-    return subprocess.run(["pgrep", "-f", f"{folder}/session_"], capture_output=True, text=True).stdout.split()
-
-
-@pytest.mark.ray
-@pytest.mark.slow
-def test_up_then_train_with_address_auto_then_down(tmp_path, write_job):
-    folder = Path(tempfile.mkdtemp(prefix="oc-", dir="/tmp"))     # short: Ray's socket paths live under it
-    env = {**os.environ, "ORCHESTRATOR_CLUSTER_DIR": str(folder)}
-
-    def cli(*args, timeout=300):
-        return subprocess.run([sys.executable, "-m", "orchestrator.cli", *args], cwd=REPO, capture_output=True,
-                              text=True, env=env, timeout=timeout)
-
-    try:
-        up = cli("up", "--port", "0", "--dashboard-port", "0")
-        assert up.returncode == 0, up.stdout + up.stderr
-        info = json.loads((folder / "cluster.json").read_text())
-        assert info["address"].startswith("127.0.0.1:") and info["dashboard"].startswith("http://127.0.0.1:")
-        assert "up: one node" in up.stdout and "--address auto" in up.stdout
-        again = cli("up")
-        assert again.returncode == 0 and "already up" in again.stdout and json.loads((folder / "cluster.json").read_text()) == info
-
-        job = write_job(tiny_job(tmp_path / "runs", "warm", schedule={"epochs": 1, "warmup_epochs": 0}))
-        trained = cli("train", str(job), "--address", "auto", timeout=600)
-        assert trained.returncode == 0, trained.stdout[-3000:] + trained.stderr[-3000:]
-        assert f"joining the Ray cluster at {info['address']}" in trained.stdout
-        summary = json.loads((tmp_path / "runs" / "warm" / "summary.json").read_text())
-        assert summary["status"] == "completed" and summary["epochs_completed"] == 1
-        assert _cluster_processes(folder), "the cluster went down with the run"
-    finally:
-        down = cli("down")
-    assert down.returncode == 0 and "stopped the cluster" in down.stdout, down.stdout + down.stderr
-    time.sleep(1)
-    assert _cluster_processes(folder) == [] and not (folder / "cluster.json").exists()
-    port = info["address"].rsplit(":", 1)[1]                       # Ray Client's server does not name the folder
-    assert subprocess.run(["pgrep", "-f", f"ray.util.client.server --address=[0-9.]*:{port} "]).returncode == 1
-    assert "no cluster running" in cli("down").stdout
-    nothing = cli("submit", str(job), "--address", "auto")
-    assert nothing.returncode == 2 and "no cluster started by `orchestrator up` is running" in nothing.stderr
