@@ -75,13 +75,29 @@ def _free_port() -> int:
         return s.getsockname()[1]
 
 
-def elastic_job(storage, name: str, workers, accum: int = 1) -> dict:
+def elastic_job(storage, name: str, workers) -> dict:
     return tiny_job(storage, name, data={"source": "builtin:digits", "classes": [0, 1, 2], "max_per_class": 80,
                                          "image_size": 16},
                     schedule={"name": "cosine", "epochs": 10, "warmup_epochs": 1},
-                    scaling={"num_workers": workers, "per_worker_batch_size": 8, "grad_accum_steps": accum,
-                             "placement": "spread"},
+                    scaling={"num_workers": workers, "per_worker_batch_size": 8, "placement": "spread"},
                     run={"storage": str(storage), "checkpoint_every_steps": 5, "max_failures": 3})
+
+
+def planned_lrs(run, rows: list[dict]) -> list[float]:
+    """Each row's LRs as the run's plan and schedule give them at the row's last step, whatever the size."""
+    from orchestrator.config.jobfile import load_spec
+    from orchestrator.config.plan import Plan
+    from orchestrator.config.schedule import group_multipliers, group_schedule
+    from orchestrator.store.metrics import lr_column
+
+    plan, spec = Plan.from_dict(json.loads((run / "plan.json").read_text())), load_spec(run / "spec.yaml")
+    schedules = {g.name: group_schedule(spec.schedule, g.schedule) for g in plan.param_groups}
+    expected = []
+    for row in rows:
+        factors = group_multipliers(row["step"] - 1, schedules, plan, ())
+        by_column = {lr_column(g.name): g.lr * factors[g.name] for g in plan.param_groups}
+        expected += [by_column[k] for k in row if k.startswith("lr/")]
+    return expected
 
 
 def _wait_for(predicate, timeout_s: float, what: str) -> None:
@@ -106,10 +122,6 @@ def test_losing_a_node_keeps_the_plan_and_the_run_grows_back(ray_session, tmp_pa
 
     from orchestrator.cluster import local_cluster
 
-    # the band: the same plan at a fixed size, here in-process: 1 worker x 2 micro-batches of 8 is what 2 workers x 8
-    # compute (the same global batch of the same images at every step, BatchNorm over 8 images alike)
-    fixed = write_job(elastic_job(tmp_path / "runs", "fixed", 1, accum=2))
-    assert main(["train", str(fixed), "--local"]) == 0
     import shutil
     import tempfile
 
@@ -142,18 +154,15 @@ def test_losing_a_node_keeps_the_plan_and_the_run_grows_back(ray_session, tmp_pa
     summary = json.loads((run / "summary.json").read_text())
     assert [(r["from"], r["to"]) for r in summary["resizes"]] == [(2, 1), (1, 2)], summary["resizes"]
     rows = pq.read_table(run / "metrics.parquet").to_pylist()
-    fixed_rows = pq.read_table(tmp_path / "runs" / "fixed" / "metrics.parquet").to_pylist()
     assert [r["epoch"] for r in rows] == list(range(10))                   # every epoch once
     assert {r["world_size"] for r in rows} == {1, 2}
     workers = json.loads((run / "workers.json").read_text())                 # the grown group: placement spread
     assert [w["rank"] for w in workers] == [0, 1] and len({w["node_id"] for w in workers}) == 2   # one per node
-    lr = [k for k in rows[0] if k.startswith("lr/")]
-    assert [r[k] for r in rows for k in lr] == pytest.approx([r[k] for r in fixed_rows for k in lr])   # same schedule
-    assert [r["step"] for r in rows] == [r["step"] for r in fixed_rows]
     plan = json.loads((run / "plan.json").read_text())
     assert plan["global_batch_size"] == 16 and plan["elastic_sizes"][0]["grad_accum_steps"] == 2
-    fixed_summary = json.loads((tmp_path / "runs" / "fixed" / "summary.json").read_text())
-    assert abs(summary["test_acc1"] - fixed_summary["test_acc1"]) <= 0.15
+    assert [r["step"] for r in rows] == [plan["steps_per_epoch"] * (epoch + 1) for epoch in range(10)]
+    assert [r[k] for r in rows for k in r if k.startswith("lr/")] == pytest.approx(planned_lrs(run, rows))   # one schedule
+    assert summary["test_acc1"] > 0.8                                      # it learns (a fixed-size run: 0.94)
 
 
 def test_placement_spread_or_pack():

@@ -1,5 +1,6 @@
 """Issue 26 on a real Ray: a TPE sweep interrupted with Ctrl-C and resumed suggests what an unbroken one
-does (nothing unpickled), `--extend` adds trials, several objectives mark a Pareto front, `--pick` writes
+does and keeps its finished trials, nothing unpickled (the resume test of every search: they share one
+searcher over sweep.json), `--extend` adds trials, several objectives mark a Pareto front, `--pick` writes
 a trial's job; a PBT sweep perturbs, draws its lineage, and a perturbed trial resumes exactly."""
 
 import json
@@ -74,13 +75,22 @@ def test_tpe_resumed_after_ctrl_c_suggests_what_an_unbroken_sweep_does(ray_sessi
     out, err = process.communicate(timeout=120)
     assert process.returncode == 130 and "--resume" in err, err[-2000:]
     assert len(_state(broken)["trials"]) < 4, "the sweep ended before the interrupt"
+    finished = {p.parent.name: p.read_bytes() for p in (broken / "trials").glob("*/metrics.parquet")
+                if (p.parent / "summary.json").exists()}
+    assert finished, "no trial had finished before the interrupt"
     marker = tmp_path / "pwned"
     (broken / "tune").mkdir(exist_ok=True)                               # planted in shared storage: runs code if unpickled
-    (broken / "tune" / "searcher-state.pkl").write_bytes(pickle.dumps(Planted(str(marker))))
+    for name in ("searcher-state.pkl", "tuner.pkl"):
+        (broken / "tune" / name).write_bytes(pickle.dumps(Planted(str(marker))))
     resumed = subprocess.run([sys.executable, "-m", "orchestrator.cli", "sweep", str(path), "--resume"], cwd=REPO,
                              capture_output=True, text=True, timeout=600)
     assert resumed.returncode == 0, resumed.stdout[-2000:] + resumed.stderr[-2000:]
+    assert "resuming the sweep" in resumed.stdout
     assert _values(broken) == _values(unbroken)[:4]                      # the same trials, suggested from the same results
+    assert all((broken / "trials" / name / "metrics.parquet").read_bytes() == rows    # a finished trial is not run again
+               for name, rows in finished.items())
+    assert [t["status"] for t in _state(broken)["trials"]] == ["ended"] * 4
+    assert len(pq.read_table(broken / "results.parquet").to_pylist()) == 4
     assert not marker.exists()
 
 
