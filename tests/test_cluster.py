@@ -149,10 +149,12 @@ def test_start_sh_then_train_and_submit_with_address_auto_then_stop_sh(tmp_path,
         up = subprocess.run(["bash", str(CLUSTER / "local" / "start.sh")], env=env, capture_output=True, text=True, timeout=180)
         assert up.returncode == 0 and "up: head + 1 worker node(s), 2 CPUs" in up.stdout, up.stdout + up.stderr
         info = json.loads((Path(folder) / "cluster.json").read_text())
-        assert info["address"] == f"127.0.0.1:{env['GCS_PORT']}" and "--address auto" in up.stdout
+        assert info["address"] == f"127.0.0.1:{env['GCS_PORT']}" and info["dashboard"] == f"http://127.0.0.1:{env['DASHBOARD_PORT']}"
+        assert "--address auto" in up.stdout
         again = cli("up")
         assert again.returncode == 0 and "already up" in again.stdout and json.loads((Path(folder) / "cluster.json").read_text()) == info
         _train_then_submit(cli, info, tmp_path, write_job)
+        assert _cluster_processes(folder), "the cluster went down with the runs"
     finally:
         down = subprocess.run(["bash", str(CLUSTER / "local" / "stop.sh")], env=env, capture_output=True, text=True, timeout=120)
     assert down.returncode == 0 and "stopped the cluster" in down.stdout, down.stdout + down.stderr
@@ -170,7 +172,8 @@ def _train_then_submit(cli, info: dict, tmp_path, write_job) -> None:
     trained = cli("train", str(job), "--address", "auto")
     assert trained.returncode == 0, trained.stdout[-3000:] + trained.stderr[-3000:]
     assert f"joining the Ray cluster at {info['address']}" in trained.stdout
-    assert json.loads((tmp_path / "runs" / "warm" / "summary.json").read_text())["epochs_completed"] == 1
+    summary = json.loads((tmp_path / "runs" / "warm" / "summary.json").read_text())
+    assert summary["status"] == "completed" and summary["epochs_completed"] == 1
 
     job = write_job(tiny_job(tmp_path / "runs", "submitted", schedule={"epochs": 1, "warmup_epochs": 0}), "submitted.yaml")
     done = cli("submit", str(job), "--address", "auto", "--follow")

@@ -107,13 +107,10 @@ def test_a_dropped_connection_is_retried_not_the_end_of_tracking(monkeypatch):
     import http.server
     import threading
 
-    from orchestrator.train.tracking import MlflowLog, use_short_retries
+    from orchestrator.train.tracking import SHORT_RETRIES, MlflowLog
 
-    for name in ("MAX_RETRIES", "BACKOFF_FACTOR", "BACKOFF_JITTER", "TIMEOUT"):
-        monkeypatch.delenv(f"MLFLOW_HTTP_REQUEST_{name}", raising=False)
-    use_short_retries()
-    for name in ("MAX_RETRIES", "BACKOFF_FACTOR", "BACKOFF_JITTER", "TIMEOUT"):   # this test's values go with it
-        monkeypatch.setenv(f"MLFLOW_HTTP_REQUEST_{name}", os.environ[f"MLFLOW_HTTP_REQUEST_{name}"])
+    for name, value in SHORT_RETRIES.items():                                 # what open_tracking sets
+        monkeypatch.setenv(name, value)
     requests_seen: list[str] = []
 
     class DropsTheFirst(http.server.BaseHTTPRequestHandler):

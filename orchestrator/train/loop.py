@@ -185,7 +185,7 @@ def _to_device(images: torch.Tensor, labels: torch.Tensor, device: torch.device,
     return images, labels.to(device, non_blocking=True)
 
 
-def _all_reduce_sum(values: list[float], device: torch.device, op=dist.ReduceOp.SUM) -> list[float]:
+def _all_reduce(values: list[float], device: torch.device, op=dist.ReduceOp.SUM) -> list[float]:
     if not (dist.is_available() and dist.is_initialized()):
         return values
     tensor = torch.tensor(values, dtype=torch.float64, device=device)
@@ -285,8 +285,8 @@ def train_one_epoch(trainee: Trainee, loader, settings: StepSettings, epoch: int
     watch.check(epoch, step - 1, settings.device)
     tally.loss_sum = float(watch.sum)
     tally.data_wait_s += waited[0]
-    total_loss, total_micro, total_images = _all_reduce_sum([tally.loss_sum, tally.micro_batches, tally.images],
-                                                            settings.device)
+    total_loss, total_micro, total_images = _all_reduce([tally.loss_sum, tally.micro_batches, tally.images],
+                                                        settings.device)
     return EpochStats(total_loss / max(total_micro, 1), int(total_images), tally.seconds + time.perf_counter() - start,
                       lrs, settings.steps_per_epoch, tally.data_wait_s)
 
@@ -365,9 +365,9 @@ def evaluate(model: nn.Module, loader, device: torch.device, amp: str = "none", 
         per_class = _class_tally(per_class, labels, top[:, 0], logits.shape[1])
         count += len(labels)
     # a rank whose share of the split is empty has no tally: it sends zeros of the others' length
-    classes = int(_all_reduce_sum([per_class.shape[1] if per_class is not None else 0], device, dist.ReduceOp.MAX)[0])
+    classes = int(_all_reduce([per_class.shape[1] if per_class is not None else 0], device, dist.ReduceOp.MAX)[0])
     tally = per_class.flatten().tolist() if per_class is not None else [0.0] * (3 * classes)
-    reduced = _all_reduce_sum([*sums.tolist(), count, *tally], device)
+    reduced = _all_reduce([*sums.tolist(), count, *tally], device)
     loss_sum, hits1, hits5, count = reduced[:4]
     seconds = time.perf_counter() - started
     if count == 0:

@@ -133,12 +133,17 @@ class MlflowLog:
         self._call("ending the run", lambda: self.client.set_terminated(self.run_id, status))
 
 
+SHORT_RETRIES = {"MLFLOW_HTTP_REQUEST_MAX_RETRIES": "2", "MLFLOW_HTTP_REQUEST_BACKOFF_FACTOR": "1",
+                 "MLFLOW_HTTP_REQUEST_BACKOFF_JITTER": "0.1", "MLFLOW_HTTP_REQUEST_TIMEOUT": "10"}
+"""MLflow's HTTP settings for our client: a dropped keep-alive connection (the server closed it as the
+request went out) is retried; a server that is down costs one warning after about two seconds, not
+MLflow's default of minutes (7 retries, backoff factor 2)."""
+
+
 def use_short_retries() -> None:
-    """MLflow's HTTP retries for this process, unless the user set them: a dropped keep-alive connection
-    (the server closed it as the request went out) is retried; a server that is down costs one warning
-    after about two seconds, not MLflow's default of minutes (7 retries, backoff factor 2)."""
-    for name, value in (("MAX_RETRIES", "2"), ("BACKOFF_FACTOR", "1"), ("BACKOFF_JITTER", "0.1"), ("TIMEOUT", "10")):
-        os.environ.setdefault(f"MLFLOW_HTTP_REQUEST_{name}", value)
+    """SHORT_RETRIES for this process, each unless the user set it."""
+    for name, value in SHORT_RETRIES.items():
+        os.environ.setdefault(name, value)
 
 
 def open_tracking(spec: JobSpec, folder: RunFolder, plan_dict: dict, warn: Callable[[str], None]) -> MlflowLog | None:
